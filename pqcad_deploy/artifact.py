@@ -1,0 +1,248 @@
+"""The compressed artifact: the single source for export (format in docs/CONTRACTS.md, section 1).
+
+It holds the student's integer weight codes, per-channel weight scales, per-tensor activation
+scales, bits per layer and every unquantized parameter (`student.safetensors`), the untouched FP
+teacher (`teacher.safetensors`), the configs, the teacher/student step counts and the student's
+exact timestep list, calibration settings and provenance (`artifact.json`), and a report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from pqcad_deploy.errors import ArtifactError
+from pqcad_deploy.fsutil import atomic_output_dir
+from pqcad_deploy.quant.replace import LayerBits, quant_layers, swap_in_quant_layers
+
+__all__ = [
+    "ARTIFACT_FORMAT",
+    "ARTIFACT_VERSION",
+    "LayerRecord",
+    "ArtifactManifest",
+    "CompressedArtifact",
+    "save_artifact",
+    "load_artifact",
+    "student_state_from_model",
+    "artifact_digest",
+]
+
+ARTIFACT_FORMAT = "pqcad-artifact"
+ARTIFACT_VERSION = 1
+MANIFEST_FILE = "artifact.json"
+STUDENT_FILE = "student.safetensors"
+TEACHER_FILE = "teacher.safetensors"
+REPORT_FILE = "report.json"
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One quantized layer: its kind, bits and weight shape."""
+
+    kind: str  # "conv2d" | "linear"
+    weight_bits: int
+    act_bits: int
+    weight_shape: list[int]
+
+
+@dataclass(frozen=True)
+class ArtifactManifest:
+    """Everything in artifact.json; see docs/CONTRACTS.md."""
+
+    method: str
+    options: dict
+    unet_class: str
+    unet_config: dict
+    scheduler_config: dict
+    prediction_type: str
+    image_shape: list[int]
+    teacher_steps: int
+    student_steps: int
+    student_timesteps: list[int]
+    distilled: bool
+    layers: dict[str, LayerRecord]
+    calibration: dict
+    provenance: dict
+    format: str = ARTIFACT_FORMAT
+    version: int = ARTIFACT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: Path) -> "ArtifactManifest":
+        if data.get("format") != ARTIFACT_FORMAT:
+            raise ArtifactError(f"{where} is not a pqcad-deploy artifact (format {data.get('format')!r}).")
+        version = data.get("version")
+        if not isinstance(version, int) or version > ARTIFACT_VERSION:
+            raise ArtifactError(
+                f"{where} has artifact version {version!r}; this pqcad-deploy reads up to "
+                f"{ARTIFACT_VERSION}: upgrade pqcad-deploy."
+            )
+        try:
+            layers = {k: LayerRecord(**v) for k, v in data["layers"].items()}
+            return cls(**{**data, "layers": layers})
+        except (KeyError, TypeError) as exc:
+            raise ArtifactError(f"{where} has a malformed {MANIFEST_FILE} ({exc}).") from None
+
+
+def student_state_from_model(student: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The student.safetensors tensors of a quantized model: codes + scales, other params as they are."""
+    qlayers = quant_layers(student)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in qlayers.items():
+        tensors[f"{name}.weight_codes"] = layer.weight_codes().cpu().contiguous()
+        tensors[f"{name}.weight_scale"] = layer.weight_quantizer.scale.detach().float().cpu().contiguous()
+        tensors[f"{name}.act_scale"] = layer.input_quantizer.scale.detach().float().cpu().contiguous()
+    state = student.state_dict()
+    for key in _plain_state_keys(student, qlayers):
+        tensors[key] = state[key].detach().cpu().contiguous()
+    return tensors
+
+
+def _plain_state_keys(unet: torch.nn.Module, layers: dict) -> set[str]:
+    """State-dict keys stored under their own name (all but quantized weights and quantizer state)."""
+    keys = set()
+    for key in unet.state_dict():
+        owner, _, leaf = key.rpartition(".")
+        if owner in layers and leaf == "weight":
+            continue
+        if owner.endswith((".weight_quantizer", ".input_quantizer")):
+            continue
+        keys.add(key)
+    return keys
+
+
+def _digest_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def artifact_digest(path: Path) -> str:
+    """sha256 over artifact.json and student.safetensors: identifies what an export was made from."""
+    path = Path(path)
+    return _digest_files([path / MANIFEST_FILE, path / STUDENT_FILE])
+
+
+def save_artifact(
+    out: Path,
+    manifest: ArtifactManifest,
+    student_tensors: dict[str, torch.Tensor],
+    teacher_state: dict[str, torch.Tensor],
+    report: dict,
+    overwrite: bool = False,
+) -> Path:
+    """Write the artifact directory atomically."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        save_file(student_tensors, str(tmp / STUDENT_FILE), metadata={"format": ARTIFACT_FORMAT})
+        teacher = {k: v.detach().cpu().contiguous() for k, v in teacher_state.items()}
+        save_file(teacher, str(tmp / TEACHER_FILE), metadata={"format": ARTIFACT_FORMAT})
+        (tmp / REPORT_FILE).write_text(json.dumps(report, sort_keys=True, indent=1))
+        (tmp / MANIFEST_FILE).write_text(manifest.to_json())
+    return out
+
+
+@dataclass
+class CompressedArtifact:
+    """A loaded artifact: its manifest and tensors, and builders for the teacher and the student."""
+
+    path: Path
+    manifest: ArtifactManifest
+    student_tensors: dict[str, torch.Tensor] = field(repr=False)
+    report: dict = field(repr=False)
+
+    def _empty_unet(self) -> torch.nn.Module:
+        from diffusers import UNet2DModel
+
+        if self.manifest.unet_class != "UNet2DModel":
+            raise ArtifactError(f"{self.path} holds a {self.manifest.unet_class}; only UNet2DModel is supported.")
+        return UNet2DModel.from_config(self.manifest.unet_config).eval()
+
+    def build_teacher(self) -> torch.nn.Module:
+        """The untouched FP UNet the artifact was made from."""
+        from safetensors.torch import load_file
+
+        unet = self._empty_unet()
+        try:
+            state = load_file(str(self.path / TEACHER_FILE))
+            unet.load_state_dict(state, strict=True)
+        except Exception as exc:
+            raise ArtifactError(f"cannot load the teacher weights of {self.path}: {exc}") from None
+        return unet
+
+    def build_student(self) -> torch.nn.Module:
+        """The fake-quant student, exactly as compressed: latent weights = dequantized codes."""
+        unet = self._empty_unet()
+        plan = {name: LayerBits(rec.weight_bits, rec.act_bits) for name, rec in self.manifest.layers.items()}
+        try:
+            swap_in_quant_layers(unet, plan)
+        except (AttributeError, ValueError) as exc:
+            raise ArtifactError(f"{self.path}: the layer list does not match the UNet config ({exc}).") from None
+        tensors = dict(self.student_tensors)
+        with torch.no_grad():
+            for name, layer in quant_layers(unet).items():
+                try:
+                    codes = tensors.pop(f"{name}.weight_codes")
+                    scale = tensors.pop(f"{name}.weight_scale")
+                    act_scale = tensors.pop(f"{name}.act_scale")
+                except KeyError as exc:
+                    raise ArtifactError(f"{self.path} lacks tensor {exc.args[0]}; the artifact is incomplete.") from None
+                if tuple(codes.shape) != tuple(layer.weight.shape):
+                    raise ArtifactError(f"{self.path}: {name} codes have shape {tuple(codes.shape)}, "
+                                        f"the UNet expects {tuple(layer.weight.shape)}.")
+                layer.weight_quantizer.set_scale(scale)
+                layer.input_quantizer.set_scale(act_scale)
+                layer.weight.copy_(codes.float() * scale.reshape((-1,) + (1,) * (codes.dim() - 1)))
+            expected = _plain_state_keys(unet, self.manifest.layers)
+            missing = sorted(expected - tensors.keys())
+            unexpected = sorted(tensors.keys() - expected)
+            if missing:
+                raise ArtifactError(f"{self.path} lacks {len(missing)} parameters (first: {missing[0]}).")
+            if unexpected:
+                raise ArtifactError(f"{self.path} has unexpected tensors (first: {unexpected[0]}).")
+            unet.load_state_dict(tensors, strict=False)
+        return unet.eval()
+
+
+def load_artifact(path: Path | str) -> CompressedArtifact:
+    """Read and validate an artifact directory; every problem is one ArtifactError sentence."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"artifact {path} does not exist or is not a directory.")
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{path} is not a pqcad-deploy artifact: {MANIFEST_FILE} is missing.")
+    try:
+        data = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{manifest_path} is not valid JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{manifest_path} is not a JSON object.")
+    manifest = ArtifactManifest.from_dict(data, path)
+    for name in (STUDENT_FILE, TEACHER_FILE):
+        if not (path / name).is_file():
+            raise ArtifactError(f"{path} is incomplete: {name} is missing.")
+    try:
+        tensors = load_file(str(path / STUDENT_FILE))
+    except Exception as exc:
+        raise ArtifactError(f"{path / STUDENT_FILE} cannot be read ({exc}); the artifact is corrupt.") from None
+    report = {}
+    if (path / REPORT_FILE).is_file():
+        try:
+            report = json.loads((path / REPORT_FILE).read_text())
+        except ValueError:
+            report = {}
+    return CompressedArtifact(path=path, manifest=manifest, student_tensors=tensors, report=report)

@@ -1,0 +1,90 @@
+"""Calibration pairs (x_t, t) from the FP model's DDIM trajectories.
+
+The quantized model will only ever see inputs on such trajectories, so they are the right data for
+setting activation ranges; no real images are needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pqcad_deploy.config import CalibrationConfig
+from pqcad_deploy.schedule import make_ddim_scheduler
+
+__all__ = ["CalibrationSet", "uniform_step_indices", "collect_trajectory_calibration"]
+
+
+@dataclass
+class CalibrationSet:
+    """Model inputs for calibration: x [M, C, H, W] and the matching timesteps t [M] (float32)."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    description: dict
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def batches(self, batch_size: int):
+        """Yield (x, t) batches in a fixed order."""
+        for start in range(0, len(self), batch_size):
+            yield self.x[start:start + batch_size], self.t[start:start + batch_size]
+
+
+def uniform_step_indices(num_steps: int, count: int) -> list[int]:
+    """`count` step indices spread evenly over a trajectory of `num_steps` (both ends included)."""
+    count = min(count, num_steps)
+    return sorted({int(round(i)) for i in np.linspace(0, num_steps - 1, count)})
+
+
+@torch.no_grad()
+def collect_trajectory_calibration(
+    unet: torch.nn.Module,
+    scheduler_config: dict,
+    image_shape: tuple[int, int, int],
+    num_steps: int,
+    config: CalibrationConfig,
+    seed: int,
+    device: str = "cpu",
+    progress: bool = True,
+) -> CalibrationSet:
+    """Run FP DDIM (eta 0) from seeded noise and keep (x_t, t) at evenly spread steps.
+
+    Args:
+        unet: the FP UNet (eval mode).
+        scheduler_config: DDIM config of the model.
+        image_shape: (C, H, W).
+        num_steps: DDIM steps of the sampler the calibration should match.
+        config: how many trajectories and kept timesteps.
+        seed: seeds the initial noise.
+    """
+    scheduler = make_ddim_scheduler(scheduler_config, num_steps)
+    keep = set(uniform_step_indices(len(scheduler.timesteps), config.timesteps_kept))
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((config.num_trajectories, *image_shape), generator=generator)
+    xs: list[torch.Tensor] = []
+    ts: list[torch.Tensor] = []
+    n_batches = (config.num_trajectories + config.batch_size - 1) // config.batch_size
+    bar = tqdm(total=n_batches * len(scheduler.timesteps), desc="calibration trajectories",
+               unit="step", disable=not progress)
+    for start in range(0, config.num_trajectories, config.batch_size):
+        x = noise[start:start + config.batch_size].to(device)
+        for i, t in enumerate(scheduler.timesteps):
+            t_batch = torch.full((x.shape[0],), float(t), device=device)
+            if i in keep:
+                xs.append(x.cpu())
+                ts.append(t_batch.cpu())
+            eps = unet(x, t_batch).sample
+            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+            bar.update(1)
+    bar.close()
+    return CalibrationSet(
+        x=torch.cat(xs), t=torch.cat(ts),
+        description={"source": "fp_ddim_trajectories", "num_steps": num_steps, "seed": seed,
+                     "num_trajectories": config.num_trajectories,
+                     "timesteps_kept": sorted(int(scheduler.timesteps[i]) for i in keep)},
+    )

@@ -1,0 +1,46 @@
+"""The fixed sets of string and integer choices, each a Literal backed by one tuple.
+
+Validation and error messages both read the tuples, so a message can never list a choice the code
+no longer accepts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pqcad_deploy.errors import ConfigError
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "WEIGHT_BITS",
+    "ACT_BITS",
+    "PRESETS",
+    "Preset",
+    "DEVICES",
+    "Device",
+    "check_choice",
+]
+
+Method = Literal["minmax"]
+METHODS: tuple[str, ...] = ("minmax",)
+
+WEIGHT_BITS: tuple[int, ...] = (8, 4)
+ACT_BITS: tuple[int, ...] = (8, 4)
+
+Preset = Literal["fast", "default"]
+PRESETS: tuple[str, ...] = ("fast", "default")
+
+Device = Literal["cpu", "cuda"]
+DEVICES: tuple[str, ...] = ("cpu", "cuda")
+
+
+def check_choice(name: str, value: object, allowed: tuple) -> None:
+    """Raise ConfigError naming the option, the value and the allowed values.
+
+    The type must match too: 8.0 or numpy.int64(8) compare equal to 8 but would be written to the
+    artifact as a float or fail JSON serialisation.
+    """
+    if not any(type(value) is type(a) and value == a for a in allowed):
+        shown = ", ".join(str(a) for a in allowed)
+        raise ConfigError(f"{name} must be one of {shown}; got {value!r}.")

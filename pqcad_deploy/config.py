@@ -1,0 +1,105 @@
+"""Frozen, versioned configs for the PyTorch stage.
+
+A config is serialised as sorted JSON with its type and version (stored in the artifact's
+provenance) and only ever loaded back into its own type, so an artifact says exactly how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from pqcad_deploy.choices import (
+    ACT_BITS, DEVICES, METHODS, PRESETS, WEIGHT_BITS, Device, Method, Preset, check_choice,
+)
+from pqcad_deploy.errors import ConfigError
+
+__all__ = ["CalibrationConfig", "CompressConfig", "PRESET_CALIBRATION", "config_to_dict"]
+
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How the data-free calibration set is drawn from the FP model's own DDIM trajectories.
+
+    Args:
+        num_trajectories: FP DDIM trajectories started from Gaussian noise.
+        timesteps_kept: how many timesteps of each trajectory are kept as (x_t, t) pairs.
+        batch_size: trajectories run together.
+    """
+
+    num_trajectories: int = 32
+    timesteps_kept: int = 16
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("num_trajectories", "timesteps_kept", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"calibration {name} must be a positive integer; got {value!r}.")
+
+
+PRESET_CALIBRATION: dict[str, CalibrationConfig] = {
+    "fast": CalibrationConfig(num_trajectories=4, timesteps_kept=8, batch_size=4),
+    "default": CalibrationConfig(num_trajectories=32, timesteps_kept=16, batch_size=32),
+}
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything `compress` needs; the CLI builds one, the library validates it.
+
+    Args:
+        model: a local diffusers model directory, a hub id, or "builtin".
+        method: the compression method (see choices.METHODS).
+        weight_bits / act_bits: target bits of every quantized layer.
+        teacher_steps: DDIM steps of the FP teacher (and of the student when not distilled).
+        preset: "fast" (tests and demos, under a minute on a CPU) or "default".
+        device: where the PyTorch work runs.
+        seed: seeds the calibration noise; the same seed gives the same artifact.
+        distill: CAD distillation to half the steps (not implemented yet: must be False).
+        calibration: overrides the preset's calibration set when given.
+    """
+
+    model: str = "builtin"
+    method: Method = "minmax"
+    weight_bits: int = 8
+    act_bits: int = 8
+    teacher_steps: int = 100
+    preset: Preset = "default"
+    device: Device = "cpu"
+    seed: int = 0
+    distill: bool = False
+    calibration: CalibrationConfig | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        check_choice("--method", self.method, METHODS)
+        check_choice("--weight-bits", self.weight_bits, WEIGHT_BITS)
+        check_choice("--act-bits", self.act_bits, ACT_BITS)
+        check_choice("--preset", self.preset, PRESETS)
+        check_choice("--device", self.device, DEVICES)
+        if not isinstance(self.teacher_steps, int) or not 2 <= self.teacher_steps <= 1000:
+            raise ConfigError(f"--teacher-steps must be an integer in [2, 1000]; got {self.teacher_steps!r}.")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"--seed must be a non-negative integer; got {self.seed!r}.")
+        if self.distill:
+            raise ConfigError(
+                "distillation (CAD) is not available yet; pass --no-distill "
+                "(the artifact then samples with the teacher's steps)."
+            )
+
+    @property
+    def calibration_config(self) -> CalibrationConfig:
+        return self.calibration or PRESET_CALIBRATION[self.preset]
+
+
+def config_to_dict(config: object) -> dict:
+    """Sorted-JSON-ready dict of a config dataclass, tagged with its type and version."""
+    data = dataclasses.asdict(config)  # type: ignore[arg-type]
+    if isinstance(config, CompressConfig):
+        data["calibration"] = dataclasses.asdict(config.calibration_config)
+    data["_type"] = type(config).__name__
+    data["_version"] = CONFIG_VERSION
+    return json.loads(json.dumps(data, sort_keys=True))
