@@ -1,0 +1,117 @@
+"""Build an ONNX Runtime engine directory from our ONNX.
+
+The build is ONNX Runtime's offline graph optimization: the fused graph (QDQ folded into integer
+kernels, constant folding, node fusions) is saved once so every ``sample`` run skips that work. The
+default level is EXTENDED, not ALL: ALL adds layout transformations (NCHWc) specific to the CPU the
+build ran on, and an engine directory must run on any machine with the same onnxruntime.
+
+The directory is assembled in a temporary sibling and renamed into place at the end, so a failed
+build never leaves a valid-looking engine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, get_args
+
+import numpy as np
+
+from ._atomic import staged_directory
+from ._lazy import ORT_HINT, lazy_import
+from .ddim import DDIMConfig
+from .errors import BuildError, ConfigError
+from .manifest import EngineManifest, OnnxManifest, read_onnx_manifest, sha256_file, write_engine_manifest
+
+__all__ = ["OptimizationLevel", "OPTIMIZATION_LEVELS", "ORT_MODEL_FILE", "build_onnxruntime_engine", "check_buildable"]
+
+OptimizationLevel = Literal["disabled", "basic", "extended", "all"]
+OPTIMIZATION_LEVELS: tuple[str, ...] = get_args(OptimizationLevel)
+_ORT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+ORT_MODEL_FILE = "model.onnx"
+
+
+def check_buildable(onnx_path: str | os.PathLike[str]) -> OnnxManifest:
+    """Read our manifest from ``onnx_path`` and check that the runtime can sample with it.
+
+    Failing here (a foreign ONNX, an unsupported scheduler config) is cheaper than failing after a
+    long build or at the first ``sample``.
+
+    Raises:
+        ManifestError: not our ONNX, or an invalid manifest.
+        BuildError: the scheduler config is one the numpy sampler refuses.
+    """
+    manifest = read_onnx_manifest(onnx_path)
+    try:
+        DDIMConfig.from_dict(manifest.scheduler_config)
+    except ConfigError as exc:
+        raise BuildError(f"{onnx_path}: {exc}") from exc
+    return manifest
+
+
+def build_onnxruntime_engine(
+    onnx_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    optimization_level: OptimizationLevel = "extended",
+    overwrite: bool = False,
+    smoke_test: bool = True,
+) -> EngineManifest:
+    """Optimize ``onnx_path`` with ONNX Runtime and write ``out_dir/{model.onnx, engine.json}``.
+
+    Args:
+        onnx_path: our ONNX (with ``pqcad.manifest`` metadata).
+        out_dir: the engine directory to create.
+        optimization_level: ONNX Runtime graph optimization level; "extended" by default (see module doc).
+        overwrite: replace an existing non-empty ``out_dir``.
+        smoke_test: run the optimized model once on a batch of one and check the output shape,
+            so a graph that loads but cannot run is caught at build time.
+
+    Returns:
+        The engine manifest that was written.
+
+    Raises:
+        ManifestError: ``onnx_path`` is missing, unreadable or not written by pqcad-deploy export.
+        BuildError: bad arguments, an existing ``out_dir``, an unwritable parent, or ONNX Runtime failing.
+        BackendUnavailableError: onnxruntime is not installed.
+    """
+    if optimization_level not in OPTIMIZATION_LEVELS:
+        raise BuildError(f"optimization_level={optimization_level!r} is not one of {', '.join(OPTIMIZATION_LEVELS)}.")
+    onnx_path = Path(onnx_path)
+    manifest = check_buildable(onnx_path)
+    ort = lazy_import("onnxruntime", ORT_HINT)
+    with staged_directory(out_dir, overwrite=overwrite, error=BuildError) as tmp:
+        model_path = tmp / ORT_MODEL_FILE
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[optimization_level])
+        options.optimized_model_filepath = str(model_path)
+        try:
+            ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise BuildError(f"ONNX Runtime could not load {onnx_path} ({type(exc).__name__}: {exc}); check the export.") from exc
+        if not model_path.is_file():
+            raise BuildError(f"ONNX Runtime did not write the optimized model for {onnx_path}; check the disk space of {tmp.parent}.")
+        if smoke_test:
+            _smoke_test(ort, model_path, manifest)
+        engine = EngineManifest(
+            backend="onnxruntime",
+            model_file=ORT_MODEL_FILE,
+            model_sha256=sha256_file(model_path),
+            source_onnx_sha256=sha256_file(onnx_path),
+            onnx=manifest,
+        )
+        write_engine_manifest(tmp, engine)
+    return engine
+
+
+def _smoke_test(ort: object, model_path: Path, manifest: OnnxManifest) -> None:
+    c, h, w = manifest.image_shape
+    feed = {"sample": np.zeros((1, c, h, w), np.float32),
+            "timestep": np.full((1,), manifest.student_timesteps[0], np.float32)}
+    try:
+        session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])  # type: ignore[attr-defined]
+        (out,) = session.run([manifest.output_name], feed)
+    except Exception as exc:
+        raise BuildError(f"The optimized model does not run ({type(exc).__name__}: {exc}); try optimization_level='basic'.") from exc
+    if tuple(out.shape) != (1, c, h, w):
+        raise BuildError(f"The model's {manifest.output_name!r} has shape {list(out.shape)}, expected [1, {c}, {h}, {w}]; check the export.")

@@ -1,0 +1,406 @@
+"""The two manifests ``engines`` owns: our ONNX's metadata and the engine directory's ``engine.json``.
+
+This module is the only contract between ``converters/`` (which writes the ONNX manifest) and
+``engines/`` (which reads it), see docs/CONTRACTS.md sections 2 and 3. Both manifests are frozen
+dataclasses serialised as sorted JSON with a ``format`` and a ``version``; readers refuse foreign
+files, unknown formats, newer versions and unknown keys with one sentence, because a silently
+misread manifest produces wrong images rather than an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from ._atomic import atomic_file
+from .errors import EngineDirectoryError, ManifestError
+
+__all__ = [
+    "ONNX_FORMAT",
+    "ONNX_VERSION",
+    "ENGINE_FORMAT",
+    "ENGINE_VERSION",
+    "METADATA_KEY",
+    "ENGINE_MANIFEST_FILE",
+    "INPUT_NAMES",
+    "Precision",
+    "PRECISIONS",
+    "PredictionType",
+    "PREDICTION_TYPES",
+    "OUTPUT_NAMES",
+    "Backend",
+    "BACKENDS",
+    "output_name_for",
+    "OnnxManifest",
+    "EngineManifest",
+    "sha256_file",
+    "read_onnx_manifest",
+    "write_onnx_manifest",
+    "read_engine_manifest",
+    "write_engine_manifest",
+    "verify_engine",
+]
+
+ONNX_FORMAT = "pqcad-onnx"
+ONNX_VERSION = 1
+ENGINE_FORMAT = "pqcad-engine"
+ENGINE_VERSION = 1
+METADATA_KEY = "pqcad.manifest"
+ENGINE_MANIFEST_FILE = "engine.json"
+INPUT_NAMES: tuple[str, str] = ("sample", "timestep")
+
+Precision = Literal["w8a8", "w4a8", "w4a4", "fp32", "mixed"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+PredictionType = Literal["epsilon", "sample", "v_prediction"]
+PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
+# The output name tells a reader of the graph what the network predicts, without the manifest.
+OUTPUT_NAMES: dict[str, str] = {"epsilon": "noise_pred", "sample": "sample_pred", "v_prediction": "v_pred"}
+
+Backend = Literal["onnxruntime", "tensorrt"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+
+
+def output_name_for(prediction_type: str) -> str:
+    """Return the graph output name for ``prediction_type`` (epsilon -> noise_pred, ...).
+
+    Raises:
+        ManifestError: unknown prediction type.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ManifestError(f"prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}.")
+    return OUTPUT_NAMES[prediction_type]
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ManifestError(f"Manifest field {name}={value!r} is not one of {', '.join(choices)}.")
+
+
+def _bit_histogram(name: str, value: object) -> dict[str, int]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and k.isdigit() and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for k, v in value.items()
+    ):
+        raise ManifestError(f"Manifest field {name} must map bit widths like \"8\" to layer counts, got {value!r}.")
+    return dict(sorted(value.items(), key=lambda kv: int(kv[0])))
+
+
+@dataclass(frozen=True)
+class OnnxManifest:
+    """What the runtime needs to know about our ONNX, stored in its ``pqcad.manifest`` metadata.
+
+    Attributes:
+        precision: the quantization recipe's name, for reports.
+        image_shape: ``(C, H, W)`` of one sample; the batch dimension is dynamic.
+        scheduler_config: a diffusers ``DDIMScheduler``-compatible config dict (read by ``ddim``).
+        prediction_type: what the network predicts; fixes ``output_name``.
+        teacher_steps: steps of the FP teacher's sampler, for reports.
+        student_steps: ``len(student_timesteps)``.
+        student_timesteps: the descending timestep list the student was calibrated / distilled for.
+        input_names: always ``("sample", "timestep")``.
+        output_name: ``OUTPUT_NAMES[prediction_type]``.
+        artifact_sha256: checksum of the compressed artifact the ONNX came from (provenance).
+        weight_bits / act_bits: ``{"8": n_layers, "4": m_layers}`` histograms.
+    """
+
+    precision: Precision
+    image_shape: tuple[int, int, int]
+    scheduler_config: dict[str, Any]
+    prediction_type: PredictionType
+    teacher_steps: int
+    student_steps: int
+    student_timesteps: tuple[int, ...]
+    artifact_sha256: str
+    weight_bits: dict[str, int] = field(default_factory=dict)
+    act_bits: dict[str, int] = field(default_factory=dict)
+    input_names: tuple[str, ...] = INPUT_NAMES
+    output_name: str = ""
+    format: str = ONNX_FORMAT
+    version: int = ONNX_VERSION
+
+    def __post_init__(self) -> None:
+        # Normalise JSON lists to tuples so equality and immutability hold after a round trip.
+        def set_(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)  # the dataclass is frozen
+
+        if self.format != ONNX_FORMAT:
+            raise ManifestError(f"Manifest format {self.format!r} is not {ONNX_FORMAT!r}.")
+        if self.version != ONNX_VERSION:
+            raise ManifestError(f"Manifest version {self.version!r} is not supported (this runtime reads version {ONNX_VERSION}).")
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        shape = tuple(self.image_shape) if isinstance(self.image_shape, (list, tuple)) else ()
+        if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            raise ManifestError(f"Manifest field image_shape must be three positive integers [C, H, W], got {self.image_shape!r}.")
+        set_("image_shape", shape)
+        if not isinstance(self.scheduler_config, dict):
+            raise ManifestError(f"Manifest field scheduler_config must be a JSON object, got {type(self.scheduler_config).__name__}.")
+        set_("scheduler_config", dict(self.scheduler_config))
+        sched_pt = self.scheduler_config.get("prediction_type", self.prediction_type)
+        if sched_pt != self.prediction_type:
+            raise ManifestError(
+                f"Manifest prediction_type {self.prediction_type!r} disagrees with scheduler_config's {sched_pt!r}; re-export the ONNX."
+            )
+        for name in ("teacher_steps", "student_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ManifestError(f"Manifest field {name} must be a positive integer, got {v!r}.")
+        ts = tuple(self.student_timesteps) if isinstance(self.student_timesteps, (list, tuple)) else None
+        if not ts or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ts):
+            raise ManifestError(f"Manifest field student_timesteps must be a non-empty list of non-negative integers, got {self.student_timesteps!r}.")
+        if any(a <= b for a, b in zip(ts, ts[1:])):
+            raise ManifestError(f"Manifest field student_timesteps must be strictly descending, got {list(ts)}.")
+        n_train = self.scheduler_config.get("num_train_timesteps", 1000)
+        if isinstance(n_train, int) and ts[0] >= n_train:
+            raise ManifestError(f"Manifest student_timesteps start at {ts[0]}, beyond num_train_timesteps={n_train}.")
+        if len(ts) != self.student_steps:
+            raise ManifestError(f"Manifest student_steps={self.student_steps} but student_timesteps has {len(ts)} entries.")
+        set_("student_timesteps", ts)
+        if tuple(self.input_names) != INPUT_NAMES:
+            raise ManifestError(f"Manifest input_names must be {list(INPUT_NAMES)}, got {list(self.input_names)}.")
+        set_("input_names", INPUT_NAMES)
+        expected = OUTPUT_NAMES[self.prediction_type]
+        if self.output_name == "":
+            set_("output_name", expected)
+        elif self.output_name != expected:
+            raise ManifestError(
+                f"Manifest output_name {self.output_name!r} does not match prediction_type {self.prediction_type!r} (expected {expected!r})."
+            )
+        if not isinstance(self.artifact_sha256, str):
+            raise ManifestError(f"Manifest field artifact_sha256 must be a string, got {self.artifact_sha256!r}.")
+        set_("weight_bits", _bit_histogram("weight_bits", self.weight_bits))
+        set_("act_bits", _bit_histogram("act_bits", self.act_bits))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-ready dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        for k in ("image_shape", "student_timesteps", "input_names"):
+            d[k] = list(d[k])
+        return d
+
+    def to_json(self) -> str:
+        """Serialise as sorted JSON (stable bytes, so checksums and diffs are meaningful)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: object, *, source: str = "manifest") -> OnnxManifest:
+        """Build from a parsed JSON object, refusing other formats, newer versions and unknown keys.
+
+        Raises:
+            ManifestError: with ``source`` named in the message.
+        """
+        if not isinstance(data, dict):
+            raise ManifestError(f"{source}: the manifest is not a JSON object.")
+        fmt, version = data.get("format"), data.get("version")
+        if fmt != ONNX_FORMAT:
+            raise ManifestError(f"{source}: unknown manifest format {fmt!r} (expected {ONNX_FORMAT!r}); export it with pqcad-deploy export.")
+        if not isinstance(version, int) or version > ONNX_VERSION:
+            raise ManifestError(
+                f"{source}: manifest version {version!r} is newer than this runtime reads ({ONNX_VERSION}); upgrade pqcad-deploy."
+            )
+        return _construct(cls, data, source)
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "manifest") -> OnnxManifest:
+        """Parse :meth:`to_json` output.
+
+        Raises:
+            ManifestError: invalid JSON or invalid contents.
+        """
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ManifestError(f"{source}: the manifest is not valid JSON ({exc}).") from exc
+        return cls.from_dict(data, source=source)
+
+
+def _construct(cls: type, data: dict[str, Any], source: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    unknown = sorted(set(data) - names)
+    missing = sorted(required - set(data))
+    if unknown:
+        raise ManifestError(f"{source}: unknown manifest keys {unknown}; it was written by a different pqcad-deploy version.")
+    if missing:
+        raise ManifestError(f"{source}: the manifest lacks required keys {missing}; re-export or rebuild it.")
+    try:
+        return cls(**data)
+    except ManifestError as exc:
+        raise ManifestError(f"{source}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class EngineManifest:
+    """``engine.json``: which backend, which model file, its checksum, and the ONNX manifest.
+
+    On disk the ONNX manifest's keys are flattened next to the engine keys (docs/CONTRACTS.md 3);
+    the ONNX manifest's own ``format``/``version`` are implied by the engine version.
+    """
+
+    backend: Backend
+    model_file: str
+    model_sha256: str
+    source_onnx_sha256: str
+    onnx: OnnxManifest
+    format: str = ENGINE_FORMAT
+    version: int = ENGINE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.format != ENGINE_FORMAT:
+            raise ManifestError(f"Engine manifest format {self.format!r} is not {ENGINE_FORMAT!r}.")
+        if self.version != ENGINE_VERSION:
+            raise ManifestError(f"Engine manifest version {self.version!r} is not supported (this runtime reads version {ENGINE_VERSION}).")
+        _choice("backend", self.backend, BACKENDS)
+        if not isinstance(self.model_file, str) or not self.model_file or Path(self.model_file).name != self.model_file:
+            raise ManifestError(f"Engine manifest model_file must be a plain file name inside the engine directory, got {self.model_file!r}.")
+        for name in ("model_sha256", "source_onnx_sha256"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or len(v) != 64:
+                raise ManifestError(f"Engine manifest field {name} must be a 64-character sha256 hex digest, got {v!r}.")
+        if not isinstance(self.onnx, OnnxManifest):
+            raise ManifestError("Engine manifest field onnx must be an OnnxManifest.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the flat JSON-ready dict described in docs/CONTRACTS.md section 3."""
+        d = self.onnx.to_dict()
+        d.update(format=self.format, version=self.version, backend=self.backend, model_file=self.model_file,
+                 model_sha256=self.model_sha256, source_onnx_sha256=self.source_onnx_sha256)
+        return d
+
+    def to_json(self) -> str:
+        """Serialise as sorted, indented JSON (people read engine.json)."""
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = ENGINE_MANIFEST_FILE) -> EngineManifest:
+        """Parse :meth:`to_json` output, refusing other formats, newer versions and unknown keys.
+
+        Raises:
+            ManifestError: with ``source`` named in the message.
+        """
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{source} is not valid JSON ({exc}); rebuild the engine.") from exc
+        if not isinstance(data, dict):
+            raise ManifestError(f"{source} is not a JSON object; rebuild the engine.")
+        fmt, version = data.pop("format", None), data.pop("version", None)
+        if fmt != ENGINE_FORMAT:
+            raise ManifestError(f"{source}: unknown engine format {fmt!r} (expected {ENGINE_FORMAT!r}); build it with pqcad-deploy build.")
+        if not isinstance(version, int) or version > ENGINE_VERSION:
+            raise ManifestError(f"{source}: engine version {version!r} is newer than this runtime reads ({ENGINE_VERSION}); upgrade pqcad-deploy.")
+        engine_keys = ("backend", "model_file", "model_sha256", "source_onnx_sha256")
+        missing = [k for k in engine_keys if k not in data]
+        if missing:
+            raise ManifestError(f"{source}: the engine manifest lacks required keys {missing}; rebuild the engine.")
+        engine = {k: data.pop(k) for k in engine_keys}
+        onnx = _construct(OnnxManifest, data, source)
+        try:
+            return cls(onnx=onnx, **engine)
+        except ManifestError as exc:
+            raise ManifestError(f"{source}: {exc}") from exc
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Return the hex sha256 of a file, streamed so multi-GB models do not fill memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_onnx_manifest(path: str | os.PathLike[str]) -> OnnxManifest:
+    """Read the ``pqcad.manifest`` metadata of an ONNX file without loading external weights.
+
+    Raises:
+        ManifestError: missing or unreadable file, an ONNX not written by ``pqcad-deploy export``,
+            an unknown format or a newer version.
+    """
+    import onnx  # a core dependency; imported here to keep `engines` import light
+
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path} does not exist or is not a file; pass the ONNX written by pqcad-deploy export.")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError, OSError, ...
+        raise ManifestError(f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc}); re-export it with pqcad-deploy export.") from exc
+    props = {p.key: p.value for p in model.metadata_props}
+    if METADATA_KEY not in props:
+        raise ManifestError(f"{path} is not an ONNX written by pqcad-deploy export (no {METADATA_KEY} metadata).")
+    return OnnxManifest.from_json(props[METADATA_KEY], source=str(path))
+
+
+def write_onnx_manifest(model_proto: Any, manifest: OnnxManifest) -> Any:
+    """Attach (or replace) ``manifest`` as the model's ``pqcad.manifest`` metadata; returns the proto."""
+    for i, prop in enumerate(model_proto.metadata_props):
+        if prop.key == METADATA_KEY:
+            del model_proto.metadata_props[i]
+            break
+    entry = model_proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, manifest.to_json()
+    return model_proto
+
+
+def read_engine_manifest(engine_dir: str | os.PathLike[str]) -> EngineManifest:
+    """Read ``engine_dir/engine.json`` (no checksum check; see :func:`verify_engine`).
+
+    Raises:
+        EngineDirectoryError: the directory or its engine.json is missing.
+        ManifestError: engine.json is invalid, foreign or too new.
+    """
+    engine_dir = Path(engine_dir)
+    if not engine_dir.is_dir():
+        raise EngineDirectoryError(f"{engine_dir} is not a directory; pass an engine directory written by pqcad-deploy build.")
+    path = engine_dir / ENGINE_MANIFEST_FILE
+    if not path.is_file():
+        raise EngineDirectoryError(f"{engine_dir} has no {ENGINE_MANIFEST_FILE}; it is not an engine built by pqcad-deploy build (rebuild it).")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path} cannot be read ({exc}); rebuild the engine.") from exc
+    return EngineManifest.from_json(text, source=str(path))
+
+
+def write_engine_manifest(engine_dir: str | os.PathLike[str], manifest: EngineManifest) -> Path:
+    """Write ``engine_dir/engine.json`` atomically and return its path.
+
+    Raises:
+        OutputError: the directory is not writable.
+    """
+    path = Path(engine_dir) / ENGINE_MANIFEST_FILE
+    with atomic_file(path) as tmp:
+        tmp.write_text(manifest.to_json(), encoding="utf-8")
+    return path
+
+
+def verify_engine(engine_dir: str | os.PathLike[str]) -> EngineManifest:
+    """Check that an engine directory is complete and unmodified; return its manifest.
+
+    Sampling from an edited or half-copied engine would give silently wrong images, so ``sample``
+    calls this first.
+
+    Raises:
+        EngineDirectoryError: missing directory, engine.json or model file, or a checksum mismatch.
+        ManifestError: engine.json is invalid, foreign or too new.
+    """
+    manifest = read_engine_manifest(engine_dir)
+    model = Path(engine_dir) / manifest.model_file
+    if not model.is_file():
+        raise EngineDirectoryError(f"{model} is missing; the engine directory is incomplete, rebuild it with pqcad-deploy build.")
+    actual = sha256_file(model)
+    if actual != manifest.model_sha256:
+        raise EngineDirectoryError(
+            f"{model} does not match the checksum in {ENGINE_MANIFEST_FILE} (sha256 {actual[:12]}... != {manifest.model_sha256[:12]}...); "
+            "the engine was modified or copied incompletely, rebuild it with pqcad-deploy build."
+        )
+    return manifest
+

@@ -1,0 +1,68 @@
+"""ONNX Runtime runner: the CPU (and CUDA-provider) backend of the runtime."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._lazy import ORT_HINT, lazy_import
+from .errors import RunnerError
+from .manifest import OnnxManifest
+from .runner import Runner
+
+__all__ = ["OnnxRuntimeRunner"]
+
+
+class OnnxRuntimeRunner(Runner):
+    """Run our ONNX (or an engine's optimized ``model.onnx``) with ONNX Runtime.
+
+    Args:
+        model_path: the ONNX file.
+        manifest: its manifest (from the ONNX or from ``engine.json``).
+        providers: ONNX Runtime execution providers, in priority order; default CPU only, because
+            an engine's ``model.onnx`` was optimized for the CPU provider (fused CPU kernels) and
+            the GPU path of this project is the TensorRT backend.
+        intra_op_threads: threads per operator; default ONNX Runtime's choice (all cores).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        manifest: OnnxManifest,
+        providers: list[str] | None = None,
+        intra_op_threads: int | None = None,
+    ) -> None:
+        super().__init__(manifest, name=f"onnxruntime:{Path(model_path).name}")
+        self.model_path = Path(model_path)
+        self.providers = providers
+        self.intra_op_threads = intra_op_threads
+        self._session: Any = None
+
+    def activate_impl(self) -> None:
+        ort = lazy_import("onnxruntime", ORT_HINT)
+        options = ort.SessionOptions()
+        if self.intra_op_threads is not None:
+            options.intra_op_num_threads = int(self.intra_op_threads)
+        providers = self.providers or ["CPUExecutionProvider"]
+        try:
+            session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=providers)
+        except Exception as exc:
+            raise RunnerError(f"ONNX Runtime cannot load {self.model_path} ({type(exc).__name__}: {exc}); rebuild the engine.") from exc
+        inputs = [i.name for i in session.get_inputs()]
+        outputs = [o.name for o in session.get_outputs()]
+        if sorted(inputs) != sorted(self.manifest.input_names) or self.manifest.output_name not in outputs:
+            raise RunnerError(
+                f"{self.model_path} has inputs {inputs} and outputs {outputs}, but its manifest promises "
+                f"{list(self.manifest.input_names)} -> {self.manifest.output_name!r}; re-export it."
+            )
+        self._session = session
+
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        (out,) = self._session.run([self.manifest.output_name], feed)
+        return {self.manifest.output_name: out}
+
+    def deactivate_impl(self) -> None:
+        self._session = None

@@ -1,0 +1,191 @@
+"""The ONNX and engine manifests: round trips, refusals and their messages, engine verification."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import onnx
+import pytest
+
+from engines.errors import EngineDirectoryError, ManifestError
+from engines.manifest import (
+    METADATA_KEY,
+    OUTPUT_NAMES,
+    PREDICTION_TYPES,
+    EngineManifest,
+    OnnxManifest,
+    output_name_for,
+    read_engine_manifest,
+    read_onnx_manifest,
+    sha256_file,
+    verify_engine,
+    write_engine_manifest,
+)
+
+
+def test_output_names() -> None:
+    assert OUTPUT_NAMES == {"epsilon": "noise_pred", "sample": "sample_pred", "v_prediction": "v_pred"}
+    assert set(OUTPUT_NAMES) == set(PREDICTION_TYPES)
+    with pytest.raises(ManifestError, match="prediction_type 'x0' is not one of epsilon, sample, v_prediction"):
+        output_name_for("x0")
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_onnx_manifest_json_round_trip(prediction_type: str, make_manifest) -> None:
+    m = make_manifest(prediction_type)
+    assert m.output_name == OUTPUT_NAMES[prediction_type]
+    text = m.to_json()
+    data = json.loads(text)
+    assert list(data) == sorted(data)  # sorted JSON
+    assert data["format"] == "pqcad-onnx" and data["version"] == 1
+    assert data["image_shape"] == [3, 8, 8] and data["input_names"] == ["sample", "timestep"]
+    assert OnnxManifest.from_json(text) == m
+
+
+def test_onnx_manifest_in_metadata(make_tiny_onnx, make_manifest) -> None:
+    path = make_tiny_onnx("v_prediction")
+    m = read_onnx_manifest(path)
+    assert m == make_manifest("v_prediction")
+    assert m.student_timesteps == (900, 600, 300, 0)
+    keys = [p.key for p in onnx.load(str(path)).metadata_props]
+    assert keys == [METADATA_KEY]
+
+
+def test_foreign_onnx_refused(foreign_onnx: Path) -> None:
+    with pytest.raises(ManifestError) as info:
+        read_onnx_manifest(foreign_onnx)
+    assert str(info.value) == f"{foreign_onnx} is not an ONNX written by pqcad-deploy export (no pqcad.manifest metadata)."
+
+
+def test_corrupt_and_missing_files_refused(make_tiny_onnx, tmp_path: Path) -> None:
+    good = make_tiny_onnx()
+    bad = tmp_path / "truncated.onnx"
+    bad.write_bytes(good.read_bytes()[:57])
+    with pytest.raises(ManifestError, match=re.escape(f"{bad} is not a readable ONNX file")):
+        read_onnx_manifest(bad)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\xff\xfe not a protobuf at all \x00\x01")
+    with pytest.raises(ManifestError, match=re.escape(str(junk))):
+        read_onnx_manifest(junk)
+    with pytest.raises(ManifestError, match="does not exist or is not a file"):
+        read_onnx_manifest(tmp_path / "nope.onnx")
+
+
+def _with_metadata(path: Path, text: str) -> Path:
+    model = onnx.load(str(path))
+    model.metadata_props[0].value = text
+    onnx.save(model, str(path))
+    return path
+
+
+def test_unknown_format_newer_version_and_bad_json(make_tiny_onnx, make_manifest) -> None:
+    data = json.loads(make_manifest().to_json())
+    p = _with_metadata(make_tiny_onnx(), json.dumps({**data, "format": "other-onnx"}))
+    with pytest.raises(ManifestError, match="unknown manifest format 'other-onnx' \\(expected 'pqcad-onnx'\\)"):
+        read_onnx_manifest(p)
+    p = _with_metadata(make_tiny_onnx(name="v2.onnx"), json.dumps({**data, "version": 2}))
+    with pytest.raises(ManifestError, match="manifest version 2 is newer than this runtime reads \\(1\\); upgrade pqcad-deploy"):
+        read_onnx_manifest(p)
+    p = _with_metadata(make_tiny_onnx(name="bad.onnx"), "{not json")
+    with pytest.raises(ManifestError, match="the manifest is not valid JSON"):
+        read_onnx_manifest(p)
+
+
+def test_unknown_and_missing_keys(make_manifest) -> None:
+    data = json.loads(make_manifest().to_json())
+    with pytest.raises(ManifestError, match=r"unknown manifest keys \['surprise'\]"):
+        OnnxManifest.from_dict({**data, "surprise": 1})
+    del data["student_timesteps"]
+    with pytest.raises(ManifestError, match=r"lacks required keys \['student_timesteps'\]"):
+        OnnxManifest.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"precision": "w2a2"}, "precision='w2a2' is not one of w8a8, w4a8, w4a4, fp32, mixed"),
+        ({"image_shape": (3, 8)}, "image_shape must be three positive integers"),
+        ({"student_timesteps": (0, 300, 600, 900)}, "student_timesteps must be strictly descending"),
+        ({"student_timesteps": (1500, 600, 300, 0)}, "beyond num_train_timesteps=1000"),
+        ({"student_steps": 3}, "student_steps=3 but student_timesteps has 4 entries"),
+        ({"output_name": "v_pred"}, "output_name 'v_pred' does not match prediction_type 'epsilon'"),
+        ({"weight_bits": {"eight": 3}}, "weight_bits must map bit widths"),
+        ({"input_names": ("x", "t")}, "input_names must be"),
+        ({"scheduler_config": {"prediction_type": "sample"}}, "disagrees with scheduler_config's 'sample'"),
+    ],
+)
+def test_invalid_fields(change: dict, message: str, make_manifest) -> None:
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        make_manifest(**change)
+
+
+def _engine(tmp_path: Path, make_manifest) -> tuple[Path, EngineManifest]:
+    d = tmp_path / "engine"
+    d.mkdir()
+    (d / "model.onnx").write_bytes(b"model bytes")
+    m = EngineManifest(backend="onnxruntime", model_file="model.onnx", model_sha256=sha256_file(d / "model.onnx"),
+                       source_onnx_sha256="cd" * 32, onnx=make_manifest())
+    write_engine_manifest(d, m)
+    return d, m
+
+
+def test_engine_manifest_round_trip_and_flat_json(tmp_path: Path, make_manifest) -> None:
+    d, m = _engine(tmp_path, make_manifest)
+    data = json.loads((d / "engine.json").read_text())
+    assert data["format"] == "pqcad-engine" and data["version"] == 1 and data["backend"] == "onnxruntime"
+    # every key of the ONNX manifest sits next to the engine keys
+    assert set(json.loads(m.onnx.to_json())) <= set(data)
+    assert read_engine_manifest(d) == m
+    assert verify_engine(d) == m
+
+
+def test_sha256_file_pinned(tmp_path: Path) -> None:
+    p = tmp_path / "abc"
+    p.write_bytes(b"abc")
+    assert sha256_file(p) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_engine_missing_manifest(tmp_path: Path, make_manifest) -> None:
+    d, _ = _engine(tmp_path, make_manifest)
+    (d / "engine.json").unlink()
+    with pytest.raises(EngineDirectoryError) as info:
+        verify_engine(d)
+    assert str(info.value) == f"{d} has no engine.json; it is not an engine built by pqcad-deploy build (rebuild it)."
+
+
+def test_engine_edited_model(tmp_path: Path, make_manifest) -> None:
+    d, _ = _engine(tmp_path, make_manifest)
+    (d / "model.onnx").write_bytes(b"model bytes, edited")
+    with pytest.raises(EngineDirectoryError, match=r"model.onnx does not match the checksum in engine.json .*rebuild it"):
+        verify_engine(d)
+
+
+def test_engine_missing_model(tmp_path: Path, make_manifest) -> None:
+    d, _ = _engine(tmp_path, make_manifest)
+    (d / "model.onnx").unlink()
+    with pytest.raises(EngineDirectoryError, match=r"model.onnx is missing; the engine directory is incomplete"):
+        verify_engine(d)
+
+
+def test_engine_not_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(EngineDirectoryError, match="is not a directory"):
+        verify_engine(tmp_path / "nothing")
+
+
+def test_engine_format_and_version_refused(tmp_path: Path, make_manifest) -> None:
+    d, m = _engine(tmp_path, make_manifest)
+    data = m.to_dict()
+    (d / "engine.json").write_text(json.dumps({**data, "version": 7}))
+    with pytest.raises(ManifestError, match="engine version 7 is newer than this runtime reads \\(1\\); upgrade pqcad-deploy"):
+        verify_engine(d)
+    (d / "engine.json").write_text(json.dumps({**data, "format": "pqcad-onnx"}))
+    with pytest.raises(ManifestError, match="unknown engine format 'pqcad-onnx'"):
+        verify_engine(d)
+    (d / "engine.json").write_text(json.dumps({**data, "model_file": "../elsewhere.onnx"}))
+    with pytest.raises(ManifestError, match="model_file must be a plain file name"):
+        verify_engine(d)
+    (d / "engine.json").write_text("[1, 2")
+    with pytest.raises(ManifestError, match="is not valid JSON"):
+        verify_engine(d)
