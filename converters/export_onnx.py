@@ -1,0 +1,221 @@
+"""Artifact -> our QDQ ONNX (docs/CONTRACTS.md section 2).
+
+The student's integer codes and learned scales are written into the graph as they are (never
+re-calibrated): the fake-quant layers are swapped for export twins (converters.qdq) and the model is
+traced by PyTorch's TorchScript exporter, which honours the twins' `symbolic` methods. The result is
+then tidied (names from converters.naming, INT4 zero-points where needed), stamped with the manifest
+that engines read, checked with `onnx.checker.check_model(full_check=True)` and moved into place.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from converters.naming import qdq_names
+from converters.qdq import to_export_layer
+from engines.manifest import OnnxManifest, output_name_for, write_onnx_manifest
+from pqcad_deploy.artifact import CompressedArtifact, artifact_digest, load_artifact
+from pqcad_deploy.errors import ExportError, OutputPathError
+from pqcad_deploy.quant.replace import quant_layers
+
+__all__ = ["DEFAULT_OPSET", "SUPPORTED_OPSETS", "ExportResult", "export_onnx", "precision_name"]
+
+DEFAULT_OPSET = 17
+# 13: per-axis QuantizeLinear/DequantizeLinear. 21: INT4 Q/DQ (4-bit activations).
+SUPPORTED_OPSETS: tuple[int, ...] = tuple(range(13, 22))
+_TORCHSCRIPT_MAX_OPSET = 20
+_EXPORT_PREFIX = "unet."
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    precision: str
+    opset: int
+    num_quantized_layers: int
+    size_bytes: int
+
+
+class _UNetForExport(nn.Module):
+    """(sample, timestep[batch]) -> the UNet's prediction tensor."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep).sample
+
+
+def precision_name(artifact: CompressedArtifact, fp: bool) -> str:
+    """'fp32', 'w8a8', 'w4a8', 'w4a4', or 'mixed' when layers differ."""
+    if fp:
+        return "fp32"
+    pairs = {(r.weight_bits, r.act_bits) for r in artifact.manifest.layers.values()}
+    if len(pairs) == 1:
+        w, a = pairs.pop()
+        return f"w{w}a{a}"
+    return "mixed"
+
+
+def _swap_in_export_twins(unet: nn.Module) -> int:
+    layers = quant_layers(unet)
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = unet.get_submodule(parent_name) if parent_name else unet
+        setattr(parent, child, to_export_layer(layer))
+    return len(layers)
+
+
+def _check_opset(opset: int, artifact: CompressedArtifact, fp: bool) -> None:
+    if opset not in SUPPORTED_OPSETS:
+        raise ExportError(f"--opset must be one of {SUPPORTED_OPSETS[0]}..{SUPPORTED_OPSETS[-1]}; got {opset}.")
+    if not fp and opset < 21 and any(r.act_bits == 4 for r in artifact.manifest.layers.values()):
+        raise ExportError(
+            "this artifact has 4-bit activations, which need INT4 QuantizeLinear: pass --opset 21 "
+            "(ONNX Runtime only; TensorRT has no 4-bit activations)."
+        )
+
+
+def _rename(model, old_to_new: dict[str, str]) -> None:
+    graph = model.graph
+    for init in graph.initializer:
+        init.name = old_to_new.get(init.name, init.name)
+    for node in graph.node:
+        node.input[:] = [old_to_new.get(i, i) for i in node.input]
+        node.output[:] = [old_to_new.get(o, o) for o in node.output]
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        value.name = old_to_new.get(value.name, value.name)
+
+
+def _tidy_graph(model, layer_bits: dict[str, int]) -> None:
+    """Strip the wrapper prefix, name Q/DQ nodes per layer, make zero-points named initializers."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    _rename(model, {i.name: i.name[len(_EXPORT_PREFIX):] for i in graph.initializer
+                    if i.name.startswith(_EXPORT_PREFIX)})
+    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    producers = {o: n for n in graph.node for o in n.output}
+    used_constants: set[str] = set()
+    new_inits = []
+    for node in graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        src = node.input[0]
+        if node.op_type == "QuantizeLinear" or (src in producers and producers[src].op_type == "QuantizeLinear"):
+            layer = node.input[1][: -len(".act_scale")] if node.input[1].endswith(".act_scale") else None
+            if layer is None:
+                continue
+            names = qdq_names(layer)
+            node.name = names.input_quantize if node.op_type == "QuantizeLinear" else names.input_dequantize
+            zp = node.input[2]
+            if zp in constants:
+                used_constants.add(zp)
+                node.input[2] = names.act_zero_point
+                if not any(i.name == names.act_zero_point for i in new_inits):
+                    if layer_bits.get(layer) == 4:
+                        new_inits.append(helper.make_tensor(names.act_zero_point, TensorProto.INT4, [], [0]))
+                    else:
+                        new_inits.append(numpy_helper.from_array(
+                            onnx.numpy_helper.to_array(constants[zp].attribute[0].t), names.act_zero_point))
+        elif src.endswith(".weight_codes"):
+            node.name = qdq_names(src[: -len(".weight_codes")]).weight_dequantize
+    still_used = {i for n in graph.node if n.op_type != "Constant" and n.output[0] not in used_constants
+                  for i in n.input}
+    keep = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in used_constants
+                                          and n.output[0] not in still_used)]
+    del graph.node[:]
+    graph.node.extend(keep)
+    graph.initializer.extend(new_inits)
+
+
+def _set_opset(model, opset: int) -> None:
+    """Raise the default-domain opset after tracing (the TorchScript exporter stops at 20)."""
+    if any(n.op_type == "GroupNormalization" for n in model.graph.node):
+        raise ExportError("the graph uses GroupNormalization, whose meaning changed in opset 21; use --opset 20 or lower.")
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = opset
+
+
+def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = False,
+                opset: int = DEFAULT_OPSET, overwrite: bool = False) -> ExportResult:
+    """Write the artifact's student (or, with fp=True, its FP teacher) as our ONNX at `out_path`."""
+    import onnx
+
+    out_path = Path(out_path)
+    if out_path.exists() and not overwrite:
+        raise OutputPathError(f"{out_path} already exists; pass --overwrite to replace it.")
+    if out_path.is_dir():
+        raise OutputPathError(f"{out_path} is a directory; give a file path ending in .onnx.")
+    parent = out_path.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise OutputPathError(f"cannot write {out_path}: {parent} is not a writable directory.")
+    artifact = load_artifact(artifact_path)
+    _check_opset(opset, artifact, fp)
+    m = artifact.manifest
+    unet = artifact.build_teacher() if fp else artifact.build_student()
+    n_quant = 0 if fp else _swap_in_export_twins(unet)
+    wrapper = _UNetForExport(unet).eval()
+    output_name = output_name_for(m.prediction_type)
+    c, h, w = m.image_shape
+    example = (torch.zeros(2, c, h, w), torch.full((2,), float(m.student_timesteps[0])))
+    layer_act_bits = {name: r.act_bits for name, r in m.layers.items()}
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", suffix=".onnx", dir=parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper, example, str(tmp), dynamo=False, opset_version=min(opset, _TORCHSCRIPT_MAX_OPSET),
+                input_names=["sample", "timestep"], output_names=[output_name],
+                dynamic_axes={"sample": {0: "batch"}, "timestep": {0: "batch"}, output_name: {0: "batch"}},
+                do_constant_folding=True,
+            )
+        model = onnx.load(str(tmp))
+        _tidy_graph(model, {} if fp else layer_act_bits)
+        if opset > _TORCHSCRIPT_MAX_OPSET:
+            _set_opset(model, opset)
+        model.producer_name = "pqcad-deploy"
+        layers = [] if fp else list(m.layers.values())
+        manifest = OnnxManifest(
+            precision=precision_name(artifact, fp),
+            image_shape=tuple(m.image_shape),
+            scheduler_config=m.scheduler_config,
+            prediction_type=m.prediction_type,
+            teacher_steps=m.teacher_steps,
+            student_steps=m.teacher_steps if fp else m.student_steps,
+            student_timesteps=tuple(_teacher_timesteps(m) if fp else m.student_timesteps),
+            artifact_sha256=artifact_digest(artifact.path),
+            weight_bits={str(k): v for k, v in sorted(Counter(r.weight_bits for r in layers).items())},
+            act_bits={str(k): v for k, v in sorted(Counter(r.act_bits for r in layers).items())},
+        )
+        write_onnx_manifest(model, manifest)
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save(model, str(tmp))
+        os.replace(tmp, out_path)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the exported graph failed onnx.checker: {str(exc).splitlines()[0]}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return ExportResult(path=out_path, precision=manifest.precision, opset=opset,
+                        num_quantized_layers=n_quant, size_bytes=out_path.stat().st_size)
+
+
+def _teacher_timesteps(m) -> list[int]:
+    from pqcad_deploy.schedule import ddim_timesteps
+
+    return ddim_timesteps(m.scheduler_config, m.teacher_steps)

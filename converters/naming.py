@@ -1,0 +1,54 @@
+"""One naming helper for every tensor and node the converter adds, so names never drift.
+
+Names derive from the PyTorch module path of the quantized layer (`down_blocks.0.resnets.0.conv1`),
+so a user can map any Q/DQ node in Netron or a TensorRT log back to the layer it belongs to.
+"""
+
+from __future__ import annotations
+
+__all__ = ["QdqNames", "qdq_names"]
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class QdqNames:
+    """Names of the nodes and initializers of one quantized layer."""
+
+    layer: str
+
+    @property
+    def input_quantize(self) -> str:
+        return f"{self.layer}/input_quantize"
+
+    @property
+    def input_dequantize(self) -> str:
+        return f"{self.layer}/input_dequantize"
+
+    @property
+    def weight_dequantize(self) -> str:
+        return f"{self.layer}/weight_dequantize"
+
+    @property
+    def weight_codes(self) -> str:
+        return f"{self.layer}.weight_codes"
+
+    @property
+    def weight_scale(self) -> str:
+        return f"{self.layer}.weight_scale"
+
+    @property
+    def weight_zero_point(self) -> str:
+        return f"{self.layer}.weight_zero_point"
+
+    @property
+    def act_scale(self) -> str:
+        return f"{self.layer}.act_scale"
+
+    @property
+    def act_zero_point(self) -> str:
+        return f"{self.layer}.act_zero_point"
+
+
+def qdq_names(layer: str) -> QdqNames:
+    return QdqNames(layer)
