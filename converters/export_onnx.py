@@ -96,12 +96,36 @@ def _rename(model, old_to_new: dict[str, str]) -> None:
         value.name = old_to_new.get(value.name, value.name)
 
 
+def _undo_initializer_sharing(model) -> None:
+    """Give back each layer its own scale / zero-point tensors.
+
+    The TorchScript exporter de-duplicates equal initializers (to_q, to_k and to_v see the same
+    input and get the same activation scale) and re-creates the copies with Identity nodes. Each
+    consumer should own its Q/DQ parameters (TensorRT and ONNX Runtime fuse per node unit, and the
+    names must say which layer a scale belongs to), so the Identity nodes become initializers again.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            copy = type(inits[node.input[0]])()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
 def _tidy_graph(model, layer_bits: dict[str, int]) -> None:
     """Strip the wrapper prefix, name Q/DQ nodes per layer, make zero-points named initializers."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
+    _undo_initializer_sharing(model)
     _rename(model, {i.name: i.name[len(_EXPORT_PREFIX):] for i in graph.initializer
                     if i.name.startswith(_EXPORT_PREFIX)})
     constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}

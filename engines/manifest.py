@@ -293,7 +293,7 @@ class EngineManifest:
             raise ManifestError(f"{source} is not a JSON object; rebuild the engine.")
         fmt, version = data.pop("format", None), data.pop("version", None)
         if fmt != ENGINE_FORMAT:
-            raise ManifestError(f"{source}: unknown engine format {fmt!r} (expected {ENGINE_FORMAT!r}); build it with pqcad-deploy build.")
+            raise ManifestError(f"{source}: unknown engine format {fmt!r} (expected {ENGINE_FORMAT!r}); build it with pqcad-deploy build-engine.")
         if not isinstance(version, int) or version > ENGINE_VERSION:
             raise ManifestError(f"{source}: engine version {version!r} is newer than this runtime reads ({ENGINE_VERSION}); upgrade pqcad-deploy.")
         engine_keys = ("backend", "model_file", "model_sha256", "source_onnx_sha256")
@@ -359,10 +359,10 @@ def read_engine_manifest(engine_dir: str | os.PathLike[str]) -> EngineManifest:
     """
     engine_dir = Path(engine_dir)
     if not engine_dir.is_dir():
-        raise EngineDirectoryError(f"{engine_dir} is not a directory; pass an engine directory written by pqcad-deploy build.")
+        raise EngineDirectoryError(f"{engine_dir} is not a directory; pass an engine directory written by pqcad-deploy build-engine.")
     path = engine_dir / ENGINE_MANIFEST_FILE
     if not path.is_file():
-        raise EngineDirectoryError(f"{engine_dir} has no {ENGINE_MANIFEST_FILE}; it is not an engine built by pqcad-deploy build (rebuild it).")
+        raise EngineDirectoryError(f"{engine_dir} has no {ENGINE_MANIFEST_FILE}; it is not an engine built by pqcad-deploy build-engine (rebuild it).")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -395,12 +395,12 @@ def verify_engine(engine_dir: str | os.PathLike[str]) -> EngineManifest:
     manifest = read_engine_manifest(engine_dir)
     model = Path(engine_dir) / manifest.model_file
     if not model.is_file():
-        raise EngineDirectoryError(f"{model} is missing; the engine directory is incomplete, rebuild it with pqcad-deploy build.")
+        raise EngineDirectoryError(f"{model} is missing; the engine directory is incomplete, rebuild it with pqcad-deploy build-engine.")
     actual = sha256_file(model)
     if actual != manifest.model_sha256:
         raise EngineDirectoryError(
             f"{model} does not match the checksum in {ENGINE_MANIFEST_FILE} (sha256 {actual[:12]}... != {manifest.model_sha256[:12]}...); "
-            "the engine was modified or copied incompletely, rebuild it with pqcad-deploy build."
+            "the engine was modified or copied incompletely, rebuild it with pqcad-deploy build-engine."
         )
     return manifest
 

@@ -1,0 +1,190 @@
+"""pqcad-deploy: compress a diffusers UNet, export QDQ ONNX, build an engine, sample images.
+
+A thin click group: each command parses and checks its flags, calls one library function, and
+prints a short summary. Heavy imports stay inside the commands, so `sample` and `build-engine`
+never load torch (a Jetson install has no torch). Every error a user can cause ends as one line
+`error: ...` on stderr and a non-zero exit: 2 for bad usage, 1 for everything else.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+__all__ = ["main", "cli"]
+
+_EPILOG = "Docs: README.md and docs/CONTRACTS.md in the pqcad-deploy repository."
+
+
+def _quiet_option(f):
+    return click.option("--quiet", is_flag=True, help="No progress bars (summaries are still printed).")(f)
+
+
+def _overwrite_option(f):
+    return click.option("--overwrite", is_flag=True, help="Replace an existing output instead of refusing.")(f)
+
+
+@click.group(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pqcad-deploy")
+def cli() -> None:
+    """Compress diffusion UNets with PQCAD-DM and deploy them with ONNX Runtime or TensorRT.
+
+    \b
+    The whole path:
+      pqcad-deploy compress --out art            # FP UNet -> compressed artifact
+      pqcad-deploy export art --onnx model.onnx  # artifact -> QDQ ONNX
+      pqcad-deploy build-engine model.onnx -o engine
+      pqcad-deploy sample engine -n 64 -o images
+    """
+
+
+@cli.command(epilog=_EPILOG)
+@click.option("--model", default="builtin", show_default=True,
+              help="A local diffusers UNet2DModel directory (config.json + weights + scheduler_config.json, "
+                   "or a pipeline folder with unet/ and scheduler/), a hub id where a hub is reachable, "
+                   "or 'builtin' for the embedded Fashion-MNIST model.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Artifact directory to write (created atomically).")
+@click.option("--method", default="minmax", show_default=True,
+              help="Compression method. minmax: fixed-bit symmetric PTQ (per-channel weights, per-tensor activations).")
+@click.option("--weight-bits", default=8, show_default=True, type=int, help="Weight bits of every quantized layer: 8 or 4.")
+@click.option("--act-bits", default=8, show_default=True, type=int, help="Activation bits of every quantized layer: 8 or 4.")
+@click.option("--teacher-steps", default=100, show_default=True, type=int,
+              help="DDIM steps of the FP teacher; the calibration trajectories use this grid.")
+@click.option("--preset", default="default", show_default=True,
+              help="fast: a tiny calibration set (tests, demos; under a minute on a CPU). default: the full one.")
+@click.option("--device", default="cpu", show_default=True, help="Where the PyTorch work runs: cpu or cuda.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration noise; same seed, same artifact.")
+@click.option("--distill/--no-distill", default=False, show_default=True,
+              help="CAD distillation to half the steps. Not available yet: artifacts are undistilled and "
+                   "sample with the teacher's steps.")
+@_overwrite_option
+@_quiet_option
+def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, device, seed, distill,
+             overwrite, quiet) -> None:
+    """Compress a diffusers UNet2DModel into an artifact (codes, scales, configs, report)."""
+    from pqcad_deploy.compress import compress as run_compress
+    from pqcad_deploy.config import CompressConfig
+
+    config = CompressConfig(model=model, method=method, weight_bits=weight_bits, act_bits=act_bits,
+                            teacher_steps=teacher_steps, preset=preset, device=device, seed=seed,
+                            distill=distill)
+    result = run_compress(config, out, overwrite=overwrite, progress=not quiet)
+    click.echo(f"wrote {result.artifact} ({method} W{weight_bits}A{act_bits}, {result.num_quantized_layers} "
+               f"quantized layers, noise-prediction SQNR {result.noise_pred_sqnr_db:.1f} dB, "
+               f"{result.seconds:.1f} s)")
+
+
+@cli.command(epilog=_EPILOG)
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(path_type=Path), help="ONNX file to write.")
+@click.option("--fp", is_flag=True, help="Export the artifact's full-precision teacher instead of the quantized student.")
+@click.option("--opset", default=17, show_default=True, type=int,
+              help="ONNX opset, 13-21. 17 suits TensorRT 10 and ONNX Runtime; 4-bit activations need 21.")
+@click.option("--parity/--no-parity", default=True, show_default=True,
+              help="After export, compare ONNX Runtime with the PyTorch fake-quant model on 4 inputs.")
+@_overwrite_option
+def export(artifact, onnx_path, fp, opset, parity, overwrite) -> None:
+    """Write an artifact as QDQ ONNX, with the learned codes and scales as they are."""
+    from converters.export_onnx import export_onnx
+
+    result = export_onnx(artifact, onnx_path, fp=fp, opset=opset, overwrite=overwrite)
+    click.echo(f"wrote {result.path} ({result.precision}, opset {result.opset}, "
+               f"{result.num_quantized_layers} Q/DQ layers, {result.size_bytes / 1e6:.2f} MB)")
+    if parity and not fp:
+        from converters.parity import parity_report
+
+        report = parity_report(artifact, onnx_path, n=4)
+        first = report.first_divergence
+        flips = "no rounding flips" if first is None else (
+            f"first rounding flip in {first.layer} ({first.flipped}/{first.total} codes)")
+        click.echo(f"parity vs PyTorch: median relative error {report.median_rel_error:.2e}, {flips}")
+
+
+@cli.command("build-engine", epilog=_EPILOG)
+@click.argument("onnx_path", metavar="ONNX", type=click.Path(path_type=Path))
+@click.option("--backend", default="onnxruntime", show_default=True,
+              help="onnxruntime (everywhere) or tensorrt (NVIDIA GPUs and Jetson; needs TensorRT 10).")
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Engine directory to write.")
+@click.option("--optimization-level", default="extended", show_default=True,
+              help="onnxruntime graph optimization saved into the engine: basic or extended (portable levels).")
+@_overwrite_option
+def build_engine(onnx_path, backend, out, optimization_level, overwrite) -> None:
+    """Build an engine directory (optimized model + manifest) from an ONNX written by export."""
+    from engines.manifest import BACKENDS
+
+    if backend not in BACKENDS:
+        raise click.BadParameter(f"must be one of {', '.join(BACKENDS)}; got {backend!r}.", param_hint="--backend")
+    started = time.perf_counter()
+    if backend == "tensorrt":
+        from engines.tensorrt_build import build_tensorrt_engine
+
+        manifest = build_tensorrt_engine(onnx_path, out, overwrite=overwrite)
+    else:
+        from engines.build import build_onnxruntime_engine
+
+        manifest = build_onnxruntime_engine(onnx_path, out, optimization_level=optimization_level,
+                                            overwrite=overwrite)
+    click.echo(f"wrote {out} ({manifest.backend}, {manifest.onnx.precision}, "
+               f"{manifest.onnx.student_steps} sampling steps, {time.perf_counter() - started:.1f} s)")
+
+
+@cli.command(epilog=_EPILOG)
+@click.argument("engine", type=click.Path(path_type=Path))
+@click.option("-n", "num_images", default=64, show_default=True, type=int, help="Number of images.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the initial noise.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Directory for 00000.png ... and grid.png (created atomically).")
+@click.option("--steps", default=None, type=int,
+              help="DDIM steps; default: the engine's own student timesteps.")
+@click.option("--npz", default=None, type=click.Path(path_type=Path),
+              help="Also write the images as a uint8 array (key 'images', N x H x W x C).")
+@click.option("--batch-size", default=16, show_default=True, type=int, help="Images per model call.")
+@click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads (default: all cores).")
+@_overwrite_option
+@_quiet_option
+def sample(engine, num_images, seed, out, steps, npz, batch_size, threads, overwrite, quiet) -> None:
+    """Generate images with DDIM (eta 0) on an engine; numpy only, no torch."""
+    from engines.generate import generate_to_directory
+
+    if num_images <= 0:
+        raise click.BadParameter(f"must be a positive integer; got {num_images}.", param_hint="-n")
+    done = generate_to_directory(engine, out, num_images, seed=seed, steps=steps, npz=npz,
+                                 batch_size=batch_size, overwrite=overwrite, threads=threads,
+                                 progress=not quiet)
+    r = done.result
+    click.echo(f"wrote {len(r.images)} images to {done.out_dir} ({len(r.timesteps)} DDIM steps, "
+               f"{r.images_per_second:.2f} images/s)" + (f" and {done.npz}" if done.npz else ""))
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from engines.errors import EngineError
+    from pqcad_deploy.errors import PqcadError  # torch-free module
+
+    return (EngineError, PqcadError)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one line per error, exit 2 for usage and 1 for everything else."""
+    try:
+        code = cli.main(args=argv, prog_name="pqcad-deploy", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: interrupted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except _user_error_types() as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted.", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Parity of an exported ONNX against the PyTorch fake-quant model it came from.
+
+Comparing final outputs alone cannot tell an export bug from chaos: a quantized UNet rounds every
+activation, so a 1e-7 float difference upstream can move one value across a rounding boundary and
+the flipped code then spreads through the remaining layers (random-weight test models amplify this
+strongly). The check therefore also compares the integer codes of every QuantizeLinear, in graph
+order, with the codes PyTorch computes: an export bug (wrong scale, axis, rounding or range) makes
+the first divergent layer differ in many places; a boundary flip makes it differ in a handful.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pqcad_deploy.artifact import load_artifact
+from pqcad_deploy.quant.replace import quant_layers
+
+__all__ = ["LayerFlips", "ParityReport", "parity_report"]
+
+
+@dataclass(frozen=True)
+class LayerFlips:
+    layer: str
+    flipped: int
+    total: int
+    max_code_difference: int
+
+    @property
+    def fraction(self) -> float:
+        return self.flipped / max(self.total, 1)
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """Per-sample relative L2 error of the output, and the first layer whose input codes differ."""
+
+    sample_rel_errors: list[float]
+    first_divergence: LayerFlips | None
+    samples_without_flips: list[int]
+
+    @property
+    def median_rel_error(self) -> float:
+        return float(np.median(self.sample_rel_errors))
+
+    @property
+    def max_rel_error_without_flips(self) -> float:
+        errs = [self.sample_rel_errors[i] for i in self.samples_without_flips]
+        return max(errs) if errs else 0.0
+
+
+def _torch_codes(student: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> tuple[np.ndarray, dict]:
+    codes: dict[str, np.ndarray] = {}
+    hooks = []
+    for name, layer in quant_layers(student).items():
+        def hook(module, inputs, name=name):
+            q = module.input_quantizer
+            from pqcad_deploy.quant.primitives import act_qrange
+
+            qmin, qmax = act_qrange(q.bits)
+            codes[name] = torch.clamp(torch.round(inputs[0] / q.scale), qmin, qmax).detach().numpy()
+        hooks.append(layer.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            out = student(x, t).sample.numpy()
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, codes
+
+
+def _onnx_codes(onnx_path: str, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, dict, list[str]]:
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(onnx_path)
+    q_outputs: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.name.endswith("/input_quantize"):
+            q_outputs[node.name[: -len("/input_quantize")]] = node.output[0]
+    order = list(q_outputs)
+    for name in order:
+        # INT4 tensors have no numpy type in onnxruntime's Python API: read every code as INT32.
+        probe = f"{q_outputs[name]}/parity_codes"
+        model.graph.node.append(onnx.helper.make_node("Cast", [q_outputs[name]], [probe], to=onnx.TensorProto.INT32))
+        model.graph.output.append(onnx.ValueInfoProto(name=probe))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    results = session.run(None, {"sample": x, "timestep": t})
+    out = results[0]
+    codes = {name: results[1 + i].astype(np.int32) for i, name in enumerate(order)}
+    return out, codes, order
+
+
+def parity_report(artifact_path, onnx_path, n: int = 8, seed: int = 0) -> ParityReport:
+    """Run both models on `n` seeded inputs at timesteps spread over the schedule."""
+    artifact = load_artifact(artifact_path)
+    student = artifact.build_student()
+    c, h, w = artifact.manifest.image_shape
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, c, h, w), generator=generator)
+    steps = artifact.manifest.student_timesteps
+    t = torch.tensor([float(steps[int(i)]) for i in np.linspace(0, len(steps) - 1, n)])
+    ref, t_codes = _torch_codes(student, x, t)
+    out, o_codes, order = _onnx_codes(str(onnx_path), x.numpy(), t.numpy())
+    diff = (out - ref).reshape(n, -1)
+    norm = np.maximum(np.linalg.norm(ref.reshape(n, -1), axis=1), 1e-12)
+    rel = (np.linalg.norm(diff, axis=1) / norm).tolist()
+    first = None
+    clean = set(range(n))
+    for name in order:
+        a, b = t_codes[name].astype(np.int32), o_codes[name]
+        mismatch = a != b
+        if mismatch.any():
+            flipped_samples = {int(i) for i in np.nonzero(mismatch.reshape(n, -1).any(axis=1))[0]}
+            clean -= flipped_samples
+            if first is None:
+                first = LayerFlips(layer=name, flipped=int(mismatch.sum()), total=int(mismatch.size),
+                                   max_code_difference=int(np.abs(a - b).max()))
+    return ParityReport(sample_rel_errors=rel, first_divergence=first, samples_without_flips=sorted(clean))
