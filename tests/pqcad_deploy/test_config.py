@@ -1,0 +1,126 @@
+"""CompressConfig / CalibrationConfig validation and their sorted-JSON serialisation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from pqcad_deploy.choices import ACT_BITS, DEVICES, METHODS, PRESETS, WEIGHT_BITS
+from pqcad_deploy.config import (
+    CONFIG_VERSION, PRESET_CALIBRATION, CalibrationConfig, CompressConfig, config_to_dict,
+)
+from pqcad_deploy.errors import ConfigError
+
+
+def test_defaults_are_valid_and_frozen():
+    c = CompressConfig()
+    assert (c.model, c.method, c.weight_bits, c.act_bits, c.teacher_steps, c.preset, c.device, c.seed,
+            c.distill, c.calibration) == ("builtin", "minmax", 8, 8, 100, "default", "cpu", 0, False, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.weight_bits = 4  # type: ignore[misc]
+
+
+def test_choice_tuples_pinned():
+    assert METHODS == ("minmax",) and WEIGHT_BITS == (8, 4) and ACT_BITS == (8, 4)
+    assert PRESETS == ("fast", "default") and DEVICES == ("cpu", "cuda")
+
+
+@pytest.mark.parametrize("field", ["weight_bits", "act_bits"])
+@pytest.mark.parametrize("bad", [0, 1, 2, 9, 16, -8, 8.0, "8", True, None])
+def test_bits_validation(field, bad):
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(ConfigError) as exc:
+        CompressConfig(**{field: bad})
+    assert str(exc.value) == f"{flag} must be one of 8, 4; got {bad!r}."
+
+
+@pytest.mark.parametrize("wb,ab", [(8, 8), (4, 8), (4, 4), (8, 4)])
+def test_all_supported_bit_pairs(wb, ab):
+    c = CompressConfig(weight_bits=wb, act_bits=ab)
+    assert (c.weight_bits, c.act_bits) == (wb, ab)
+
+
+@pytest.mark.parametrize("bad", ["slow", "FAST", "", None])
+def test_preset_validation(bad):
+    with pytest.raises(ConfigError) as exc:
+        CompressConfig(preset=bad)
+    assert str(exc.value) == f"--preset must be one of fast, default; got {bad!r}."
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:0", "mps", "CPU"])
+def test_device_validation(bad):
+    with pytest.raises(ConfigError) as exc:
+        CompressConfig(device=bad)
+    assert str(exc.value) == f"--device must be one of cpu, cuda; got {bad!r}."
+
+
+@pytest.mark.parametrize("bad", ["brecq", "MinMax"])
+def test_method_validation(bad):
+    with pytest.raises(ConfigError, match=r"^--method must be one of minmax; got"):
+        CompressConfig(method=bad)
+
+
+@pytest.mark.parametrize("bad", [0, 1, 1001, -5, 10.0, "10", None])
+def test_teacher_steps_validation(bad):
+    with pytest.raises(ConfigError) as exc:
+        CompressConfig(teacher_steps=bad)
+    assert str(exc.value) == f"--teacher-steps must be an integer in [2, 1000]; got {bad!r}."
+
+
+@pytest.mark.parametrize("ok", [2, 10, 1000])
+def test_teacher_steps_bounds_inclusive(ok):
+    assert CompressConfig(teacher_steps=ok).teacher_steps == ok
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "0"])
+def test_seed_validation(bad):
+    with pytest.raises(ConfigError, match=r"^--seed must be a non-negative integer; got"):
+        CompressConfig(seed=bad)
+
+
+def test_distill_is_refused_with_the_flag_to_pass():
+    with pytest.raises(ConfigError) as exc:
+        CompressConfig(distill=True)
+    assert "--no-distill" in str(exc.value) and "not available" in str(exc.value)
+
+
+@pytest.mark.parametrize("field", ["num_trajectories", "timesteps_kept", "batch_size"])
+@pytest.mark.parametrize("bad", [0, -1, 1.0, "4"])
+def test_calibration_config_validation(field, bad):
+    with pytest.raises(ConfigError) as exc:
+        CalibrationConfig(**{field: bad})
+    assert str(exc.value) == f"calibration {field} must be a positive integer; got {bad!r}."
+
+
+def test_calibration_comes_from_preset_unless_given():
+    assert CompressConfig(preset="fast").calibration_config == CalibrationConfig(4, 8, 4)
+    assert CompressConfig(preset="default").calibration_config == CalibrationConfig(32, 16, 32)
+    assert PRESET_CALIBRATION["fast"] == CalibrationConfig(num_trajectories=4, timesteps_kept=8, batch_size=4)
+    custom = CalibrationConfig(num_trajectories=2, timesteps_kept=3, batch_size=1)
+    assert CompressConfig(preset="fast", calibration=custom).calibration_config is custom
+
+
+def test_config_to_dict_compress():
+    c = CompressConfig(model="some/dir", weight_bits=4, act_bits=8, teacher_steps=10, preset="fast", seed=3)
+    d = config_to_dict(c)
+    assert d == {
+        "_type": "CompressConfig", "_version": CONFIG_VERSION, "model": "some/dir", "method": "minmax",
+        "weight_bits": 4, "act_bits": 8, "teacher_steps": 10, "preset": "fast", "device": "cpu",
+        "seed": 3, "distill": False,
+        # the effective calibration is recorded even when it came from the preset
+        "calibration": {"num_trajectories": 4, "timesteps_kept": 8, "batch_size": 4},
+    }
+    assert CONFIG_VERSION == 1
+    text = json.dumps(d, sort_keys=True)
+    assert json.loads(text) == d
+    assert list(json.loads(text)) == sorted(d)
+    # same config, same bytes
+    assert json.dumps(config_to_dict(dataclasses.replace(c)), sort_keys=True) == text
+
+
+def test_config_to_dict_calibration():
+    d = config_to_dict(CalibrationConfig(num_trajectories=2, timesteps_kept=5, batch_size=2))
+    assert d == {"_type": "CalibrationConfig", "_version": 1, "num_trajectories": 2, "timesteps_kept": 5,
+                 "batch_size": 2}
