@@ -61,11 +61,14 @@ def generate_to_directory(
         raise OutputError(f"{out_dir} already exists and is not empty; pass --overwrite or choose another directory.")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir} exists and is a file; choose a directory for the images.")
+    if npz is not None and Path(npz).exists() and not overwrite:
+        raise OutputError(f"{npz} already exists; pass --overwrite or choose another .npz path.")
     runner, manifest = open_runner(engine_dir, threads)
     with runner:
         result = sample_images(runner, manifest, n, seed, steps=steps, batch_size=batch_size, progress=progress)
     with staged_directory(out_dir, overwrite=overwrite, error=OutputError) as tmp:
         save_pngs(result.images, tmp)
         save_grid(result.images, tmp / GRID_FILE, ncols=min(8, len(result.images)))
-    npz_path = save_npz(result.images, npz) if npz is not None else None
+        # inside the staged block: an unwritable --npz must not leave a finished-looking image folder
+        npz_path = save_npz(result.images, npz) if npz is not None else None
     return GenerateResult(result=result, out_dir=out_dir, npz=npz_path, manifest=manifest)

@@ -152,7 +152,7 @@ def test_engine_missing_manifest(tmp_path: Path, make_manifest) -> None:
     (d / "engine.json").unlink()
     with pytest.raises(EngineDirectoryError) as info:
         verify_engine(d)
-    assert str(info.value) == f"{d} has no engine.json; it is not an engine built by pqcad-deploy build (rebuild it)."
+    assert str(info.value) == f"{d} has no engine.json; it is not an engine built by pqcad-deploy build-engine (rebuild it)."
 
 
 def test_engine_edited_model(tmp_path: Path, make_manifest) -> None:

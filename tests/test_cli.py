@@ -1,0 +1,609 @@
+"""The `pqcad-deploy` command line: help, the whole path end to end, and every user error.
+
+The builtin end-to-end path (compress -> export -> build-engine -> sample) runs once in a
+module-scoped fixture and the tests read its outputs. Most error cases call `cli.main` in-process
+(the same function the console script runs, so the `error: ...` formatting is exercised); a few run
+the real console script in a subprocess for the real exit codes and stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import cli
+from engines.manifest import METADATA_KEY
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(sys.executable).parent / "pqcad-deploy"
+FAST = ["--preset", "fast", "--teacher-steps", "10", "--quiet"]
+COMMANDS = ("compress", "export", "build-engine", "sample")
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+@dataclass
+class Outcome:
+    code: int
+    out: str
+    err: str
+
+
+# One torch thread: on this 2-core machine, with anything else running, torch's OpenMP threads
+# spin against each other and a 5 s compress takes minutes (measured: 4.9 s vs 104.6 s).
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_main(*args: object) -> Outcome:
+    """Run `cli.main` (the console entry point) in-process and capture its exit code and output."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with one_torch_thread(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return Outcome(code, out.getvalue(), err.getvalue())
+
+
+def run_script(*args: object, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run the installed `pqcad-deploy` console script."""
+    return subprocess.run([str(SCRIPT), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=180,
+                          env=ONE_THREAD_ENV)
+
+
+def assert_one_error_line(err: str, *fragments: str) -> str:
+    """stderr is exactly one line `error: ...` that contains every fragment."""
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def assert_failed(result: Outcome | subprocess.CompletedProcess, *fragments: str, code: int | None = None) -> str:
+    rc = result.code if isinstance(result, Outcome) else result.returncode
+    err = result.err if isinstance(result, Outcome) else result.stderr
+    assert rc != 0, f"expected a failure, got exit 0: {err}"
+    if code is not None:
+        assert rc == code, (rc, err)
+    return assert_one_error_line(err, *fragments)
+
+
+def assert_nothing_left(parent: Path, name: str) -> None:
+    """Neither `parent/name` nor a hidden temporary sibling `.name.*` exists."""
+    assert not (parent / name).exists(), f"{parent / name} was created"
+    leftovers = [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")] if parent.is_dir() else []
+    assert leftovers == [], f"temporary entries left behind in {parent}: {leftovers}"
+
+
+def onnx_manifest(path: Path) -> dict:
+    model = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    assert METADATA_KEY in props, f"{path} has no {METADATA_KEY}"
+    return json.loads(props[METADATA_KEY])
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_images(npz: Path) -> np.ndarray:
+    with np.load(npz) as data:
+        assert list(data.keys()) == ["images"]
+        return data["images"]
+
+
+# ----------------------------------------------------------------------------------------- fixtures
+
+@dataclass
+class Pipeline:
+    root: Path
+    artifact: Path
+    onnx: Path
+    engine: Path
+    images: Path
+    npz: Path
+    outputs: dict[str, str]  # command -> stdout
+
+
+@pytest.fixture(scope="module")
+def builtin(tmp_path_factory) -> Pipeline:
+    """compress -> export -> build-engine -> sample on the embedded model, once per module."""
+    root = tmp_path_factory.mktemp("builtin")
+    art, model, engine, images, npz = root / "A", root / "M.onnx", root / "E", root / "O", root / "O.npz"
+    outputs = {}
+    for name, args in [
+        ("compress", ["compress", *FAST, "--out", art]),
+        ("export", ["export", art, "--onnx", model]),
+        ("build-engine", ["build-engine", model, "-o", engine]),
+        ("sample", ["sample", engine, "-n", 6, "--seed", 0, "-o", images, "--npz", npz, "--quiet"]),
+    ]:
+        result = run_main(*args)
+        assert result.code == 0, f"{name} failed: {result.err}"
+        outputs[name] = result.out
+    return Pipeline(root, art, model, engine, images, npz, outputs)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, unet_dirs) -> Pipeline:
+    """The same path on a small random diffusers UNet at W4A8, through the real console script."""
+    model_dir = unet_dirs["c1_32_attn1_default"]
+    root = tmp_path_factory.mktemp("small")
+    art, model, engine, images, npz = root / "A", root / "M.onnx", root / "E", root / "O", root / "O.npz"
+    outputs = {}
+    for name, args in [
+        ("compress", ["compress", "--model", model_dir, "--weight-bits", 4, "--act-bits", 8, *FAST, "--out", art]),
+        ("export", ["export", art, "--onnx", model]),
+        ("build-engine", ["build-engine", model, "-o", engine]),
+        ("sample", ["sample", engine, "-n", 3, "--seed", 1, "-o", images, "--npz", npz, "--quiet"]),
+    ]:
+        proc = run_script(*args, cwd=root)
+        assert proc.returncode == 0, f"{name} failed: {proc.stderr}"
+        outputs[name] = proc.stdout
+    return Pipeline(root, art, model, engine, images, npz, outputs)
+
+
+# ----------------------------------------------------------------------------------------- --help
+
+def test_group_help_lists_every_command() -> None:
+    result = CliRunner().invoke(cli.cli, ["--help"])
+    assert result.exit_code == 0, result.output
+    for name in COMMANDS:
+        assert name in result.output
+    assert set(cli.cli.commands) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_command_help_documents_every_option(name: str) -> None:
+    command = cli.cli.commands[name]
+    result = CliRunner().invoke(cli.cli, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    assert f"Usage: cli {name}" in result.output or f"Usage: pqcad-deploy {name}" in result.output
+    options = [p for p in command.params if isinstance(p, click.Option)]
+    assert options, f"{name} has no options"
+    for param in options:
+        assert param.help and param.help.strip(), f"{name} {param.opts[0]} has no help text"
+        for opt in param.opts + param.secondary_opts:
+            assert opt in result.output, f"{name} --help does not mention {opt}"
+    for param in command.params:
+        if isinstance(param, click.Argument):
+            assert (param.metavar or param.name.upper()) in result.output
+
+
+def test_help_through_the_console_script() -> None:
+    proc = run_script("sample", "--help")
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert "Usage: pqcad-deploy sample" in proc.stdout and "--npz" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------- end to end
+
+def test_compress_writes_the_artifact(builtin: Pipeline) -> None:
+    assert sorted(p.name for p in builtin.artifact.iterdir()) == [
+        "artifact.json", "report.json", "student.safetensors", "teacher.safetensors"]
+    manifest = json.loads((builtin.artifact / "artifact.json").read_text())
+    assert manifest["format"] == "pqcad-artifact" and manifest["method"] == "minmax"
+    assert manifest["teacher_steps"] == 10 and len(manifest["student_timesteps"]) == 10
+    assert manifest["image_shape"] == [1, 32, 32] and manifest["unet_class"] == "UNet2DModel"
+    assert manifest["layers"] and all(r["weight_bits"] == 8 and r["act_bits"] == 8 for r in manifest["layers"].values())
+    assert manifest["options"]["preset"] == "fast"
+    summary = builtin.outputs["compress"]
+    assert summary.startswith(f"wrote {builtin.artifact} (minmax W8A8, {len(manifest['layers'])} quantized layers")
+    assert "noise-prediction SQNR" in summary
+    assert [p.name for p in builtin.root.iterdir() if p.name.startswith(".")] == []
+
+
+def test_export_writes_our_onnx_and_reports_parity(builtin: Pipeline) -> None:
+    manifest = onnx_manifest(builtin.onnx)
+    assert manifest["format"] == "pqcad-onnx" and manifest["precision"] == "w8a8"
+    assert manifest["image_shape"] == [1, 32, 32] and manifest["student_steps"] == 10
+    layers = len(json.loads((builtin.artifact / "artifact.json").read_text())["layers"])
+    assert manifest["weight_bits"] == {"8": layers}
+    lines = builtin.outputs["export"].splitlines()
+    assert lines[0].startswith(f"wrote {builtin.onnx} (w8a8, opset 17, {layers} Q/DQ layers")
+    assert len(lines) == 2 and lines[1].startswith("parity vs PyTorch: median relative error ")
+
+
+def test_build_engine_writes_a_verified_engine(builtin: Pipeline) -> None:
+    assert sorted(p.name for p in builtin.engine.iterdir()) == ["engine.json", "model.onnx"]
+    engine = json.loads((builtin.engine / "engine.json").read_text())
+    assert engine["format"] == "pqcad-engine" and engine["backend"] == "onnxruntime"
+    assert engine["model_file"] == "model.onnx"
+    assert engine["model_sha256"] == sha256(builtin.engine / "model.onnx")
+    assert engine["source_onnx_sha256"] == sha256(builtin.onnx)
+    assert engine["precision"] == "w8a8" and engine["student_steps"] == 10
+    assert builtin.outputs["build-engine"].startswith(
+        f"wrote {builtin.engine} (onnxruntime, w8a8, 10 sampling steps")
+
+
+def test_sample_writes_pngs_grid_and_npz(builtin: Pipeline) -> None:
+    from PIL import Image
+
+    names = sorted(p.name for p in builtin.images.iterdir())
+    assert names == [f"{i:05d}.png" for i in range(6)] + ["grid.png"]
+    images = load_images(builtin.npz)
+    assert images.dtype == np.uint8 and images.shape == (6, 32, 32, 1)
+    for i in range(6):
+        png = np.asarray(Image.open(builtin.images / f"{i:05d}.png"))
+        np.testing.assert_array_equal(png.reshape(32, 32, 1), images[i])
+    assert builtin.outputs["sample"].startswith(f"wrote 6 images to {builtin.images} (10 DDIM steps, ")
+    assert builtin.outputs["sample"].rstrip().endswith(f"and {builtin.npz}")
+
+
+def test_sampled_images_look_like_the_trained_model(builtin: Pipeline) -> None:
+    images = load_images(builtin.npz).astype(np.float64)
+    assert images.std() > 10, "images are (nearly) blank"
+    for image in images:
+        assert image.std() > 10, "an image is (nearly) constant"
+    # Fashion-MNIST: a light garment on a dark background
+    assert np.median(images) < 64
+    assert 5 < images.mean() < 160
+
+
+def test_sample_is_reproducible_per_seed(builtin: Pipeline, tmp_path: Path) -> None:
+    again = run_main("sample", builtin.engine, "-n", 6, "--seed", 0, "-o", tmp_path / "O2",
+                     "--npz", tmp_path / "O2.npz", "--quiet")
+    assert again.code == 0, again.err
+    np.testing.assert_array_equal(load_images(tmp_path / "O2.npz"), load_images(builtin.npz))
+    other = run_main("sample", builtin.engine, "-n", 6, "--seed", 1, "-o", tmp_path / "O3",
+                     "--npz", tmp_path / "O3.npz", "--quiet")
+    assert other.code == 0, other.err
+    assert not np.array_equal(load_images(tmp_path / "O3.npz"), load_images(builtin.npz))
+
+
+def test_sample_steps_option(builtin: Pipeline, tmp_path: Path) -> None:
+    result = run_main("sample", builtin.engine, "-n", 2, "--steps", 5, "-o", tmp_path / "O",
+                      "--npz", tmp_path / "O.npz", "--quiet")
+    assert result.code == 0, result.err
+    assert "(5 DDIM steps" in result.out
+    images = load_images(tmp_path / "O.npz")
+    assert images.shape == (2, 32, 32, 1)
+    # fewer steps is a different trajectory from the same noise
+    assert not np.array_equal(images, load_images(builtin.npz)[:2])
+
+
+def test_any_diffusers_directory_works(small: Pipeline) -> None:
+    manifest = json.loads((small.artifact / "artifact.json").read_text())
+    assert all(r["weight_bits"] == 4 and r["act_bits"] == 8 for r in manifest["layers"].values())
+    assert "(minmax W4A8, " in small.outputs["compress"]
+    assert onnx_manifest(small.onnx)["precision"] == "w4a8"
+    assert "parity vs PyTorch" in small.outputs["export"]
+    assert json.loads((small.engine / "engine.json").read_text())["precision"] == "w4a8"
+    assert sorted(p.name for p in small.images.iterdir()) == ["00000.png", "00001.png", "00002.png", "grid.png"]
+    images = load_images(small.npz)
+    assert images.shape == (3, 32, 32, 1) and images.dtype == np.uint8
+    assert "wrote 3 images" in small.outputs["sample"] and "(10 DDIM steps" in small.outputs["sample"]
+
+
+# ----------------------------------------------------------------------------------------- compress errors
+
+@pytest.fixture
+def outdir(tmp_path: Path) -> Path:
+    """An empty directory for outputs that must not appear."""
+    path = tmp_path / "out"
+    path.mkdir()
+    return path
+
+
+def _not_a_unet2d(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["_class_name"] = "UNet2DConditionModel"
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def _corrupt(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    (dst / "config.json").write_text('{"_class_name": "UNet2DModel", ')
+    return dst
+
+
+@pytest.mark.parametrize("make, fragments", [
+    (lambda src, tmp: tmp / "nowhere", ("does not exist",)),
+    (lambda src, tmp: _corrupt(src, tmp / "corrupt"), ("not valid JSON", "config.json")),
+    (lambda src, tmp: _not_a_unet2d(src, tmp / "cond"), ("UNet2DConditionModel", "UNet2DModel")),
+], ids=["missing", "corrupt-config", "not-unet2dmodel"])
+def test_compress_refuses_bad_models(make, fragments, small_unet_dir: Path, tmp_path: Path, outdir: Path) -> None:
+    model = make(small_unet_dir, tmp_path)
+    result = run_main("compress", "--model", model, *FAST, "--out", outdir / "art")
+    assert_failed(result, *fragments, code=1)
+    assert_nothing_left(outdir, "art")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--weight-bits", "0"], ("--weight-bits", "8, 4", "0")),
+    (["--weight-bits", "1"], ("--weight-bits", "8, 4", "1")),
+    (["--weight-bits", "9"], ("--weight-bits", "8, 4", "9")),
+    (["--weight-bits", "16"], ("--weight-bits", "8, 4", "16")),
+    (["--act-bits", "9"], ("--act-bits", "8, 4", "9")),
+    (["--weight-bits", "eight"], ("--weight-bits", "eight")),
+    (["--method", "nope"], ("--method", "minmax", "'nope'")),
+    (["--preset", "nope"], ("--preset", "fast, default", "'nope'")),
+    (["--device", "nope"], ("--device", "cpu, cuda", "'nope'")),
+    (["--distill"], ("distillation", "not available", "--no-distill")),
+    (["--teacher-steps", "1"], ("--teacher-steps", "[2, 1000]")),
+], ids=lambda v: "_".join(v) if isinstance(v, list) else None)
+def test_compress_refuses_bad_options(args, fragments, outdir: Path) -> None:
+    result = run_main("compress", *args, "--quiet", "--out", outdir / "art")
+    assert_failed(result, *fragments)
+    assert result.out == ""
+    assert_nothing_left(outdir, "art")
+
+
+def test_compress_missing_model_through_the_console_script(outdir: Path) -> None:
+    proc = run_script("compress", "--model", outdir / "nowhere", "--quiet", "--out", outdir / "art")
+    assert_failed(proc, "does not exist", code=1)
+    assert proc.stdout == ""
+    assert_nothing_left(outdir, "art")
+
+
+def test_missing_required_option_is_a_usage_error(outdir: Path) -> None:
+    result = run_main("compress", "--preset", "fast")
+    assert_failed(result, "--out", code=2)
+
+
+# ----------------------------------------------------------------------------------------- build-engine errors
+
+def _foreign_onnx(path: Path) -> Path:
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "foreign", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_build_engine_refuses_a_foreign_onnx(tmp_path: Path, outdir: Path) -> None:
+    result = run_main("build-engine", _foreign_onnx(tmp_path / "foreign.onnx"), "-o", outdir / "E")
+    assert_failed(result, "foreign.onnx", "not an ONNX written by pqcad-deploy export", code=1)
+    assert_nothing_left(outdir, "E")
+
+
+def test_build_engine_refuses_a_file_that_is_not_onnx(tmp_path: Path, outdir: Path) -> None:
+    path = tmp_path / "notes.onnx"
+    path.write_bytes(bytes(range(256)) * 8)
+    result = run_main("build-engine", path, "-o", outdir / "E")
+    assert_failed(result, "notes.onnx", code=1)
+    assert_nothing_left(outdir, "E")
+
+
+def test_build_engine_refuses_a_missing_onnx(tmp_path: Path, outdir: Path) -> None:
+    result = run_main("build-engine", tmp_path / "missing.onnx", "-o", outdir / "E")
+    assert_failed(result, "missing.onnx", "does not exist", code=1)
+    assert_nothing_left(outdir, "E")
+
+
+def test_build_engine_tensorrt_not_installed(builtin: Pipeline, outdir: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    proc = run_script("build-engine", builtin.onnx, "--backend", "tensorrt", "-o", outdir / "E")
+    assert_failed(proc, "TensorRT is not installed", "--backend onnxruntime", code=1)
+    assert proc.stdout == ""
+    assert_nothing_left(outdir, "E")
+
+
+def test_build_engine_unknown_backend(builtin: Pipeline, outdir: Path) -> None:
+    proc = run_script("build-engine", builtin.onnx, "--backend", "nope", "-o", outdir / "E")
+    assert_failed(proc, "--backend", "onnxruntime, tensorrt", "'nope'", code=2)
+    assert_nothing_left(outdir, "E")
+
+
+def test_build_engine_unknown_optimization_level(builtin: Pipeline, outdir: Path) -> None:
+    result = run_main("build-engine", builtin.onnx, "--optimization-level", "turbo", "-o", outdir / "E")
+    assert_failed(result, "'turbo'", "extended")
+    assert_nothing_left(outdir, "E")
+
+
+# ----------------------------------------------------------------------------------------- sample errors
+
+def test_sample_refuses_a_directory_without_engine_json(builtin: Pipeline, outdir: Path) -> None:
+    result = run_main("sample", builtin.artifact, "-n", 2, "-o", outdir / "O", "--quiet")
+    assert_failed(result, "engine.json", "build-engine", code=1)
+    assert_nothing_left(outdir, "O")
+
+
+def test_sample_refuses_a_modified_engine(builtin: Pipeline, tmp_path: Path, outdir: Path) -> None:
+    engine = tmp_path / "E"
+    shutil.copytree(builtin.engine, engine)
+    with open(engine / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    proc = run_script("sample", engine, "-n", 2, "-o", outdir / "O", "--npz", outdir / "O.npz", "--quiet")
+    assert_failed(proc, "model.onnx", "checksum", code=1)
+    assert proc.stdout == ""
+    assert_nothing_left(outdir, "O")
+    assert_nothing_left(outdir, "O.npz")
+
+
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_sample_refuses_non_positive_counts(n: str, builtin: Pipeline, outdir: Path) -> None:
+    proc = run_script("sample", builtin.engine, "-n", n, "-o", outdir / "O", "--quiet")
+    assert_failed(proc, "-n", "positive", n, code=2)
+    assert_nothing_left(outdir, "O")
+
+
+def test_sample_unwritable_npz_leaves_no_image_directory(builtin: Pipeline, tmp_path: Path, outdir: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    result = run_main("sample", builtin.engine, "-n", 2, "-o", outdir / "O",
+                      "--npz", tmp_path / "afile" / "O.npz", "--quiet")
+    assert_failed(result, "afile", code=1)
+    assert_nothing_left(outdir, "O")
+
+
+def test_sample_existing_npz_needs_overwrite(builtin: Pipeline, outdir: Path) -> None:
+    npz = outdir / "O.npz"
+    npz.write_bytes(b"old contents")
+    args = ["sample", builtin.engine, "-n", 2, "-o", outdir / "O", "--npz", npz, "--quiet"]
+    refused = run_main(*args)
+    assert_failed(refused, "O.npz", "--overwrite", code=1)
+    assert npz.read_bytes() == b"old contents"
+    assert_nothing_left(outdir, "O")
+    replaced = run_main(*args, "--overwrite")
+    assert replaced.code == 0, replaced.err
+    np.testing.assert_array_equal(load_images(npz), load_images(builtin.npz)[:2])
+    assert sorted(p.name for p in outdir.iterdir()) == ["O", "O.npz"]
+
+
+# ----------------------------------------------------------------------------------------- unwritable outputs
+
+def _unwritable_args(command: str, p: Pipeline, target: Path) -> list[object]:
+    return {
+        "compress": ["compress", *FAST, "--out", target],
+        "export": ["export", p.artifact, "--onnx", target, "--no-parity"],
+        "build-engine": ["build-engine", p.onnx, "-o", target],
+        "sample": ["sample", p.engine, "-n", 2, "-o", target, "--quiet"],
+    }[command]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_unwritable_output_location(command: str, builtin: Pipeline, tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    result = run_main(*_unwritable_args(command, builtin, afile / "out"))
+    assert_failed(result, "afile", code=1)
+    assert afile.read_text() == "not a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+# ----------------------------------------------------------------------------------------- --overwrite
+
+def _existing(kind: str, path: Path) -> None:
+    if kind == "file":
+        path.write_bytes(b"old contents")
+    else:
+        path.mkdir()
+        (path / "keep.txt").write_text("old contents")
+
+
+def _untouched(kind: str, path: Path) -> bool:
+    if kind == "file":
+        return path.read_bytes() == b"old contents"
+    return sorted(p.name for p in path.iterdir()) == ["keep.txt"] and (path / "keep.txt").read_text() == "old contents"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_existing_output_needs_overwrite(command: str, small: Pipeline, small_unet_dir: Path, tmp_path: Path) -> None:
+    kind = "file" if command == "export" else "dir"
+    target = tmp_path / ("M.onnx" if kind == "file" else "out")
+    _existing(kind, target)
+    args = {
+        "compress": ["compress", "--model", small_unet_dir, *FAST, "--out", target],
+        "export": ["export", small.artifact, "--onnx", target, "--no-parity"],
+        "build-engine": ["build-engine", small.onnx, "-o", target],
+        "sample": ["sample", small.engine, "-n", 2, "-o", target, "--quiet"],
+    }[command]
+
+    refused = run_main(*args)
+    assert_failed(refused, "--overwrite", code=1)
+    assert _untouched(kind, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+    replaced = run_main(*args, "--overwrite")
+    assert replaced.code == 0, replaced.err
+    assert replaced.out.startswith(f"wrote {target}" if command != "sample" else "wrote 2 images")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no temporary or old copies left
+    contents = {
+        "compress": ["artifact.json", "report.json", "student.safetensors", "teacher.safetensors"],
+        "build-engine": ["engine.json", "model.onnx"],
+        "sample": ["00000.png", "00001.png", "grid.png"],
+    }
+    if kind == "file":
+        assert onnx_manifest(target)["precision"] == "w4a8"
+    else:
+        assert sorted(p.name for p in target.iterdir()) == contents[command]
+
+
+# ----------------------------------------------------------------------------------------- no torch at runtime
+
+NO_TORCH = r"""
+import json, sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"torch is blocked by the test: {name}")
+        return None
+
+sys.meta_path.insert(0, Block())
+sys.modules["torch"] = None
+from cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+loaded = sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "pqcad_deploy", "converters", "diffusers")
+                and sys.modules[k] is not None)
+print("LOADED=" + json.dumps(loaded))
+sys.exit(code)
+"""
+
+
+def _run_without_torch(*args: object) -> tuple[subprocess.CompletedProcess, list[str]]:
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=ONE_THREAD_ENV)
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert last.startswith("LOADED="), proc.stdout + proc.stderr
+    return proc, json.loads(last[len("LOADED="):])
+
+
+def test_build_engine_and_sample_run_without_torch(builtin: Pipeline, tmp_path: Path) -> None:
+    proc, loaded = _run_without_torch("build-engine", builtin.onnx, "-o", tmp_path / "E")
+    assert proc.returncode == 0, proc.stderr
+    assert loaded == []
+    assert proc.stdout.startswith(f"wrote {tmp_path / 'E'} (onnxruntime, w8a8")
+    assert sorted(p.name for p in (tmp_path / "E").iterdir()) == ["engine.json", "model.onnx"]
+
+    proc, loaded = _run_without_torch("sample", tmp_path / "E", "-n", 6, "--seed", 0, "-o", tmp_path / "O",
+                                      "--npz", tmp_path / "O.npz", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert loaded == []
+    assert proc.stdout.startswith(f"wrote 6 images to {tmp_path / 'O'} (10 DDIM steps")
+    # the engine rebuilt without torch samples exactly what the fixture's engine sampled
+    np.testing.assert_array_equal(load_images(tmp_path / "O.npz"), load_images(builtin.npz))
+
+
+def test_sample_errors_without_torch(tmp_path: Path) -> None:
+    proc, _ = _run_without_torch("sample", tmp_path, "-n", 2, "-o", tmp_path / "O", "--quiet")
+    assert_failed(proc, "engine.json", code=1)
+    assert not (tmp_path / "O").exists()
+
+
+def test_version_option() -> None:
+    result = run_main("--version")
+    assert result.code == 0 and "0.1.0" in result.out
+    assert os.path.basename(str(SCRIPT)) == "pqcad-deploy" and SCRIPT.exists()
