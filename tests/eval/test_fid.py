@@ -143,6 +143,25 @@ def test_statistics_round_trip(tmp_path):
     assert not list(tmp_path.glob("sub/.*tmp"))  # no temp file left behind
 
 
+def test_compact_statistics_round_trip(tmp_path):
+    rng = np.random.default_rng(3)
+    features_a, features_b = rng.normal(size=(400, 64)), rng.normal(0.3, 1.2, size=(400, 64))
+    mu, sigma = feature_statistics(features_a)
+    stats = FidStatistics(mu=mu, sigma=sigma, count=400, description={"source": "t", "preprocessing": "p",
+                                                                      "weights_sha256": "w"})
+    path = stats.save(tmp_path / "ref.npz", compact=True)
+    loaded = FidStatistics.load(path)
+    np.testing.assert_array_equal(loaded.mu, mu)
+    np.testing.assert_array_equal(loaded.sigma, loaded.sigma.T)  # rebuilt symmetric
+    np.testing.assert_allclose(loaded.sigma, sigma, rtol=1e-6, atol=1e-7)
+    assert loaded.description == stats.description
+    mu_b, sigma_b = feature_statistics(features_b)
+    exact = frechet_distance(mu, sigma, mu_b, sigma_b)
+    assert abs(frechet_distance(loaded.mu, loaded.sigma, mu_b, sigma_b) - exact) < 1e-4 * exact
+    with np.load(path) as data:
+        assert data["sigma_triu"].dtype == np.float32 and data["sigma_triu"].size == 64 * 65 // 2
+
+
 def test_statistics_file_errors(tmp_path):
     with pytest.raises(StatisticsError, match=".npz"):
         _stats().save(tmp_path / "ref.npy")
