@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# One torch/OpenMP thread for the whole suite (and the subprocesses it starts): on this project's
+# 2-core machines, two torch threads competing with anything else made small models 20x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
