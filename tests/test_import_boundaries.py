@@ -28,7 +28,7 @@ FORBIDDEN = ("torch", "pqcad_deploy", "converters")
 SCRIPT = r"""
 import importlib, io, json, pkgutil, sys, contextlib
 
-BLOCKED = ("torch", "pqcad_deploy", "converters")
+BLOCKED = ("torch", "pqcad_deploy", "converters", "tensorrt", "onnxruntime", "cuda")
 
 class Block:
     def find_spec(self, name, path=None, target=None):

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
+from _fake_extractor import FakeExtractor  # noqa: E402
+
 import json
 
 import numpy as np
@@ -195,19 +201,6 @@ def test_errors_share_the_project_family():
     assert issubclass(StatisticsError, FidError) and issubclass(FidError, PqcadError)
 
 
-class _FakeExtractor:
-    """Stands in for InceptionFeatures: mean pixel value and a few moments as 'features'."""
-
-    def __init__(self, sha: str = "w") -> None:
-        self.sha, self.calls = sha, 0
-
-    def description(self) -> dict[str, str]:
-        return {"preprocessing": "p", "weights_sha256": self.sha}
-
-    def __call__(self, images, batch_size=None, progress=False):
-        self.calls += 1
-        x = images.reshape(images.shape[0], -1).astype(np.float64) / 255
-        return np.stack([x.mean(1), x.std(1), (x ** 2).mean(1)], axis=1)
 
 
 def test_compute_statistics_and_fid_from_images_with_fake_extractor():
@@ -215,10 +208,10 @@ def test_compute_statistics_and_fid_from_images_with_fake_extractor():
 
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, size=(40, 8, 8, 1), dtype=np.uint8)
-    ref = compute_statistics(images, progress=False, source="ref", extractor=_FakeExtractor())
+    ref = compute_statistics(images, progress=False, source="ref", extractor=FakeExtractor())
     assert ref.count == 40 and ref.description["source"] == "ref"
-    assert fid_from_images(images, ref, progress=False, extractor=_FakeExtractor()) == pytest.approx(0, abs=1e-9)
-    other = _FakeExtractor(sha="different")
+    assert fid_from_images(images, ref, progress=False, extractor=FakeExtractor()) == pytest.approx(0, abs=1e-9)
+    other = FakeExtractor(sha="different")
     with pytest.raises(StatisticsError, match="weights_sha256"):
         fid_from_images(images, ref, progress=False, extractor=other)
     assert other.calls == 0  # refused before the slow feature extraction

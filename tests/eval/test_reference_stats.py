@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
+from _fake_extractor import FakeExtractor  # noqa: E402
+
 import gzip
 
 import numpy as np
@@ -13,17 +19,6 @@ from pqcad_deploy.eval.images_io import FASHION_MNIST_FILES
 from pqcad_deploy.eval.reference_stats import main, reference_statistics
 
 
-class _FakeExtractor:
-    def __init__(self, sha: str = "w") -> None:
-        self.sha, self.calls = sha, 0
-
-    def description(self) -> dict[str, str]:
-        return {"preprocessing": "p", "weights_sha256": self.sha}
-
-    def __call__(self, images, batch_size=None, progress=False):
-        self.calls += 1
-        x = images.reshape(images.shape[0], -1).astype(np.float64) / 255
-        return np.stack([x.mean(1), x.std(1), x.max(1)], axis=1)
 
 
 @pytest.fixture()
@@ -37,7 +32,7 @@ def data_dir(tmp_path):
 
 def test_compute_then_cache(data_dir, tmp_path):
     cache = tmp_path / "out" / "ref.npz"
-    ext = _FakeExtractor()
+    ext = FakeExtractor()
     stats = reference_statistics(cache, data_dir=data_dir, extractor=ext, progress=False)
     assert cache.is_file() and stats.count == 12 and ext.calls == 1
     d = stats.description
@@ -52,12 +47,12 @@ def test_compute_then_cache(data_dir, tmp_path):
 
 def test_stale_cache_is_refused_then_recomputed(data_dir, tmp_path):
     cache = tmp_path / "ref.npz"
-    reference_statistics(cache, data_dir=data_dir, extractor=_FakeExtractor(), progress=False)
-    other = _FakeExtractor(sha="new-weights")
+    reference_statistics(cache, data_dir=data_dir, extractor=FakeExtractor(), progress=False)
+    other = FakeExtractor(sha="new-weights")
     with pytest.raises(StatisticsError, match="weights_sha256.*recompute"):
         reference_statistics(cache, data_dir=data_dir, extractor=other, progress=False)
     with pytest.raises(StatisticsError, match="limit"):
-        reference_statistics(cache, data_dir=data_dir, extractor=_FakeExtractor(), limit=5, progress=False)
+        reference_statistics(cache, data_dir=data_dir, extractor=FakeExtractor(), limit=5, progress=False)
     stats = reference_statistics(cache, data_dir=data_dir, extractor=other, recompute=True, progress=False)
     assert other.calls == 1 and FidStatistics.load(cache).description["weights_sha256"] == "new-weights"
     assert stats.count == 12
