@@ -32,6 +32,21 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "pqcad-deploy"
 FAST = ["--preset", "fast", "--teacher-steps", "10", "--quiet"]
 COMMANDS = ("compress", "export", "build-engine", "sample")
+GROUPS = {"eval": ("fid",)}  # sub-groups and their commands
+
+
+def _leaf_commands(group: click.Group, prefix: str = "") -> dict[str, click.Command]:
+    """'eval fid' -> command, for every command of the tree (sub-groups walked, not listed)."""
+    leaves: dict[str, click.Command] = {}
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            leaves.update(_leaf_commands(command, f"{prefix}{name} "))
+        else:
+            leaves[f"{prefix}{name}"] = command
+    return leaves
+
+
+ALL_COMMANDS = COMMANDS + tuple(f"{g} {c}" for g, cs in GROUPS.items() for c in cs)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -176,15 +191,20 @@ def small(tmp_path_factory, unet_dirs) -> Pipeline:
 def test_group_help_lists_every_command() -> None:
     result = CliRunner().invoke(cli.cli, ["--help"])
     assert result.exit_code == 0, result.output
-    for name in COMMANDS:
+    for name in (*COMMANDS, *GROUPS):
         assert name in result.output
-    assert set(cli.cli.commands) == set(COMMANDS)
+    assert set(cli.cli.commands) == set(COMMANDS) | set(GROUPS)
+    assert set(_leaf_commands(cli.cli)) == set(ALL_COMMANDS)
+    for group, names in GROUPS.items():
+        sub = CliRunner().invoke(cli.cli, [group, "--help"])
+        assert sub.exit_code == 0, sub.output
+        assert all(name in sub.output for name in names)
 
 
-@pytest.mark.parametrize("name", COMMANDS)
+@pytest.mark.parametrize("name", ALL_COMMANDS)
 def test_command_help_documents_every_option(name: str) -> None:
-    command = cli.cli.commands[name]
-    result = CliRunner().invoke(cli.cli, [name, "--help"])
+    command = _leaf_commands(cli.cli)[name]
+    result = CliRunner().invoke(cli.cli, [*name.split(), "--help"])
     assert result.exit_code == 0, result.output
     assert f"Usage: cli {name}" in result.output or f"Usage: pqcad-deploy {name}" in result.output
     options = [p for p in command.params if isinstance(p, click.Option)]
