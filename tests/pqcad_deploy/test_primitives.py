@@ -24,7 +24,8 @@ WEIGHT_QMAX = {8: 127, 4: 7}
 ACT_RANGE = {8: (-128, 127), 4: (-8, 7)}
 BAD_BITS = (0, 1, 2, 3, 5, 7, 9, 16, 32)
 
-SETTINGS = settings(max_examples=50, deadline=None)
+# derandomize: CI on a fresh clone must see the same examples every run (no example database there)
+SETTINGS = settings(max_examples=50, deadline=None, derandomize=True)
 
 
 # ----------------------------------------------------------------------------- NumPy reference
@@ -131,7 +132,10 @@ def test_minmax_weight_scale_maps_channel_max_to_qmax(ws, bits):
         if flat_w[ch].max() < q * 1e-12:
             # zero (or denormal-small) channel: the scale floor 1e-12 keeps it finite
             assert scale[ch].item() == np.float32(1e-12)
-            assert np.abs(flat_c[ch]).max() <= 1
+            # codes stay on the grid and dequantize to within half a step of the weight
+            assert np.abs(flat_c[ch]).max() <= q
+            err = np.abs(flat_c[ch].astype(np.float64) * 1e-12 - w.reshape(w.shape[0], -1)[ch].astype(np.float64))
+            assert err.max() <= 0.5e-12 * (1 + 1e-6)
             continue
         j = int(flat_w[ch].argmax())
         # the largest |w| of the channel lands exactly on +-qmax, with its sign
