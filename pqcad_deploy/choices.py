@@ -17,6 +17,8 @@ __all__ = [
     "ACT_BITS",
     "PRESETS",
     "Preset",
+    "TIMESTEP_SAMPLINGS",
+    "TimestepSampling",
     "DEVICES",
     "Device",
     "check_choice",
@@ -30,6 +32,9 @@ ACT_BITS: tuple[int, ...] = (8, 4)
 
 Preset = Literal["fast", "default"]
 PRESETS: tuple[str, ...] = ("fast", "default")
+
+TimestepSampling = Literal["uniform", "normal"]
+TIMESTEP_SAMPLINGS: tuple[str, ...] = ("uniform", "normal")
 
 Device = Literal["cpu", "cuda"]
 DEVICES: tuple[str, ...] = ("cpu", "cuda")

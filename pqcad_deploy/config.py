@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass, field
 
 from pqcad_deploy.choices import (
-    ACT_BITS, DEVICES, METHODS, PRESETS, WEIGHT_BITS, Device, Method, Preset, check_choice,
+    ACT_BITS, DEVICES, METHODS, PRESETS, TIMESTEP_SAMPLINGS, WEIGHT_BITS, Device, Method, Preset,
+    TimestepSampling, check_choice,
 )
 from pqcad_deploy.errors import ConfigError
 
@@ -28,17 +29,29 @@ class CalibrationConfig:
         num_trajectories: FP DDIM trajectories started from Gaussian noise.
         timesteps_kept: how many timesteps of each trajectory are kept as (x_t, t) pairs.
         batch_size: trajectories run together.
+        timestep_sampling: "uniform" keeps evenly spread steps of every trajectory; "normal" keeps
+            steps drawn from Normal(timestep_mean * T, timestep_std * T) snapped to the grid
+            (PTQ4DM's normally distributed timestep calibration, used by PQ's C_QC).
+        timestep_mean / timestep_std: as fractions of T (our defaults, method.md section 1).
     """
 
     num_trajectories: int = 32
     timesteps_kept: int = 16
     batch_size: int = 32
+    timestep_sampling: TimestepSampling = "uniform"
+    timestep_mean: float = 0.4
+    timestep_std: float = 0.3
 
     def __post_init__(self) -> None:
         for name in ("num_trajectories", "timesteps_kept", "batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"calibration {name} must be a positive integer; got {value!r}.")
+        check_choice("calibration timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
+        if not 0.0 <= self.timestep_mean <= 1.0 or not self.timestep_std > 0.0:
+            raise ConfigError(
+                f"calibration timestep_mean must be in [0, 1] and timestep_std > 0; "
+                f"got {self.timestep_mean!r}, {self.timestep_std!r}.")
 
 
 PRESET_CALIBRATION: dict[str, CalibrationConfig] = {

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pqcad_deploy.calibration.timesteps import normal_timesteps_on_grid
 from pqcad_deploy.config import CalibrationConfig
 from pqcad_deploy.schedule import make_ddim_scheduler
 
@@ -41,6 +42,23 @@ def uniform_step_indices(num_steps: int, count: int) -> list[int]:
     return sorted({int(round(i)) for i in np.linspace(0, num_steps - 1, count)})
 
 
+def _kept_steps(scheduler, config: CalibrationConfig, seed: int) -> np.ndarray:
+    """How often each (trajectory, step index) pair is kept: int64 [num_trajectories, num_steps]."""
+    steps = [int(t) for t in scheduler.timesteps]
+    counts = np.zeros((config.num_trajectories, len(steps)), dtype=np.int64)
+    if config.timestep_sampling == "uniform":
+        counts[:, uniform_step_indices(len(steps), config.timesteps_kept)] = 1
+        return counts
+    drawn = normal_timesteps_on_grid(
+        steps, config.num_trajectories * config.timesteps_kept, mean=config.timestep_mean,
+        std=config.timestep_std, num_train_timesteps=int(scheduler.config.num_train_timesteps), seed=seed)
+    position = {t: i for i, t in enumerate(steps)}
+    for j, row in enumerate(drawn.reshape(config.num_trajectories, config.timesteps_kept)):
+        for t in row:
+            counts[j, position[int(t)]] += 1
+    return counts
+
+
 @torch.no_grad()
 def collect_trajectory_calibration(
     unet: torch.nn.Module,
@@ -63,7 +81,7 @@ def collect_trajectory_calibration(
         seed: seeds the initial noise.
     """
     scheduler = make_ddim_scheduler(scheduler_config, num_steps)
-    keep = set(uniform_step_indices(len(scheduler.timesteps), config.timesteps_kept))
+    keep_counts = _kept_steps(scheduler, config, seed)  # [trajectory, step] -> times kept
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((config.num_trajectories, *image_shape), generator=generator)
     xs: list[torch.Tensor] = []
@@ -75,9 +93,11 @@ def collect_trajectory_calibration(
         x = noise[start:start + config.batch_size].to(device)
         for i, t in enumerate(scheduler.timesteps):
             t_batch = torch.full((x.shape[0],), float(t), device=device)
-            if i in keep:
-                xs.append(x.cpu())
-                ts.append(t_batch.cpu())
+            repeats = keep_counts[start:start + x.shape[0], i]
+            if repeats.any():
+                index = torch.repeat_interleave(torch.arange(x.shape[0]), torch.from_numpy(repeats))
+                xs.append(x.cpu()[index])
+                ts.append(t_batch.cpu()[index])
             eps = unet(x, t_batch).sample
             x = scheduler.step(eps, t, x, eta=0.0).prev_sample
             bar.update(1)
@@ -86,5 +106,7 @@ def collect_trajectory_calibration(
         x=torch.cat(xs), t=torch.cat(ts),
         description={"source": "fp_ddim_trajectories", "num_steps": num_steps, "seed": seed,
                      "num_trajectories": config.num_trajectories,
-                     "timesteps_kept": sorted(int(scheduler.timesteps[i]) for i in keep)},
+                     "timestep_sampling": config.timestep_sampling,
+                     "timesteps_kept": sorted({int(scheduler.timesteps[i])
+                                               for i in np.nonzero(keep_counts.any(axis=0))[0]})},
     )

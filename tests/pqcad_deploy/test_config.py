@@ -110,7 +110,8 @@ def test_config_to_dict_compress():
         "weight_bits": 4, "act_bits": 8, "teacher_steps": 10, "preset": "fast", "device": "cpu",
         "seed": 3, "distill": False,
         # the effective calibration is recorded even when it came from the preset
-        "calibration": {"num_trajectories": 4, "timesteps_kept": 8, "batch_size": 4},
+        "calibration": {"num_trajectories": 4, "timesteps_kept": 8, "batch_size": 4,
+                        "timestep_sampling": "uniform", "timestep_mean": 0.4, "timestep_std": 0.3},
     }
     assert CONFIG_VERSION == 1
     text = json.dumps(d, sort_keys=True)
@@ -123,4 +124,4 @@ def test_config_to_dict_compress():
 def test_config_to_dict_calibration():
     d = config_to_dict(CalibrationConfig(num_trajectories=2, timesteps_kept=5, batch_size=2))
     assert d == {"_type": "CalibrationConfig", "_version": 1, "num_trajectories": 2, "timesteps_kept": 5,
-                 "batch_size": 2}
+                 "batch_size": 2, "timestep_sampling": "uniform", "timestep_mean": 0.4, "timestep_std": 0.3}
