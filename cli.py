@@ -50,7 +50,10 @@ def cli() -> None:
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Artifact directory to write (created atomically).")
 @click.option("--method", default="minmax", show_default=True,
-              help="Compression method. minmax: fixed-bit symmetric PTQ (per-channel weights, per-tensor activations).")
+              help="Compression method. minmax: fixed-bit symmetric PTQ (per-channel weights, per-tensor "
+                   "activations). brecq: block reconstruction at fixed bits (AdaRound rounding, learned "
+                   "scales). pqcad: PQ, block reconstruction down a bit ladder (8 -> 6 -> 4) with "
+                   "momentum-based transitions, first/last conv at 8 bits (distillation: not yet).")
 @click.option("--weight-bits", default=8, show_default=True, type=int, help="Weight bits of every quantized layer: 8 or 4.")
 @click.option("--act-bits", default=8, show_default=True, type=int, help="Activation bits of every quantized layer: 8 or 4.")
 @click.option("--teacher-steps", default=100, show_default=True, type=int,

@@ -14,6 +14,7 @@ __all__ = [
     "METHODS",
     "Method",
     "WEIGHT_BITS",
+    "LADDER_WEIGHT_BITS",
     "ACT_BITS",
     "PRESETS",
     "Preset",
@@ -24,10 +25,12 @@ __all__ = [
     "check_choice",
 ]
 
-Method = Literal["minmax"]
-METHODS: tuple[str, ...] = ("minmax",)
+Method = Literal["minmax", "brecq", "pqcad"]
+METHODS: tuple[str, ...] = ("minmax", "brecq", "pqcad")
 
 WEIGHT_BITS: tuple[int, ...] = (8, 4)
+# Bit-widths a weight quantizer can hold: the targets plus PQ's intermediate ladder level.
+LADDER_WEIGHT_BITS: tuple[int, ...] = (8, 6, 4)
 ACT_BITS: tuple[int, ...] = (8, 4)
 
 Preset = Literal["fast", "default"]

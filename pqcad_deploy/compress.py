@@ -6,6 +6,7 @@ with the chosen method, measure the damage, write the artifact atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,25 @@ def quantization_report(fp_unet: torch.nn.Module, student: torch.nn.Module,
     return {"layers": layers, "noise_pred_sqnr_db": sqnr, "noise_pred_mse": noise / max(count, 1)}
 
 
+def _run_method(config: CompressConfig, fp_unet, plan, calibration, batch_size: int, device: str,
+                progress: bool) -> tuple[torch.nn.Module, dict]:
+    """Quantize with the configured method; returns the student and the method's own report."""
+    if config.method == "minmax":
+        return minmax_quantize(fp_unet, plan, calibration, batch_size, device, progress), {}
+    from pqcad_deploy.reconstruct import PRESET_RECONSTRUCTION
+
+    rcfg = dataclasses.replace(PRESET_RECONSTRUCTION[config.preset], seed=config.seed)
+    if config.method == "brecq":
+        from pqcad_deploy.methods.brecq import brecq_quantize
+
+        return brecq_quantize(fp_unet, plan, calibration, rcfg, device, progress, capture_batch_size=batch_size)
+    from pqcad_deploy.methods.pqcad import PRESET_PQ_RULE, PQConfig, first_last_at_8_bits, pq_quantize
+
+    return pq_quantize(fp_unet, first_last_at_8_bits(plan), calibration,
+                       PQConfig(reconstruction=rcfg, rule=PRESET_PQ_RULE[config.preset]), device, progress,
+                       capture_batch_size=batch_size)
+
+
 def compress(config: CompressConfig, out: Path, overwrite: bool = False, progress: bool = True) -> CompressResult:
     """Compress `config.model` into an artifact at `out`."""
     out = Path(out)
@@ -90,12 +110,16 @@ def compress(config: CompressConfig, out: Path, overwrite: bool = False, progres
     h, w = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
     image_shape = (int(ucfg["in_channels"]), int(h), int(w))
     cal_cfg = config.calibration_config
+    if config.method == "pqcad" and config.calibration is None:
+        # C_QC: normally distributed timestep calibration (method.md section 1)
+        cal_cfg = dataclasses.replace(cal_cfg, timestep_sampling="normal")
     calibration = collect_trajectory_calibration(
         fp_unet, loaded.scheduler_config, image_shape, config.teacher_steps, cal_cfg,
         seed=config.seed, device=device, progress=progress)
     plan = uniform_plan(fp_unet, config.weight_bits, config.act_bits)
-    student = minmax_quantize(fp_unet, plan, calibration, cal_cfg.batch_size, device, progress)
+    student, method_report = _run_method(config, fp_unet, plan, calibration, cal_cfg.batch_size, device, progress)
     report = quantization_report(fp_unet, student, calibration, cal_cfg.batch_size, device)
+    report.update(method_report)
     report["method"] = config.method
     timesteps = ddim_timesteps(loaded.scheduler_config, config.teacher_steps)
     layers = {name: LayerRecord(kind=r["kind"], weight_bits=r["weight_bits"], act_bits=r["act_bits"],

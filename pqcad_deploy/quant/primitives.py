@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pqcad_deploy.choices import ACT_BITS, WEIGHT_BITS, check_choice
+from pqcad_deploy.choices import ACT_BITS, LADDER_WEIGHT_BITS, check_choice
 
 __all__ = [
     "weight_qmax",
@@ -30,8 +30,8 @@ _MIN_SCALE = 1e-12
 
 
 def weight_qmax(bits: int) -> int:
-    """Largest weight code for `bits` (narrow symmetric range)."""
-    check_choice("weight bits", bits, WEIGHT_BITS)
+    """Largest weight code for `bits` (narrow symmetric range); 6 bits exist as a PQ ladder level."""
+    check_choice("weight bits", bits, LADDER_WEIGHT_BITS)
     return 2 ** (bits - 1) - 1
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pqcad_deploy.choices import ACT_BITS, DEVICES, METHODS, PRESETS, WEIGHT_BITS
+from pqcad_deploy.choices import ACT_BITS, DEVICES, LADDER_WEIGHT_BITS, METHODS, PRESETS, WEIGHT_BITS
 from pqcad_deploy.config import (
     CONFIG_VERSION, PRESET_CALIBRATION, CalibrationConfig, CompressConfig, config_to_dict,
 )
@@ -23,7 +23,8 @@ def test_defaults_are_valid_and_frozen():
 
 
 def test_choice_tuples_pinned():
-    assert METHODS == ("minmax",) and WEIGHT_BITS == (8, 4) and ACT_BITS == (8, 4)
+    assert METHODS == ("minmax", "brecq", "pqcad") and WEIGHT_BITS == (8, 4) and ACT_BITS == (8, 4)
+    assert LADDER_WEIGHT_BITS == (8, 6, 4)
     assert PRESETS == ("fast", "default") and DEVICES == ("cpu", "cuda")
 
 
@@ -56,9 +57,9 @@ def test_device_validation(bad):
     assert str(exc.value) == f"--device must be one of cpu, cuda; got {bad!r}."
 
 
-@pytest.mark.parametrize("bad", ["brecq", "MinMax"])
+@pytest.mark.parametrize("bad", ["nope", "MinMax", "PQCAD"])
 def test_method_validation(bad):
-    with pytest.raises(ConfigError, match=r"^--method must be one of minmax; got"):
+    with pytest.raises(ConfigError, match=r"^--method must be one of minmax, brecq, pqcad; got"):
         CompressConfig(method=bad)
 
 

@@ -46,7 +46,7 @@ def test_weight_quantizer_set_scale_codes_and_forward():
 
 @pytest.mark.parametrize("bad", [0, 1, 9, 16])
 def test_quantizers_refuse_unsupported_bits(bad):
-    with pytest.raises(ConfigError, match="one of 8, 4"):
+    with pytest.raises(ConfigError, match="one of 8, 6, 4"):
         WeightQuantizer(4, bad)
     with pytest.raises(ConfigError, match="one of 8, 4"):
         ActivationQuantizer(bad)

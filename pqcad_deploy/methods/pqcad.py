@@ -1,0 +1,138 @@
+"""PQ, the quantization half of PQCAD-DM: progressive bit lowering with momentum-based transitions.
+
+Weights first: block by block in execution order, each block is reconstructed (AdaRound rounding,
+LSQ scales; pqcad_deploy.reconstruct) at 8 bits, then 6, then its target, each level starting from
+the previous level's result. A level ends when the momentum of its loss improvement falls below a
+threshold relative to the loss (pqcad_deploy.progressive); every transition is recorded. The first
+and last convolution stay at 8 bits by default. Then activations: per-tensor scales initialised on
+C_QC and learned by block reconstruction with the weights frozen (as in the brecq baseline).
+
+Differences from brecq (the ablation): the bit ladder and the momentum rule; C_QC drawn with
+normally distributed timesteps (compress sets that for this method).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from pqcad_deploy.calibration.trajectories import CalibrationSet
+from pqcad_deploy.methods.brecq import calibrate_activations_minmax
+from pqcad_deploy.progressive import Transition, TransitionRule, TransitionTracker, bit_ladder
+from pqcad_deploy.quant.replace import LayerBits, quant_layers, swap_in_quant_layers
+from pqcad_deploy.reconstruct import (
+    ReconstructionConfig, capture_block_data, init_weight_scales, reconstruct_block, reconstruct_model,
+    reconstruction_blocks,
+)
+
+__all__ = ["PQConfig", "PRESET_PQ_RULE", "pq_quantize", "first_last_at_8_bits"]
+
+PRESET_PQ_RULE: dict[str, TransitionRule] = {
+    "fast": TransitionRule(beta=0.9, threshold=1e-3, min_iters=15, max_iters=60),
+    "default": TransitionRule(beta=0.9, threshold=1e-3, min_iters=50, max_iters=300),
+}
+
+
+@dataclass(frozen=True)
+class PQConfig:
+    """PQ settings: the reconstruction, the transition rule and the ladder (None: 8 -> 6 -> target)."""
+
+    reconstruction: ReconstructionConfig
+    rule: TransitionRule
+    ladder: tuple[int, ...] | None = None
+
+
+def first_last_at_8_bits(plan: dict[str, LayerBits], first: str = "conv_in", last: str = "conv_out") -> dict:
+    """The plan with the first and last convolution at 8-bit weights (common practice)."""
+    out = dict(plan)
+    for name in (first, last):
+        if name in out:
+            out[name] = LayerBits(8, out[name].act_bits)
+    return out
+
+
+def _capture(fp_unet, student, name, calibration, config, batch_size, device):
+    if config.input_source == "fp":
+        return capture_block_data(fp_unet, name, calibration, batch_size, device, inputs=True, outputs=True)
+    target = capture_block_data(fp_unet, name, calibration, batch_size, device, inputs=False, outputs=True)
+    data = capture_block_data(student, name, calibration, batch_size, device, inputs=True, outputs=False)
+    data.output = target.output
+    return data
+
+
+def pq_quantize(
+    fp_unet: torch.nn.Module,
+    plan: dict[str, LayerBits],
+    calibration: CalibrationSet,
+    config: PQConfig,
+    device: str = "cpu",
+    progress: bool = True,
+    capture_batch_size: int = 32,
+) -> tuple[torch.nn.Module, dict]:
+    """Return the PQ student (every latent weight = codes * scale) and its report.
+
+    The report holds, per block, one result per ladder level (loss curve, iterations, why it ended)
+    and the list of bit transitions (block, from, to, iteration, loss).
+    """
+    started = time.perf_counter()
+    rcfg = config.reconstruction
+    fp_unet.eval()
+    student = copy.deepcopy(fp_unet).to(device).eval()
+    # start every layer at the top of its ladder; each block steps down to its own target
+    targets = dict(plan)
+    ladders = {name: bit_ladder(bits.weight_bits, ladder=config.ladder if bits.weight_bits != 8 else None)
+               for name, bits in targets.items()}
+    swap_in_quant_layers(student, {n: LayerBits(ladders[n][0], b.act_bits) for n, b in targets.items()})
+    layers = quant_layers(student)
+    for layer in layers.values():
+        layer.input_quantizer.enabled = False
+    init_weight_scales(layers, rcfg.weight_scale_init)
+
+    blocks = reconstruction_blocks(student, calibration.x[:1].to(device), calibration.t[:1].to(device))
+    transitions: list[Transition] = []
+    weight_results = []
+    outer = tqdm(blocks, desc="PQ weights", unit="block", disable=not progress)
+    for index, block in enumerate(outer):
+        block_layers = [n for n in layers if n == block.name or n.startswith(block.name + ".")]
+        ladder = max((ladders[n] for n in block_layers), key=len)
+        data = _capture(fp_unet, student, block.name, calibration, rcfg, capture_batch_size, device)
+        for level, bits in enumerate(ladder):
+            tracker = TransitionTracker(config.rule)
+            last = level == len(ladder) - 1
+            result = reconstruct_block(
+                student.get_submodule(block.name), fp_unet.get_submodule(block.name), data, rcfg,
+                name=block.name, stage="weights", bits=bits, iters=config.rule.max_iters, harden=last,
+                on_iteration=lambda _name, _it, loss, tracker=tracker: tracker.update(loss),
+                device=device, progress=progress, seed=rcfg.seed + index)
+            weight_results.append({**result.to_dict(), "level": level, "end": tracker.reason})
+            loss = result.losses[-1] if result.losses else result.loss_after
+            transitions.append(Transition(block=block.name, from_bits=bits,
+                                          to_bits=None if last else ladder[level + 1],
+                                          iteration=result.iterations, loss=float(loss),
+                                          reason=tracker.reason or "max_iters"))
+            outer.set_postfix(block=block.name, bits=bits, loss=f"{loss:.3g}")
+        del data
+    t_weights = time.perf_counter() - started
+
+    calibrate_activations_minmax(student, calibration, capture_batch_size, device, progress)
+    act_results = []
+    if rcfg.act_iters > 0:
+        act_results = reconstruct_model(fp_unet, student, calibration, rcfg, stage="activations",
+                                        capture_batch_size=capture_batch_size, device=device, progress=progress)
+    for name, layer in quant_layers(student).items():
+        if layer.weight_bits != targets[name].weight_bits:
+            raise RuntimeError(f"PQ left {name} at {layer.weight_bits} bits instead of {targets[name].weight_bits}")
+    report = {"pq": {
+        "config": {"reconstruction": dataclasses.asdict(rcfg), "rule": dataclasses.asdict(config.rule),
+                   "ladder": list(config.ladder) if config.ladder else None},
+        "transitions": [dataclasses.asdict(t) for t in transitions],
+        "weights": weight_results,
+        "activations": [r.to_dict() for r in act_results],
+        "seconds": {"weights": t_weights, "total": time.perf_counter() - started},
+    }}
+    return student, report
