@@ -9,6 +9,7 @@ implements ``activate_impl / infer_impl / deactivate_impl``. Inputs and outputs 
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from types import TracebackType
 
 import numpy as np
@@ -19,7 +20,7 @@ from .manifest import OnnxManifest
 __all__ = ["Runner"]
 
 
-class Runner:
+class Runner(ABC):
     """Base class: a context manager that runs one model described by an :class:`OnnxManifest`.
 
     Attributes:
@@ -100,11 +101,14 @@ class Runner:
         self.deactivate()
 
     # --- backend hooks ---------------------------------------------------------------------------
+    @abstractmethod
     def activate_impl(self) -> None:
-        raise NotImplementedError
+        """Load the model / create the session."""
 
+    @abstractmethod
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """Run one batch; `feed` has already been checked against the manifest."""
 
+    @abstractmethod
     def deactivate_impl(self) -> None:
-        raise NotImplementedError
+        """Release the session and its memory."""

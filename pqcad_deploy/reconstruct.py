@@ -51,6 +51,7 @@ __all__ = [
     "block_types",
     "reconstruction_blocks",
     "capture_block_data",
+    "capture_for_reconstruction",
     "init_weight_scales",
     "reconstruct_block",
     "reconstruct_model",
@@ -527,6 +528,21 @@ def reconstruct_block(
                        seconds=time.perf_counter() - started)
 
 
+def capture_for_reconstruction(fp_unet: nn.Module, student: nn.Module, name: str, calibration: CalibrationSet,
+                               config: ReconstructionConfig, batch_size: int, device: str) -> BlockData:
+    """A block's training data: FP outputs as targets, inputs from the student (or the FP model).
+
+    With `input_source="student"` (BRECQ) the inputs come from the partially quantized student, so
+    each block learns to correct the error of the blocks before it.
+    """
+    if config.input_source == "fp":
+        return capture_block_data(fp_unet, name, calibration, batch_size, device, inputs=True, outputs=True)
+    target = capture_block_data(fp_unet, name, calibration, batch_size, device, inputs=False, outputs=True)
+    data = capture_block_data(student, name, calibration, batch_size, device, inputs=True, outputs=False)
+    data.output = target.output
+    return data
+
+
 def reconstruct_model(
     fp_unet: nn.Module,
     student: nn.Module,
@@ -552,15 +568,8 @@ def reconstruct_model(
     outer = tqdm(blocks, desc=f"reconstruct {stage}", unit="block", disable=not progress)
     for index, block in enumerate(outer):
         outer.set_postfix(block=block.name)
-        if config.input_source == "fp":
-            data = capture_block_data(fp_unet, block.name, calibration, capture_batch_size, device,
-                                      inputs=True, outputs=True)
-        else:
-            target = capture_block_data(fp_unet, block.name, calibration, capture_batch_size, device,
-                                        inputs=False, outputs=True)
-            data = capture_block_data(student, block.name, calibration, capture_batch_size, device,
-                                      inputs=True, outputs=False)
-            data.output = target.output
+        data = capture_for_reconstruction(fp_unet, student, block.name, calibration, config,
+                                          capture_batch_size, device)
         result = reconstruct_block(
             student.get_submodule(block.name), fp_unet.get_submodule(block.name), data, config,
             name=block.name, stage=stage, on_iteration=on_iteration, device=device,

@@ -26,7 +26,7 @@ from pqcad_deploy.methods.brecq import calibrate_activations_minmax
 from pqcad_deploy.progressive import Transition, TransitionRule, TransitionTracker, bit_ladder
 from pqcad_deploy.quant.replace import LayerBits, quant_layers, swap_in_quant_layers
 from pqcad_deploy.reconstruct import (
-    ReconstructionConfig, capture_block_data, init_weight_scales, reconstruct_block, reconstruct_model,
+    ReconstructionConfig, capture_for_reconstruction, init_weight_scales, reconstruct_block, reconstruct_model,
     reconstruction_blocks,
 )
 
@@ -54,15 +54,6 @@ def first_last_at_8_bits(plan: dict[str, LayerBits], first: str = "conv_in", las
         if name in out:
             out[name] = LayerBits(8, out[name].act_bits)
     return out
-
-
-def _capture(fp_unet, student, name, calibration, config, batch_size, device):
-    if config.input_source == "fp":
-        return capture_block_data(fp_unet, name, calibration, batch_size, device, inputs=True, outputs=True)
-    target = capture_block_data(fp_unet, name, calibration, batch_size, device, inputs=False, outputs=True)
-    data = capture_block_data(student, name, calibration, batch_size, device, inputs=True, outputs=False)
-    data.output = target.output
-    return data
 
 
 def pq_quantize(
@@ -100,7 +91,8 @@ def pq_quantize(
     for index, block in enumerate(outer):
         block_layers = [n for n in layers if n == block.name or n.startswith(block.name + ".")]
         ladder = max((ladders[n] for n in block_layers), key=len)
-        data = _capture(fp_unet, student, block.name, calibration, rcfg, capture_batch_size, device)
+        data = capture_for_reconstruction(fp_unet, student, block.name, calibration, rcfg, capture_batch_size,
+                                          device)
         for level, bits in enumerate(ladder):
             tracker = TransitionTracker(config.rule)
             last = level == len(ladder) - 1
