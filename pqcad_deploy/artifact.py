@@ -37,6 +37,7 @@ MANIFEST_FILE = "artifact.json"
 STUDENT_FILE = "student.safetensors"
 TEACHER_FILE = "teacher.safetensors"
 REPORT_FILE = "report.json"
+REPORT_PLOT_FILE = "report.png"  # loss curves and bit transitions (brecq / pqcad)
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,10 @@ def save_artifact(
         teacher = {k: v.detach().cpu().contiguous() for k, v in teacher_state.items()}
         save_file(teacher, str(tmp / TEACHER_FILE), metadata={"format": ARTIFACT_FORMAT})
         (tmp / REPORT_FILE).write_text(json.dumps(report, sort_keys=True, indent=1))
+        from pqcad_deploy.report_plot import has_curves, plot_reconstruction_report
+
+        if has_curves(report):
+            plot_reconstruction_report(report, tmp / REPORT_PLOT_FILE)
         (tmp / MANIFEST_FILE).write_text(manifest.to_json())
     return out
 

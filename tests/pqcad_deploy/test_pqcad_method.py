@@ -41,6 +41,12 @@ def test_pq_report_ladder_and_transitions(pq_artifact):
     assert others == {4}
     # C_QC drawn with normally distributed timesteps
     assert manifest["calibration"]["timestep_sampling"] == "normal"
+    # the loss curves with the transitions, as a picture
+    from PIL import Image
+
+    with Image.open(pq_artifact / "report.png") as image:
+        assert image.format == "PNG" and image.size == (1200, 400)
+        assert len(set(image.convert("RGB").getdata())) > 10  # something was drawn
 
 
 def test_pq_artifact_codes_and_parity(pq_artifact, tmp_path):

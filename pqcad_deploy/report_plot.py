@@ -1,0 +1,62 @@
+"""The compression report's picture: per-block reconstruction loss curves and the bit transitions.
+
+Blocks are laid end to end along the x axis in execution order (cumulative iterations), the loss on
+a log scale; each ladder level is drawn in its own colour (8, 6, 4 bits) so every transition shows
+as a colour change, and block boundaries are marked. Written as report.png in the artifact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["has_curves", "plot_reconstruction_report"]
+
+_COLOURS = {8: "tab:blue", 6: "tab:orange", 4: "tab:red"}
+
+
+def _segments(report: dict) -> list[dict]:
+    if "pq" in report:
+        return report["pq"]["weights"]
+    if "reconstruction" in report:
+        return report["reconstruction"]["weights"]
+    return []
+
+
+def has_curves(report: dict) -> bool:
+    return any(seg.get("losses") for seg in _segments(report))
+
+
+def plot_reconstruction_report(report: dict, path: Path) -> Path:
+    """Draw the weight-stage loss curves of a brecq or pqcad report into `path` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 4), dpi=100)
+    x0 = 0
+    previous_block = None
+    seen_bits: set[int] = set()
+    for seg in _segments(report):
+        losses = seg.get("losses") or []
+        if not losses:
+            continue
+        if seg["name"] != previous_block and previous_block is not None:
+            ax.axvline(x0, color="0.85", linewidth=0.6, zorder=0)
+        previous_block = seg["name"]
+        bits = seg.get("bits")
+        label = f"{bits}-bit weights" if bits not in seen_bits else None
+        seen_bits.add(bits)
+        ax.plot(range(x0, x0 + len(losses)), [max(v, 1e-12) for v in losses],
+                color=_COLOURS.get(bits, "tab:gray"), linewidth=0.8, label=label)
+        x0 += len(losses)
+    ax.set_yscale("log")
+    ax.set_xlabel("reconstruction iterations, blocks in execution order (grey lines: block boundaries)")
+    ax.set_ylabel("block loss (relative MSE)")
+    ax.set_title(f"{report.get('method', '')} weight reconstruction" +
+                 (": colour changes are bit transitions" if "pq" in report else ""))
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return Path(path)
