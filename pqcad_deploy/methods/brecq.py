@@ -24,7 +24,10 @@ from pqcad_deploy.reconstruct import (
     OnIteration, ReconstructionConfig, init_weight_scales, reconstruct_model,
 )
 
-__all__ = ["brecq_quantize", "calibrate_activations_minmax"]
+__all__ = ["brecq_quantize", "calibrate_activations_minmax", "calibrate_activations", "ACT_SCALE_INITS"]
+
+ACT_SCALE_INITS: tuple[str, ...] = ("minmax", "percentile", "mse")
+_SAMPLES_PER_BATCH = 4096
 
 
 @torch.no_grad()
@@ -48,6 +51,56 @@ def calibrate_activations_minmax(student: torch.nn.Module, calibration: Calibrat
         quantizer.enabled = True
         amax = float(quantizer.observed_amax)
         quantizer.set_scale(P.minmax_activation_scale(amax if amax > 0 else 1.0, quantizer.bits))
+
+
+@torch.no_grad()
+def calibrate_activations(student: torch.nn.Module, calibration: CalibrationSet, batch_size: int,
+                          init: str = "minmax", device: str = "cpu", progress: bool = True,
+                          seed: int = 0) -> None:
+    """Per-tensor activation scales of every input quantizer, with the current (quantized) weights.
+
+    minmax: max|x| / qmax. percentile: the 99.99th percentile of |x|. mse: the clipping of max|x|
+    that minimises the quantization MSE. The last two work on a fixed random subsample of each
+    layer's inputs (4,096 values per batch) plus the exact max; every quantizer is left enabled.
+    """
+    if init not in ACT_SCALE_INITS:
+        from pqcad_deploy.errors import ConfigError
+
+        raise ConfigError(f"activation scale init must be one of {', '.join(ACT_SCALE_INITS)}; got {init!r}.")
+    if init == "minmax":
+        calibrate_activations_minmax(student, calibration, batch_size, device, progress)
+        return
+    layers = quant_layers(student)
+    generator = torch.Generator().manual_seed(seed)
+    samples: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    hooks = []
+    for name, layer in layers.items():
+        layer.input_quantizer.observed_amax.zero_()
+        layer.input_quantizer.observing = True
+
+        def hook(module, inputs, name=name):
+            flat = inputs[0].detach().flatten().cpu()
+            index = torch.randint(0, flat.numel(), (min(_SAMPLES_PER_BATCH, flat.numel()),), generator=generator)
+            samples[name].append(flat[index])
+        hooks.append(layer.register_forward_pre_hook(hook))
+    try:
+        for x, t in tqdm(calibration.batches(batch_size), desc="activation ranges", unit="batch",
+                         total=(len(calibration) + batch_size - 1) // batch_size, disable=not progress):
+            student(x.to(device), t.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, layer in layers.items():
+        quantizer = layer.input_quantizer
+        quantizer.observing = False
+        quantizer.enabled = True
+        amax = float(quantizer.observed_amax) or 1.0
+        values = torch.cat(samples[name])
+        if init == "percentile":
+            scale = P.percentile_activation_scale(values, quantizer.bits)
+        else:
+            scale = P.mse_activation_scale(values, amax, quantizer.bits)
+        quantizer.set_scale(scale.to(quantizer.scale.device))
 
 
 def brecq_quantize(

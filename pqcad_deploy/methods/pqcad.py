@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pqcad_deploy.calibration.trajectories import CalibrationSet
-from pqcad_deploy.methods.brecq import calibrate_activations_minmax
+from pqcad_deploy.methods.brecq import calibrate_activations
 from pqcad_deploy.progressive import Transition, TransitionRule, TransitionTracker, bit_ladder
 from pqcad_deploy.quant.replace import LayerBits, quant_layers, swap_in_quant_layers
 from pqcad_deploy.reconstruct import (
@@ -45,6 +45,7 @@ class PQConfig:
     reconstruction: ReconstructionConfig
     rule: TransitionRule
     ladder: tuple[int, ...] | None = None
+    act_scale_init: str = "minmax"  # "minmax" | "percentile" | "mse" (methods.brecq.ACT_SCALE_INITS)
 
 
 def first_last_at_8_bits(plan: dict[str, LayerBits], first: str = "conv_in", last: str = "conv_out") -> dict:
@@ -111,7 +112,8 @@ def pq_quantize(
         del data
     t_weights = time.perf_counter() - started
 
-    calibrate_activations_minmax(student, calibration, capture_batch_size, device, progress)
+    calibrate_activations(student, calibration, capture_batch_size, init=config.act_scale_init, device=device,
+                          progress=progress, seed=rcfg.seed)
     act_results = []
     if rcfg.act_iters > 0:
         act_results = reconstruct_model(fp_unet, student, calibration, rcfg, stage="activations",
@@ -121,7 +123,8 @@ def pq_quantize(
             raise RuntimeError(f"PQ left {name} at {layer.weight_bits} bits instead of {targets[name].weight_bits}")
     report = {"pq": {
         "config": {"reconstruction": dataclasses.asdict(rcfg), "rule": dataclasses.asdict(config.rule),
-                   "ladder": list(config.ladder) if config.ladder else None},
+                   "ladder": list(config.ladder) if config.ladder else None,
+                   "act_scale_init": config.act_scale_init},
         "transitions": [dataclasses.asdict(t) for t in transitions],
         "weights": weight_results,
         "activations": [r.to_dict() for r in act_results],

@@ -24,6 +24,8 @@ __all__ = [
     "fake_quantize_activation",
     "minmax_weight_scale",
     "minmax_activation_scale",
+    "percentile_activation_scale",
+    "mse_activation_scale",
 ]
 
 _MIN_SCALE = 1e-12
@@ -87,3 +89,28 @@ def minmax_activation_scale(amax: torch.Tensor | float, bits: int) -> torch.Tens
     _, qmax = act_qrange(bits)
     amax_t = torch.as_tensor(amax, dtype=torch.float32)
     return torch.clamp(amax_t / qmax, min=_MIN_SCALE)
+
+
+def percentile_activation_scale(samples: torch.Tensor, bits: int, percentile: float = 99.99) -> torch.Tensor:
+    """Per-tensor scale mapping the `percentile` of |x| (over `samples`) to the largest code."""
+    _, qmax = act_qrange(bits)
+    value = torch.quantile(samples.detach().abs().flatten().double(), percentile / 100.0).float()
+    return torch.clamp(value / qmax, min=_MIN_SCALE)
+
+
+def mse_activation_scale(samples: torch.Tensor, amax: float, bits: int, num_candidates: int = 100,
+                         min_ratio: float = 0.05) -> torch.Tensor:
+    """Per-tensor scale minimising the quantization MSE of `samples` over clipping ratios of `amax`.
+
+    Candidates are r * amax / qmax for r evenly spread in [min_ratio, 1]; r = 1 is min-max, so the
+    result is never worse than min-max on these samples.
+    """
+    qmin, qmax = act_qrange(bits)
+    x = samples.detach().flatten().float()
+    best_scale, best_err = None, float("inf")
+    for r in torch.linspace(1.0, min_ratio, num_candidates).tolist():
+        s = max(r * float(amax) / qmax, _MIN_SCALE)
+        err = float((torch.clamp(torch.round(x / s), qmin, qmax) * s - x).pow(2).mean())
+        if err < best_err:
+            best_scale, best_err = s, err
+    return torch.tensor(best_scale, dtype=torch.float32)
