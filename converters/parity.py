@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pqcad_deploy.artifact import load_artifact
+from pqcad_deploy.quant.primitives import act_qrange
 from pqcad_deploy.quant.replace import quant_layers
 
 __all__ = ["LayerFlips", "ParityReport", "parity_report"]
@@ -57,8 +58,6 @@ def _torch_codes(student: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> 
     for name, layer in quant_layers(student).items():
         def hook(module, inputs, name=name):
             q = module.input_quantizer
-            from pqcad_deploy.quant.primitives import act_qrange
-
             qmin, qmax = act_qrange(q.bits)
             codes[name] = torch.clamp(torch.round(inputs[0] / q.scale), qmin, qmax).detach().numpy()
         hooks.append(layer.register_forward_pre_hook(hook))

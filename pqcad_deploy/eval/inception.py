@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 
 import functools
-import hashlib
 import importlib.util
 import os
 import warnings
@@ -110,11 +109,9 @@ def find_fid_weights() -> Path:
 
 @functools.lru_cache(maxsize=8)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from pqcad_deploy.provenance import file_sha256 as _uncached
+
+    return _uncached(Path(path))
 
 
 def file_sha256(path: str | Path) -> str:

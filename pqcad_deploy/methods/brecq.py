@@ -18,39 +18,17 @@ import torch
 from tqdm.auto import tqdm
 
 from pqcad_deploy.calibration.trajectories import CalibrationSet
+from pqcad_deploy.methods.minmax import calibrate_activations_minmax
 from pqcad_deploy.quant import primitives as P
 from pqcad_deploy.quant.replace import LayerBits, quant_layers, swap_in_quant_layers
 from pqcad_deploy.reconstruct import (
     OnIteration, ReconstructionConfig, init_weight_scales, reconstruct_model,
 )
 
-__all__ = ["brecq_quantize", "calibrate_activations_minmax", "calibrate_activations", "ACT_SCALE_INITS"]
+__all__ = ["brecq_quantize", "calibrate_activations", "ACT_SCALE_INITS"]
 
 ACT_SCALE_INITS: tuple[str, ...] = ("minmax", "percentile", "mse")
 _SAMPLES_PER_BATCH = 4096
-
-
-@torch.no_grad()
-def calibrate_activations_minmax(student: torch.nn.Module, calibration: CalibrationSet, batch_size: int,
-                                 device: str = "cpu", progress: bool = True) -> None:
-    """Per-tensor scale max|input| / qmax of every input quantizer, observed with the current weights.
-
-    Leaves every input quantizer enabled.
-    """
-    layers = quant_layers(student)
-    for layer in layers.values():
-        layer.input_quantizer.observed_amax.zero_()
-        layer.input_quantizer.observing = True
-    n_batches = (len(calibration) + batch_size - 1) // batch_size
-    for x, t in tqdm(calibration.batches(batch_size), total=n_batches, desc="activation ranges",
-                     unit="batch", disable=not progress):
-        student(x.to(device), t.to(device))
-    for layer in layers.values():
-        quantizer = layer.input_quantizer
-        quantizer.observing = False
-        quantizer.enabled = True
-        amax = float(quantizer.observed_amax)
-        quantizer.set_scale(P.minmax_activation_scale(amax if amax > 0 else 1.0, quantizer.bits))
 
 
 @torch.no_grad()

@@ -16,7 +16,30 @@ from pqcad_deploy.calibration.trajectories import CalibrationSet
 from pqcad_deploy.quant import primitives as P
 from pqcad_deploy.quant.replace import LayerBits, quant_layers, swap_in_quant_layers
 
-__all__ = ["minmax_quantize"]
+__all__ = ["minmax_quantize", "calibrate_activations_minmax"]
+
+
+@torch.no_grad()
+def calibrate_activations_minmax(student: torch.nn.Module, calibration: CalibrationSet, batch_size: int,
+                                 device: str = "cpu", progress: bool = True) -> None:
+    """Per-tensor scale max|input| / qmax of every input quantizer, observed with the current weights.
+
+    Leaves every input quantizer enabled.
+    """
+    layers = quant_layers(student)
+    for layer in layers.values():
+        layer.input_quantizer.observed_amax.zero_()
+        layer.input_quantizer.observing = True
+    n_batches = (len(calibration) + batch_size - 1) // batch_size
+    for x, t in tqdm(calibration.batches(batch_size), total=n_batches, desc="activation ranges",
+                     unit="batch", disable=not progress):
+        student(x.to(device), t.to(device))
+    for layer in layers.values():
+        quantizer = layer.input_quantizer
+        quantizer.observing = False
+        quantizer.enabled = True
+        amax = float(quantizer.observed_amax)
+        quantizer.set_scale(P.minmax_activation_scale(amax if amax > 0 else 1.0, quantizer.bits))
 
 
 @torch.no_grad()
@@ -34,14 +57,5 @@ def minmax_quantize(
     layers = quant_layers(student)
     for layer in layers.values():
         layer.weight_quantizer.set_scale(P.minmax_weight_scale(layer.weight, layer.weight_bits))
-        layer.input_quantizer.observing = True
-    n_batches = (len(calibration) + batch_size - 1) // batch_size
-    for x, t in tqdm(calibration.batches(batch_size), total=n_batches, desc="activation ranges",
-                     unit="batch", disable=not progress):
-        student(x.to(device), t.to(device))
-    for name, layer in layers.items():
-        quantizer = layer.input_quantizer
-        quantizer.observing = False
-        amax = float(quantizer.observed_amax)
-        quantizer.set_scale(P.minmax_activation_scale(amax if amax > 0 else 1.0, quantizer.bits))
+    calibrate_activations_minmax(student, calibration, batch_size, device, progress)
     return student
