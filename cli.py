@@ -65,19 +65,51 @@ def cli() -> None:
 @click.option("--distill/--no-distill", default=False, show_default=True,
               help="CAD distillation to half the steps. Not available yet: artifacts are undistilled and "
                    "sample with the teacher's steps.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted brecq / pqcad run from its per-block checkpoint OUT.checkpoint/ "
+                   "(same options needed; the artifact equals an uninterrupted run's). Without a checkpoint, "
+                   "or for minmax: start from scratch.")
+@click.option("--avg-weight-bits", default=None, type=float,
+              help="Mixed precision (needs --weight-bits 4): the first and last conv stay at 8 bits and the "
+                   "layers with the most outlier-heavy weight channels (kurtosis, MPQ-DM) are raised to 8 "
+                   "bits while the parameter-weighted average weight bits stay <= this budget (a number in "
+                   "(4, 8], e.g. 4.5). Same plan for every method. Default: off (uniform bits).")
+@click.option("--first-last", default=None,
+              help="Precision of the first and last conv (conv_in, conv_out). w8-fp-input: 8-bit weights, "
+                   "input left in float (no Q/DQ; costs no speed, these layers have 1 input or 1 output "
+                   "channel). w8a8: 8-bit weights and inputs. target: the same bits as every other layer. "
+                   "Default: target for minmax (the plain baseline), w8-fp-input for brecq and pqcad.")
+@click.option("--calibration-selection", default="none", show_default=True,
+              help="none: keep every drawn calibration pair. density_diversity: draw "
+                   "--calibration-oversample times as many FP trajectories and keep as many pairs as "
+                   "without it, picked by density and diversity of their mid-block features (EDA-DM).")
+@click.option("--calibration-oversample", default=None, type=int,
+              help="With --calibration-selection density_diversity: candidates per kept pair, an integer "
+                   ">= 2 (default 4; costs that many times the FP trajectories).")
 @_overwrite_option
 @_quiet_option
 def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, device, seed, distill,
-             overwrite, quiet) -> None:
+             resume, avg_weight_bits, first_last, calibration_selection, calibration_oversample, overwrite,
+             quiet) -> None:
     """Compress a diffusers UNet2DModel into an artifact (codes, scales, configs, report)."""
     from pqcad_deploy.compress import compress as run_compress
     from pqcad_deploy.config import CompressConfig
 
+    if calibration_oversample is not None and calibration_selection == "none":
+        raise click.BadParameter("only applies with --calibration-selection density_diversity.",
+                                 param_hint="--calibration-oversample")
     config = CompressConfig(model=model, method=method, weight_bits=weight_bits, act_bits=act_bits,
                             teacher_steps=teacher_steps, preset=preset, device=device, seed=seed,
-                            distill=distill)
-    result = run_compress(config, out, overwrite=overwrite, progress=not quiet)
-    click.echo(f"wrote {result.artifact} ({method} W{weight_bits}A{act_bits}, {result.num_quantized_layers} "
+                            distill=distill, avg_weight_bits=avg_weight_bits, first_last=first_last)
+    if calibration_selection != "none":
+        import dataclasses
+
+        extra = {} if calibration_oversample is None else {"selection_oversample": calibration_oversample}
+        config = dataclasses.replace(config, calibration=dataclasses.replace(
+            config.calibration_config, selection=calibration_selection, **extra))
+    result = run_compress(config, out, overwrite=overwrite, progress=not quiet, resume=resume, log=click.echo)
+    mixed = "" if avg_weight_bits is None else f" mixed to <= {avg_weight_bits:g} average weight bits"
+    click.echo(f"wrote {result.artifact} ({method} W{weight_bits}A{act_bits}{mixed}, {result.num_quantized_layers} "
                f"quantized layers, noise-prediction SQNR {result.noise_pred_sqnr_db:.1f} dB, "
                f"{result.seconds:.1f} s)")
 
@@ -235,12 +267,17 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (EngineError, PqcadError)
 
 
+def _interrupt_note(exc: BaseException | None) -> str:
+    """compress interrupted after a checkpoint says how to resume; a bare Ctrl-C says 'interrupted.'."""
+    return str(exc) if isinstance(exc, KeyboardInterrupt) and str(exc) else "interrupted."
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one line per error, exit 2 for usage and 1 for everything else."""
     try:
         code = cli.main(args=argv, prog_name="pqcad-deploy", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("error: interrupted.", err=True)
+    except click.exceptions.Abort as exc:
+        click.echo(f"error: {_interrupt_note(exc.__cause__)}", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)
@@ -248,8 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     except _user_error_types() as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted.", err=True)
+    except KeyboardInterrupt as exc:
+        click.echo(f"error: {_interrupt_note(exc)}", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 

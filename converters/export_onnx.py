@@ -62,8 +62,14 @@ def precision_name(artifact: CompressedArtifact, fp: bool) -> str:
     pairs = {(r.weight_bits, r.act_bits) for r in artifact.manifest.layers.values()}
     if len(pairs) == 1:
         w, a = pairs.pop()
-        return f"w{w}a{a}"
+        return f"w{w}a{'fp' if a is None else a}"
     return "mixed"
+
+
+def _act_bit_histogram(layers: list) -> dict[str, int]:
+    """{"8": n, "fp": m}: layers per activation bit-width, "fp" for float inputs (first/last conv)."""
+    counts = Counter("fp" if r.act_bits is None else str(r.act_bits) for r in layers)
+    return dict(sorted(counts.items()))
 
 
 def _swap_in_export_twins(unet: nn.Module) -> int:
@@ -224,7 +230,7 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
             student_timesteps=tuple(_teacher_timesteps(m) if fp else m.student_timesteps),
             artifact_sha256=artifact_digest(artifact.path),
             weight_bits={str(k): v for k, v in sorted(Counter(r.weight_bits for r in layers).items())},
-            act_bits={str(k): v for k, v in sorted(Counter(r.act_bits for r in layers).items())},
+            act_bits=_act_bit_histogram(layers),
         )
         write_onnx_manifest(model, manifest)
         onnx.checker.check_model(model, full_check=True)

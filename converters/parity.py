@@ -56,6 +56,9 @@ def _torch_codes(student: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> 
     codes: dict[str, np.ndarray] = {}
     hooks = []
     for name, layer in quant_layers(student).items():
+        if not layer.input_quantizer.quantizes:
+            continue  # a float input has no QuantizeLinear in the graph
+
         def hook(module, inputs, name=name):
             q = module.input_quantizer
             qmin, qmax = act_qrange(q.bits)

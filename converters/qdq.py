@@ -52,7 +52,7 @@ class _WeightDQ(torch.autograd.Function):
 
 
 class ExportConv2d(nn.Module):
-    """A QuantConv2d as Q/DQ(input) + DQ(int8 codes, axis 0) -> Conv."""
+    """A QuantConv2d as Q/DQ(input) + DQ(int8 codes, axis 0) -> Conv (no input Q/DQ for a float input)."""
 
     def __init__(self, layer: QuantConv2d) -> None:
         super().__init__()
@@ -66,7 +66,8 @@ class ExportConv2d(nn.Module):
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _ActivationQDQ.apply(x, self.act_scale, self.act_bits)
+        if self.act_bits is not None:  # None: a float input, no Q/DQ
+            x = _ActivationQDQ.apply(x, self.act_scale, self.act_bits)
         w = _WeightDQ.apply(self.weight_codes, self.weight_scale, self.weight_zero_point, 0)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -84,7 +85,8 @@ class ExportLinear(nn.Module):
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _ActivationQDQ.apply(x, self.act_scale, self.act_bits)
+        if self.act_bits is not None:  # None: a float input, no Q/DQ
+            x = _ActivationQDQ.apply(x, self.act_scale, self.act_bits)
         w = _WeightDQ.apply(self.weight_codes, self.weight_scale, self.weight_zero_point, 1)
         y = torch.matmul(x, w)
         return y if self.bias is None else y + self.bias

@@ -83,12 +83,14 @@ def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 
 def _bit_histogram(name: str, value: object) -> dict[str, int]:
+    """Bit width ("8", "4"; "fp" for layers whose input stays in floating point) -> layer count."""
     if not isinstance(value, dict) or not all(
-        isinstance(k, str) and k.isdigit() and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-        for k, v in value.items()
+        isinstance(k, str) and (k.isdigit() or k == "fp") and isinstance(v, int) and not isinstance(v, bool)
+        and v >= 0 for k, v in value.items()
     ):
-        raise ManifestError(f"Manifest field {name} must map bit widths like \"8\" to layer counts, got {value!r}.")
-    return dict(sorted(value.items(), key=lambda kv: int(kv[0])))
+        raise ManifestError(f"Manifest field {name} must map bit widths like \"8\" (or \"fp\") to layer counts, "
+                            f"got {value!r}.")
+    return dict(sorted(value.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0)))
 
 
 @dataclass(frozen=True)

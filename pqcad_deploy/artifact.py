@@ -46,7 +46,7 @@ class LayerRecord:
 
     kind: str  # "conv2d" | "linear"
     weight_bits: int
-    act_bits: int
+    act_bits: int | None  # None: the input stays in floating point (no Q/DQ in the ONNX)
     weight_shape: list[int]
 
 

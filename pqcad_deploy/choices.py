@@ -20,8 +20,12 @@ __all__ = [
     "Preset",
     "TIMESTEP_SAMPLINGS",
     "TimestepSampling",
+    "CALIBRATION_SELECTIONS",
+    "CalibrationSelection",
     "DEVICES",
     "Device",
+    "FIRST_LAST_POLICIES",
+    "FirstLastPolicy",
     "check_choice",
 ]
 
@@ -39,8 +43,16 @@ PRESETS: tuple[str, ...] = ("fast", "default")
 TimestepSampling = Literal["uniform", "normal"]
 TIMESTEP_SAMPLINGS: tuple[str, ...] = ("uniform", "normal")
 
+# "none": keep every drawn sample; "density_diversity": EDA-DM selection from oversampled candidates
+CalibrationSelection = Literal["none", "density_diversity"]
+CALIBRATION_SELECTIONS: tuple[str, ...] = ("none", "density_diversity")
+
 Device = Literal["cpu", "cuda"]
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
+
+# precision of conv_in / conv_out (pqcad_deploy.layer_precision)
+FirstLastPolicy = Literal["w8-fp-input", "w8a8", "target"]
+FIRST_LAST_POLICIES: tuple[str, ...] = ("w8-fp-input", "w8a8", "target")
 
 
 def check_choice(name: str, value: object, allowed: tuple) -> None:

@@ -6,18 +6,23 @@ with the chosen method, measure the damage, write the artifact atomically.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pqcad_deploy.artifact import ArtifactManifest, LayerRecord, save_artifact, student_state_from_model
-from pqcad_deploy.calibration.trajectories import CalibrationSet, collect_trajectory_calibration
+from pqcad_deploy.calibration.qc import collect_qc_calibration
+from pqcad_deploy.calibration.trajectories import CalibrationSet
+from pqcad_deploy.checkpoint import Checkpoint, check_checkpoint_dir, checkpoint_dir, run_fingerprint
 from pqcad_deploy.config import CompressConfig, config_to_dict
 from pqcad_deploy.errors import ConfigError
 from pqcad_deploy.fsutil import check_output_dir
+from pqcad_deploy.layer_precision import apply_first_last
 from pqcad_deploy.methods.minmax import minmax_quantize
 from pqcad_deploy.models import load_model
 from pqcad_deploy.provenance import provenance
@@ -25,7 +30,7 @@ from pqcad_deploy.quant.layers import QuantConv2d
 from pqcad_deploy.quant.replace import LayerBits, quant_layers, quantizable_layers
 from pqcad_deploy.schedule import ddim_timesteps
 
-__all__ = ["CompressResult", "compress", "uniform_plan", "quantization_report"]
+__all__ = ["CompressResult", "compress", "uniform_plan", "layer_plan", "quantization_report"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,17 @@ class CompressResult:
 def uniform_plan(unet: torch.nn.Module, weight_bits: int, act_bits: int) -> dict[str, LayerBits]:
     """Every Conv2d and Linear at the same bits (the fixed-bit baselines)."""
     return {name: LayerBits(weight_bits, act_bits) for name in quantizable_layers(unet)}
+
+
+def layer_plan(unet: torch.nn.Module, config: CompressConfig) -> tuple[dict[str, LayerBits], dict]:
+    """The per-layer bits and their report section: uniform, or mixed within `config.avg_weight_bits`."""
+    plan = apply_first_last(uniform_plan(unet, config.weight_bits, config.act_bits), config.first_last_policy)
+    if config.avg_weight_bits is None:
+        return plan, {}
+    from pqcad_deploy.quant.mixed_precision import mixed_precision_plan
+
+    mixed = mixed_precision_plan(unet, plan, config.avg_weight_bits)
+    return mixed.plan, {"mixed_precision": mixed.report()}
 
 
 def _resolve_device(device: str) -> str:
@@ -78,7 +94,7 @@ def quantization_report(fp_unet: torch.nn.Module, student: torch.nn.Module,
 
 
 def _run_method(config: CompressConfig, fp_unet, plan, calibration, batch_size: int, device: str,
-                progress: bool) -> tuple[torch.nn.Module, dict]:
+                progress: bool, checkpoint: Checkpoint | None = None) -> tuple[torch.nn.Module, dict]:
     """Quantize with the configured method; returns the student and the method's own report."""
     if config.method == "minmax":
         return minmax_quantize(fp_unet, plan, calibration, batch_size, device, progress), {}
@@ -88,38 +104,114 @@ def _run_method(config: CompressConfig, fp_unet, plan, calibration, batch_size: 
     if config.method == "brecq":
         from pqcad_deploy.methods.brecq import brecq_quantize
 
-        return brecq_quantize(fp_unet, plan, calibration, rcfg, device, progress, capture_batch_size=batch_size)
-    from pqcad_deploy.methods.pqcad import PRESET_PQ_RULE, PQConfig, first_last_at_8_bits, pq_quantize
+        return brecq_quantize(fp_unet, plan, calibration, rcfg, device, progress, capture_batch_size=batch_size,
+                              checkpoint=checkpoint)
+    from pqcad_deploy.methods.pqcad import PRESET_PQ_RULE, PQConfig, pq_quantize
 
-    return pq_quantize(fp_unet, first_last_at_8_bits(plan), calibration,
+    return pq_quantize(fp_unet, plan, calibration,
                        PQConfig(reconstruction=rcfg, rule=PRESET_PQ_RULE[config.preset]), device, progress,
-                       capture_batch_size=batch_size)
+                       capture_batch_size=batch_size, checkpoint=checkpoint)
 
 
-def compress(config: CompressConfig, out: Path, overwrite: bool = False, progress: bool = True) -> CompressResult:
-    """Compress `config.model` into an artifact at `out`."""
+def _open_checkpoint(config: CompressConfig, fp_unet: torch.nn.Module, out: Path, resume: bool,
+                     log: Callable[[str], None]) -> Checkpoint:
+    """The run's checkpoint: loaded when resuming (refused if another run made it), else discarded.
+
+    check_checkpoint_dir has already refused to discard one without --overwrite.
+    """
+    checkpoint = Checkpoint(checkpoint_dir(out), run_fingerprint(config, fp_unet))
+    if resume:
+        point = checkpoint.load()
+        if point is not None:
+            log(f"resuming from {checkpoint.path}: {point.describe()}")
+        elif config.method == "minmax":
+            log("--resume: minmax has no blocks to resume; running it from the start")
+        else:
+            log(f"--resume: no checkpoint at {checkpoint.path}; starting from scratch")
+    elif checkpoint.path.exists():
+        if checkpoint.exists():
+            log(f"--overwrite: discarding the checkpoint at {checkpoint.path}")
+        checkpoint.remove()
+    return checkpoint
+
+
+def _interrupted(checkpoint: Checkpoint) -> KeyboardInterrupt | None:
+    point = checkpoint.last_saved or checkpoint.resume
+    if point is None:
+        return None
+    return KeyboardInterrupt(f"interrupted; {point.describe()}, saved in {checkpoint.path}: rerun the same "
+                             f"command with --resume to continue.")
+
+
+def compress(config: CompressConfig, out: Path, overwrite: bool = False, progress: bool = True,
+             resume: bool = False, log: Callable[[str], None] = print) -> CompressResult:
+    """Compress `config.model` into an artifact at `out`.
+
+    brecq and pqcad save a checkpoint after every finished block in ``<out>.checkpoint/``
+    (:mod:`pqcad_deploy.checkpoint`), removed once the artifact is written. `resume` continues from
+    it and gives the same artifact as an uninterrupted run; without `resume` an existing checkpoint
+    is refused unless `overwrite` (which discards it). `log` receives the one-line notes about it.
+    """
+    with _exact_cuda_numerics(config.device):
+        return _compress(config, out, overwrite, progress, resume, log)
+
+
+@contextlib.contextmanager
+def _exact_cuda_numerics(device: str):
+    """cuDNN in deterministic mode and no TF32 while compressing on a GPU.
+
+    Block reconstruction is chaotic (AdaRound's rounding decisions flip on tiny differences), so
+    nondeterministic kernels made two GPU runs with the same seed end at very different students
+    (docs/RESULTS.md section 5); TF32 convolutions would also round every reconstruction step to
+    10 mantissa bits. The previous settings come back afterwards.
+    """
+    if device != "cuda":
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = True, False, False, False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool, resume: bool,
+              log: Callable[[str], None]) -> CompressResult:
     out = Path(out)
     check_output_dir(out, overwrite)  # fail before the slow part
+    check_checkpoint_dir(checkpoint_dir(out), resume, overwrite)
     device = _resolve_device(config.device)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     loaded = load_model(config.model)
     fp_unet = loaded.unet.to(device).eval()
+    checkpoint = _open_checkpoint(config, fp_unet, out, resume, log)
     ucfg = dict(fp_unet.config)
     sample_size = ucfg["sample_size"]
     h, w = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
     image_shape = (int(ucfg["in_channels"]), int(h), int(w))
-    cal_cfg = config.calibration_config
-    if config.method == "pqcad" and config.calibration is None:
-        # C_QC: normally distributed timestep calibration (method.md section 1)
-        cal_cfg = dataclasses.replace(cal_cfg, timestep_sampling="normal")
-    calibration = collect_trajectory_calibration(
-        fp_unet, loaded.scheduler_config, image_shape, config.teacher_steps, cal_cfg,
-        seed=config.seed, device=device, progress=progress)
-    plan = uniform_plan(fp_unet, config.weight_bits, config.act_bits)
-    student, method_report = _run_method(config, fp_unet, plan, calibration, cal_cfg.batch_size, device, progress)
+    plan, plan_report = layer_plan(fp_unet, config)  # before the slow part: the budget may be refused
+    cal_cfg = config.calibration_config  # pqcad: normally distributed timesteps (C_QC, method.md section 1)
+    if checkpoint.resume is not None:  # the interrupted run's own set, bit for bit
+        calibration = checkpoint.calibration()
+    else:
+        calibration = collect_qc_calibration(
+            fp_unet, loaded.scheduler_config, image_shape, config.teacher_steps, cal_cfg,
+            seed=config.seed, device=device, progress=progress)
+    checkpoint.use_calibration(calibration)
+    try:
+        student, method_report = _run_method(config, fp_unet, plan, calibration, cal_cfg.batch_size, device,
+                                             progress, checkpoint)
+    except KeyboardInterrupt as exc:
+        note = _interrupted(checkpoint)
+        if note is None:
+            raise
+        raise note from exc
     report = quantization_report(fp_unet, student, calibration, cal_cfg.batch_size, device)
     report.update(method_report)
+    report.update(plan_report)
     report["method"] = config.method
     timesteps = ddim_timesteps(loaded.scheduler_config, config.teacher_steps)
     layers = {name: LayerRecord(kind=r["kind"], weight_bits=r["weight_bits"], act_bits=r["act_bits"],
@@ -144,6 +236,7 @@ def compress(config: CompressConfig, out: Path, overwrite: bool = False, progres
     )
     save_artifact(out, manifest, student_state_from_model(student),
                   {k: v for k, v in fp_unet.state_dict().items()}, report, overwrite=overwrite)
+    checkpoint.remove()
     return CompressResult(artifact=out, seconds=time.perf_counter() - started,
                           noise_pred_sqnr_db=report["noise_pred_sqnr_db"], num_quantized_layers=len(layers))
 

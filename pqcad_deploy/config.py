@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 from pqcad_deploy.choices import (
-    ACT_BITS, DEVICES, METHODS, PRESETS, TIMESTEP_SAMPLINGS, WEIGHT_BITS, Device, Method, Preset,
-    TimestepSampling, check_choice,
+    ACT_BITS, CALIBRATION_SELECTIONS, DEVICES, FIRST_LAST_POLICIES, METHODS, PRESETS, TIMESTEP_SAMPLINGS,
+    WEIGHT_BITS, CalibrationSelection, Device, FirstLastPolicy, Method, Preset, TimestepSampling, check_choice,
 )
 from pqcad_deploy.errors import ConfigError
 
@@ -33,6 +34,10 @@ class CalibrationConfig:
             steps drawn from Normal(timestep_mean * T, timestep_std * T) snapped to the grid
             (PTQ4DM's normally distributed timestep calibration, used by PQ's C_QC).
         timestep_mean / timestep_std: as fractions of T (our defaults, method.md section 1).
+        selection: "none" keeps every drawn pair; "density_diversity" draws `selection_oversample`
+            times as many trajectories and keeps the num_trajectories * timesteps_kept pairs picked
+            by density and diversity of their FP mid-block features (EDA-DM; calibration.selection).
+        selection_oversample: candidates per kept pair with a selection (an integer >= 2).
     """
 
     num_trajectories: int = 32
@@ -41,6 +46,8 @@ class CalibrationConfig:
     timestep_sampling: TimestepSampling = "uniform"
     timestep_mean: float = 0.4
     timestep_std: float = 0.3
+    selection: CalibrationSelection = "none"
+    selection_oversample: int = 4
 
     def __post_init__(self) -> None:
         for name in ("num_trajectories", "timesteps_kept", "batch_size"):
@@ -52,6 +59,11 @@ class CalibrationConfig:
             raise ConfigError(
                 f"calibration timestep_mean must be in [0, 1] and timestep_std > 0; "
                 f"got {self.timestep_mean!r}, {self.timestep_std!r}.")
+        check_choice("--calibration-selection", self.selection, CALIBRATION_SELECTIONS)
+        oversample = self.selection_oversample
+        if not isinstance(oversample, int) or isinstance(oversample, bool) or oversample < 2:
+            raise ConfigError(f"--calibration-oversample must be an integer >= 2 (candidates drawn per kept "
+                              f"calibration sample); got {oversample!r}.")
 
 
 PRESET_CALIBRATION: dict[str, CalibrationConfig] = {
@@ -74,6 +86,12 @@ class CompressConfig:
         seed: seeds the calibration noise; the same seed gives the same artifact.
         distill: CAD distillation to half the steps (not implemented yet: must be False).
         calibration: overrides the preset's calibration set when given.
+        avg_weight_bits: None (off) or a budget of parameter-weighted average weight bits in
+            (weight_bits, 8]: the first and last conv stay at 8 bits and the most outlier-heavy
+            layers (weight-channel kurtosis, MPQ-DM) are raised to 8 within it
+            (quant.mixed_precision); for every method, so the methods compare on one plan.
+        first_last: precision of conv_in / conv_out (layer_precision): "w8-fp-input", "w8a8" or
+            "target"; None picks the method's default (see :attr:`first_last_policy`).
     """
 
     model: str = "builtin"
@@ -86,6 +104,8 @@ class CompressConfig:
     seed: int = 0
     distill: bool = False
     calibration: CalibrationConfig | None = field(default=None)
+    avg_weight_bits: float | None = None
+    first_last: FirstLastPolicy | None = None
 
     def __post_init__(self) -> None:
         check_choice("--method", self.method, METHODS)
@@ -102,10 +122,37 @@ class CompressConfig:
                 "distillation (CAD) is not available yet; pass --no-distill "
                 "(the artifact then samples with the teacher's steps)."
             )
+        self._check_avg_weight_bits()
+        if self.first_last is not None:
+            check_choice("--first-last", self.first_last, FIRST_LAST_POLICIES)
+
+    def _check_avg_weight_bits(self) -> None:
+        value = self.avg_weight_bits
+        if value is None:
+            return
+        if self.weight_bits == 8:
+            raise ConfigError(f"--avg-weight-bits needs --weight-bits 4 (at 8 every layer is already at 8 bits); "
+                              f"got --avg-weight-bits {value!r} with --weight-bits 8.")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                or not self.weight_bits < value <= 8:
+            raise ConfigError(f"--avg-weight-bits must be a number in ({self.weight_bits}, 8] (the average weight "
+                              f"bits, between --weight-bits and 8); got {value!r}.")
+        object.__setattr__(self, "avg_weight_bits", float(value))  # 5 and 5.0: one artifact
+
+    @property
+    def first_last_policy(self) -> FirstLastPolicy:
+        """The given policy, else the method's default (minmax: target; brecq, pqcad: w8-fp-input)."""
+        if self.first_last is not None:
+            return self.first_last
+        return "target" if self.method == "minmax" else "w8-fp-input"
 
     @property
     def calibration_config(self) -> CalibrationConfig:
-        return self.calibration or PRESET_CALIBRATION[self.preset]
+        """The given calibration, else the preset's; for pqcad with normally distributed timesteps (C_QC)."""
+        if self.calibration is not None:
+            return self.calibration
+        preset = PRESET_CALIBRATION[self.preset]
+        return dataclasses.replace(preset, timestep_sampling="normal") if self.method == "pqcad" else preset
 
 
 def config_to_dict(config: object) -> dict:
@@ -113,6 +160,7 @@ def config_to_dict(config: object) -> dict:
     data = dataclasses.asdict(config)  # type: ignore[arg-type]
     if isinstance(config, CompressConfig):
         data["calibration"] = dataclasses.asdict(config.calibration_config)
+        data["first_last"] = config.first_last_policy
     data["_type"] = type(config).__name__
     data["_version"] = CONFIG_VERSION
     return json.loads(json.dumps(data, sort_keys=True))

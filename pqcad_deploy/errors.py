@@ -14,6 +14,7 @@ __all__ = [
     "ArtifactError",
     "ExportError",
     "OutputPathError",
+    "CheckpointError",
 ]
 
 
@@ -39,3 +40,7 @@ class ExportError(PqcadError):
 
 class OutputPathError(PqcadError):
     """An output location cannot be written."""
+
+
+class CheckpointError(PqcadError):
+    """A compress checkpoint is unreadable, corrupt, or of a format/version we cannot read."""

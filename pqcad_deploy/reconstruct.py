@@ -367,7 +367,7 @@ def reconstruct_block(
     *,
     name: str = "block",
     stage: Stage = "weights",
-    bits: int | None = None,
+    bits: int | dict[str, int] | None = None,
     iters: int | None = None,
     harden: bool = True,
     on_iteration: OnIteration | None = None,
@@ -381,9 +381,11 @@ def reconstruct_block(
     on) and, if configured, the weight scales are learned; activation quantizers are used as they are
     (the weights-first flow disables them). With `bits` given and different from a layer's, the layer
     is first hardened (if soft), moved to `bits` and its scale re-initialised from the latent weight;
-    that is how a ladder continues from the previous level. `harden` ends with latent = codes * scale;
-    should that be worse on the captured data than round to nearest at the starting scales, the
-    block goes back to round to nearest (``result.reverted``).
+    that is how a ladder continues from the previous level; a dict gives the bits per layer name
+    (absent layers keep theirs), for blocks that mix 8- and 4-bit layers. `harden` ends with
+    latent = codes * scale; should that be worse on the captured data than round to nearest at the
+    starting scales, the block goes back to round to nearest (``result.reverted``; only when no
+    layer was still soft at the start, e.g. an 8-bit layer carried soft through a mixed block's ladder).
 
     Activation stage: only the enabled input quantizers' scales are learned, weights stay frozen.
 
@@ -412,12 +414,13 @@ def reconstruct_block(
 
     groups: list[dict] = []
     if stage == "weights":
-        for layer in layers.values():
+        for layer_name, layer in layers.items():
             wq = layer.weight_quantizer
-            if bits is not None and bits != wq.bits:
+            want = bits.get(layer_name, wq.bits) if isinstance(bits, dict) else bits
+            if want is not None and want != wq.bits:
                 if wq.adaround_enabled:
                     wq.harden_(layer.weight)
-                wq.set_bits(bits)
+                wq.set_bits(want)
                 init_weight_scales({"": layer}, config.weight_scale_init)
         loss_before = block_loss(block_q, data, device)  # round to nearest at the start scales
         start_state = {n: (layer.weight.detach().clone(), layer.weight_quantizer.scale.detach().clone())
@@ -434,7 +437,7 @@ def reconstruct_block(
         loss_before = block_loss(block_q, data, device)
         for layer in layers.values():
             aq = layer.input_quantizer
-            if aq.enabled and not aq.observing:
+            if aq.quantizes and aq.enabled and not aq.observing:
                 aq.scale.requires_grad_(True)
                 groups.append({"params": [aq.scale], "lr": config.act_scale_lr * float(aq.scale.detach())})
     else:
@@ -521,7 +524,9 @@ def reconstruct_block(
                 layer.weight.copy_(P.dequantize_weight(codes, scale))  # latent = codes * scale
         loss_after, reverted = block_loss(block_q, data, device), True
     bits_now = {layer.weight_bits for layer in layers.values()}
-    return BlockResult(name=name, stage=stage, bits=bits if bits is not None else
+    if isinstance(bits, dict) and bits:  # a ladder level over mixed targets: the level is the lowest
+        bits_now = {min(bits.values())}
+    return BlockResult(name=name, stage=stage, bits=bits if isinstance(bits, int) else
                        (bits_now.pop() if len(bits_now) == 1 else None),
                        layers=list(layers), iterations=len(losses), stopped_early=stopped, reverted=reverted,
                        loss_before=loss_before, loss_after=loss_after, losses=losses,
@@ -555,18 +560,25 @@ def reconstruct_model(
     progress: bool = True,
     on_iteration: OnIteration | None = None,
     on_block: Callable[[BlockResult], None] | None = None,
+    start: int = 0,
 ) -> list[BlockResult]:
     """Reconstruct every block of `student` in execution order (BRECQ); return the per-block results.
 
     `student` is modified in place. In the weight stage every block ends hardened. The quantizers'
     state (activation quantizers on or off, weight scales) is used as found; see
-    :func:`pqcad_deploy.methods.brecq.brecq_quantize` for the full flow.
+    :func:`pqcad_deploy.methods.brecq.brecq_quantize` for the full flow. `on_block` is called after
+    every finished block (a checkpoint can be saved there); `start` skips the blocks before that
+    index, already done by an earlier, interrupted run (block `index` is always seeded with
+    ``config.seed + index``, so the remaining blocks draw the same batches as in one run).
     """
     x0, t0 = calibration.x[:1].to(device), calibration.t[:1].to(device)
     blocks = reconstruction_blocks(student, x0, t0)
+    if not 0 <= start <= len(blocks):
+        raise ValueError(f"start must be in [0, {len(blocks)}]; got {start}")
     results: list[BlockResult] = []
-    outer = tqdm(blocks, desc=f"reconstruct {stage}", unit="block", disable=not progress)
-    for index, block in enumerate(outer):
+    outer = tqdm(blocks[start:], desc=f"reconstruct {stage}", unit="block", initial=start, total=len(blocks),
+                 disable=not progress)
+    for index, block in enumerate(outer, start=start):
         outer.set_postfix(block=block.name)
         data = capture_for_reconstruction(fp_unet, student, block.name, calibration, config,
                                           capture_batch_size, device)

@@ -11,6 +11,7 @@ Prints one JSON line per row and writes all rows to --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -26,6 +27,9 @@ def main() -> int:
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--seeds", type=int, default=64)
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--avg-weight-bits", type=float, default=None,
+                    help="mixed-precision budget for the 4-bit-weight rows (compress --avg-weight-bits)")
+    ap.add_argument("--calibration-selection", default="none", help="compress --calibration-selection")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -58,8 +62,13 @@ def main() -> int:
         for method in args.methods.split(","):
             art = Path(f"/tmp/compare_{method}_w{wb}a{ab}_{args.preset}")
             t = time.perf_counter()
-            compress(CompressConfig(method=method, weight_bits=wb, act_bits=ab, teacher_steps=args.steps,
-                                    preset=args.preset, seed=0), art, overwrite=True, progress=False)
+            avg = args.avg_weight_bits if wb < 8 else None
+            config = CompressConfig(method=method, weight_bits=wb, act_bits=ab, teacher_steps=args.steps,
+                                    preset=args.preset, seed=0, avg_weight_bits=avg)
+            if args.calibration_selection != "none":
+                config = dataclasses.replace(config, calibration=dataclasses.replace(
+                    config.calibration_config, selection=args.calibration_selection))
+            compress(config, art, overwrite=True, progress=False)
             seconds = time.perf_counter() - t
             student = load_artifact(art).build_student()
             images = generate_images(student, fp.scheduler_config, args.seeds, args.steps, seed=0,
@@ -67,6 +76,7 @@ def main() -> int:
             mse = ((images - fp_images) ** 2).reshape(args.seeds, -1).mean(axis=1)
             psnr = float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12))))
             row = {"method": method, "weight_bits": wb, "act_bits": ab, "preset": args.preset,
+                   "avg_weight_bits": avg, "calibration_selection": args.calibration_selection,
                    "compress_seconds": round(seconds, 1), "heldout_sqnr_db": round(sqnr(student), 2),
                    "psnr_vs_fp_db": round(psnr, 2), "seeds": args.seeds, "steps": args.steps}
             print(json.dumps(row), flush=True)

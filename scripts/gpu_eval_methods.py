@@ -4,6 +4,11 @@ Each row: compress the embedded model with `--device cuda`, then sample its fake
 through diffusers' DDIMPipeline (image i seeded with seed + i, as for the FP rows of
 docs/RESULTS.md) and compute FID against the shipped reference statistics. Rows are written to
 results.json as they finish; rows that would start after --budget-s are skipped and listed.
+
+With --diag-n N, each brecq/pqcad row also gets two N-sample FIDs of the same student: with its
+activation scales replaced by min-max ones on the same calibration set (does learning the scales
+help the free-running sampler?) and with no activation quantization (the weights' share), plus one
+N-sample FP FID to read them against.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--n", type=int, default=10000)
     ap.add_argument("--budget-s", type=float, default=330.0)
+    ap.add_argument("--diag-n", type=int, default=0)
+    ap.add_argument("--diag-methods", default="pqcad", help="methods whose rows get the diagnostics")
     args = ap.parse_args()
 
     import torch
@@ -47,7 +54,18 @@ def main() -> int:
     save = lambda: (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))  # noqa: E731
     ref = FidStatistics.load(default_reference_path())
     extractor = InceptionFeatures("cuda", weights=args.weights, batch_size=500)
-    scheduler_config = load_model("builtin").scheduler_config
+    fp = load_model("builtin")
+    scheduler_config = fp.scheduler_config
+
+    def fid_of(unet, n: int, source: str) -> float:
+        gen = generate_images(unet, scheduler_config, n, args.steps, seed=0, batch_size=1000, device="cuda",
+                              progress=False)
+        return compute_statistics(gen.images, device="cuda", batch_size=500, progress=False, source=source,
+                                  extractor=extractor).frechet_distance(ref)
+
+    if args.diag_n:
+        results["diag_fp_fid"] = fid_of(fp.unet, args.diag_n, "fp")
+        print("diag fp", results["diag_fp_fid"], flush=True)
     for row in args.rows.split(","):
         method, wb, ab = row.split(":")
         name = f"{method}_w{wb}a{ab}_ddim{args.steps}"
@@ -70,6 +88,9 @@ def main() -> int:
                                      "calibration_sqnr_db": result.noise_pred_sqnr_db,
                                      "generate_seconds": gen.seconds}
             print(name, json.dumps(results["rows"][name]), flush=True)
+            if args.diag_n and method in args.diag_methods.split(","):
+                results["rows"][name]["diag"] = diagnostics(load_artifact(art), fid_of, args.diag_n, name)
+                print(name, "diag", json.dumps(results["rows"][name]["diag"]), flush=True)
         except Exception as exc:  # one failing row must not cost the others
             results["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
             print("failed", results["errors"][-1], flush=True)
@@ -77,6 +98,31 @@ def main() -> int:
     results["total_seconds"] = time.perf_counter() - t0
     save()
     return 0
+
+
+def diagnostics(artifact, fid_of, n: int, name: str) -> dict:
+    """FID at n samples: as compressed, min-max activation scales, and no activation quantization."""
+    import torch
+
+    from pqcad_deploy.calibration.qc import collect_qc_calibration
+    from pqcad_deploy.config import CalibrationConfig
+    from pqcad_deploy.methods.minmax import calibrate_activations_minmax
+    from pqcad_deploy.quant.replace import quant_layers
+
+    out = {"n": n, "as_compressed": fid_of(artifact.build_student(), n, name)}
+    student = artifact.build_student().to("cuda").eval()
+    teacher = artifact.build_teacher().to("cuda").eval()
+    cal = collect_qc_calibration(teacher, artifact.manifest.scheduler_config, tuple(artifact.manifest.image_shape),
+                                 artifact.manifest.teacher_steps,
+                                 CalibrationConfig(**artifact.manifest.options["calibration"]), seed=0,
+                                 device="cuda", progress=False)
+    with torch.no_grad():
+        calibrate_activations_minmax(student, cal, 32, device="cuda", progress=False)
+    out["minmax_act_scales"] = fid_of(student, n, name + "_mm")
+    for layer in quant_layers(student).values():
+        layer.input_quantizer.enabled = False
+    out["weights_only"] = fid_of(student, n, name + "_w")
+    return out
 
 
 if __name__ == "__main__":

@@ -371,12 +371,61 @@ def test_compress_refuses_bad_models(make, fragments, small_unet_dir: Path, tmp_
     (["--device", "nope"], ("--device", "cpu, cuda", "'nope'")),
     (["--distill"], ("distillation", "not available", "--no-distill")),
     (["--teacher-steps", "1"], ("--teacher-steps", "[2, 1000]")),
+    (["--weight-bits", "4", "--avg-weight-bits", "3.5"], ("--avg-weight-bits", "(4, 8]", "3.5")),
+    (["--weight-bits", "4", "--avg-weight-bits", "nan"], ("--avg-weight-bits", "(4, 8]", "nan")),
+    (["--avg-weight-bits", "4.5"], ("--avg-weight-bits needs --weight-bits 4",)),
+    (["--weight-bits", "4", "--avg-weight-bits", "lots"], ("--avg-weight-bits", "lots")),
+    (["--calibration-selection", "kcenter"], ("--calibration-selection", "none, density_diversity", "'kcenter'")),
+    (["--calibration-selection", "density_diversity", "--calibration-oversample", "1"],
+     ("--calibration-oversample", ">= 2", "1")),
+    (["--calibration-oversample", "3"], ("--calibration-oversample", "--calibration-selection density_diversity")),
 ], ids=lambda v: "_".join(v) if isinstance(v, list) else None)
 def test_compress_refuses_bad_options(args, fragments, outdir: Path) -> None:
     result = run_main("compress", *args, "--quiet", "--out", outdir / "art")
     assert_failed(result, *fragments)
     assert result.out == ""
     assert_nothing_left(outdir, "art")
+
+
+def test_compress_refuses_a_budget_below_the_first_and_last_conv(small_unet_dir: Path, outdir: Path) -> None:
+    result = run_main("compress", "--model", small_unet_dir, "--weight-bits", 4, "--avg-weight-bits", "4.0001",
+                      *FAST, "--out", outdir / "art")
+    assert_failed(result, "--avg-weight-bits 4.0001", "conv_in, conv_out", "pass at least", code=1)
+    assert_nothing_left(outdir, "art")
+
+
+def test_compress_mixed_precision_and_calibration_selection(small_unet_dir: Path, tmp_path: Path) -> None:
+    art = tmp_path / "art"
+    result = run_main("compress", "--model", small_unet_dir, "--weight-bits", 4, "--avg-weight-bits", "4.5",
+                      "--calibration-selection", "density_diversity", "--calibration-oversample", 2, *FAST,
+                      "--out", art)
+    assert result.code == 0, result.err
+    assert "W4A8 mixed to <= 4.5 average weight bits" in result.out
+    manifest = json.loads((art / "artifact.json").read_text())
+    assert manifest["options"]["avg_weight_bits"] == 4.5
+    assert {r["weight_bits"] for r in manifest["layers"].values()} == {4, 8}
+    assert (manifest["calibration"]["selection"], manifest["calibration"]["selection_oversample"]) == \
+        ("density_diversity", 2)
+    assert json.loads((art / "report.json").read_text())["mixed_precision"]["budget_avg_weight_bits"] == 4.5
+
+
+def test_calibration_selection_keeps_the_methods_preset_calibration(monkeypatch, tmp_path: Path) -> None:
+    """The flag changes only the selection: pqcad's preset keeps its normally distributed timesteps."""
+    import pqcad_deploy.compress
+    from pqcad_deploy.config import PRESET_CALIBRATION
+
+    seen = []
+
+    def fake_compress(config, out, **kwargs):
+        seen.append(config)
+        raise click.Abort()
+
+    monkeypatch.setattr(pqcad_deploy.compress, "compress", fake_compress)
+    run_main("compress", "--method", "pqcad", "--calibration-selection", "density_diversity", "--preset", "fast",
+             "--out", tmp_path / "art")
+    cal = seen[0].calibration
+    assert (cal.selection, cal.selection_oversample, cal.timestep_sampling) == ("density_diversity", 4, "normal")
+    assert cal.num_trajectories == PRESET_CALIBRATION["fast"].num_trajectories
 
 
 def test_compress_missing_model_through_the_console_script(outdir: Path) -> None:

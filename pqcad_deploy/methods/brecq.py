@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -22,8 +23,11 @@ from pqcad_deploy.methods.minmax import calibrate_activations_minmax
 from pqcad_deploy.quant import primitives as P
 from pqcad_deploy.quant.replace import LayerBits, quant_layers, swap_in_quant_layers
 from pqcad_deploy.reconstruct import (
-    OnIteration, ReconstructionConfig, init_weight_scales, reconstruct_model,
+    OnIteration, ReconstructionConfig, init_weight_scales, reconstruct_model, reconstruction_blocks,
 )
+
+if TYPE_CHECKING:
+    from pqcad_deploy.checkpoint import Checkpoint
 
 __all__ = ["brecq_quantize", "calibrate_activations", "ACT_SCALE_INITS"]
 
@@ -48,7 +52,7 @@ def calibrate_activations(student: torch.nn.Module, calibration: CalibrationSet,
     if init == "minmax":
         calibrate_activations_minmax(student, calibration, batch_size, device, progress)
         return
-    layers = quant_layers(student)
+    layers = {n: layer for n, layer in quant_layers(student).items() if layer.input_quantizer.quantizes}
     generator = torch.Generator().manual_seed(seed)
     samples: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     hooks = []
@@ -90,6 +94,7 @@ def brecq_quantize(
     progress: bool = True,
     capture_batch_size: int = 32,
     on_iteration: OnIteration | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Return a fake-quant copy of `fp_unet` reconstructed block by block, and its report.
 
@@ -100,6 +105,8 @@ def brecq_quantize(
         config: reconstruction settings (``act_iters=0``: min-max activation scales only).
         capture_batch_size: batch of the forward passes that capture block inputs and outputs.
         on_iteration: see :func:`pqcad_deploy.reconstruct.reconstruct_block`.
+        checkpoint: saved after every finished block; when it holds a loaded resume point, the run
+            continues from there (:mod:`pqcad_deploy.checkpoint`).
 
     Returns:
         (student, report) with report = {"reconstruction": {"config", "weights": [per block],
@@ -114,22 +121,42 @@ def brecq_quantize(
         layer.input_quantizer.enabled = False
     init_weight_scales(layers, config.weight_scale_init)
 
-    weight_results = reconstruct_model(
-        fp_unet, student, calibration, config, stage="weights", capture_batch_size=capture_batch_size,
-        device=device, progress=progress, on_iteration=on_iteration)
-    t_weights = time.perf_counter() - started
+    resume = checkpoint.restore(student) if checkpoint is not None else None
+    entries = resume.entries if resume is not None else {}
+    started -= resume.seconds if resume is not None else 0.0
+    weight_results: list[dict] = list(entries.get("weights", []))  # one entry per finished block
+    act_results: list[dict] = list(entries.get("activations", []))
+    t_weights = entries.get("seconds_weights")
+    n_blocks = len(reconstruction_blocks(student, calibration.x[:1].to(device), calibration.t[:1].to(device)))
 
-    calibrate_activations_minmax(student, calibration, capture_batch_size, device, progress)
-    act_results = []
+    def finished(results: list[dict], stage: str):
+        def on_block(result) -> None:
+            results.append(result.to_dict())
+            if checkpoint is not None:
+                checkpoint.save(student, stage, len(results), n_blocks,
+                                {"weights": weight_results, "activations": act_results, "seconds_weights": t_weights},
+                                seconds=time.perf_counter() - started)
+        return on_block
+
+    reconstruct_model(
+        fp_unet, student, calibration, config, stage="weights", capture_batch_size=capture_batch_size,
+        device=device, progress=progress, on_iteration=on_iteration, on_block=finished(weight_results, "weights"),
+        start=resume.blocks_done_in("weights") if resume is not None else 0)
+    if t_weights is None:
+        t_weights = time.perf_counter() - started
+
+    if resume is None or resume.stage == "weights":  # else the activation scales are checkpointed
+        calibrate_activations_minmax(student, calibration, capture_batch_size, device, progress)
     if config.act_iters > 0:
-        act_results = reconstruct_model(
+        reconstruct_model(
             fp_unet, student, calibration, config, stage="activations",
             capture_batch_size=capture_batch_size, device=device, progress=progress,
-            on_iteration=on_iteration)
+            on_iteration=on_iteration, on_block=finished(act_results, "activations"),
+            start=resume.blocks_done_in("activations") if resume is not None else 0)
     report = {"reconstruction": {
         "config": dataclasses.asdict(config),
-        "weights": [r.to_dict() for r in weight_results],
-        "activations": [r.to_dict() for r in act_results],
+        "weights": weight_results,
+        "activations": act_results,
         "seconds": {"weights": t_weights, "total": time.perf_counter() - started},
     }}
     return student, report

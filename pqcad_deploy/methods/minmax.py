@@ -26,7 +26,7 @@ def calibrate_activations_minmax(student: torch.nn.Module, calibration: Calibrat
 
     Leaves every input quantizer enabled.
     """
-    layers = quant_layers(student)
+    layers = {n: layer for n, layer in quant_layers(student).items() if layer.input_quantizer.quantizes}
     for layer in layers.values():
         layer.input_quantizer.observed_amax.zero_()
         layer.input_quantizer.observing = True

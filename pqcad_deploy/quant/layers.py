@@ -23,7 +23,7 @@ class _QuantMixin:
     weight_quantizer: WeightQuantizer
     input_quantizer: ActivationQuantizer
 
-    def _init_quantizers(self, weight_bits: int, act_bits: int) -> None:
+    def _init_quantizers(self, weight_bits: int, act_bits: int | None) -> None:
         self.weight_quantizer = WeightQuantizer(self.weight.shape[0], weight_bits)
         self.input_quantizer = ActivationQuantizer(act_bits)
 
@@ -32,7 +32,8 @@ class _QuantMixin:
         return self.weight_quantizer.bits
 
     @property
-    def act_bits(self) -> int:
+    def act_bits(self) -> int | None:
+        """Input bits; None for a float input."""
         return self.input_quantizer.bits
 
     def weight_codes(self) -> torch.Tensor:
@@ -48,7 +49,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
     """nn.Conv2d with per-output-channel weight and per-tensor input fake quantization."""
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, weight_bits: int, act_bits: int) -> "QuantConv2d":
+    def from_float(cls, conv: nn.Conv2d, weight_bits: int, act_bits: int | None) -> "QuantConv2d":
         q = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
             padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
@@ -73,7 +74,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
     """nn.Linear with per-output-channel weight and per-tensor input fake quantization."""
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, weight_bits: int, act_bits: int) -> "QuantLinear":
+    def from_float(cls, linear: nn.Linear, weight_bits: int, act_bits: int | None) -> "QuantLinear":
         q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                 device=linear.weight.device, dtype=linear.weight.dtype)
         with torch.no_grad():

@@ -123,11 +123,16 @@ class ActivationQuantizer(nn.Module):
 
     While `observing` is set, forward records the running max |x| (for min-max calibration) and
     passes x through unchanged; while `enabled` is unset, forward is the identity.
+
+    ``bits=None`` makes a layer whose input stays in floating point for good (the first and last
+    convolutions by default, see ``pqcad_deploy.layer_precision``): forward is always the identity,
+    nothing is observed, and calibration and export skip it (:attr:`quantizes` is False).
     """
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int | None) -> None:
         super().__init__()
-        P.act_qrange(bits)  # validates bits
+        if bits is not None:
+            P.act_qrange(bits)  # validates bits
         self.bits = bits
         self.scale = nn.Parameter(torch.tensor(1.0, dtype=torch.float32), requires_grad=False)
         self.register_buffer("observed_amax", torch.tensor(0.0, dtype=torch.float32))
@@ -144,7 +149,14 @@ class ActivationQuantizer(nn.Module):
         with torch.no_grad():
             self.scale.copy_(scale_t)
 
+    @property
+    def quantizes(self) -> bool:
+        """False for a float input (``bits=None``): calibration, learning and export leave it alone."""
+        return self.bits is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits is None:
+            return x
         if self.observing:
             with torch.no_grad():
                 amax = x.detach().abs().max().to(torch.float32)
@@ -155,4 +167,4 @@ class ActivationQuantizer(nn.Module):
         return P.fake_quantize_activation(x, self.scale, self.bits)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, enabled={self.enabled}"
+        return f"bits={self.bits}, enabled={self.enabled}" if self.bits is not None else "float input"

@@ -23,10 +23,10 @@ QUANT_LAYER_REGISTRY: dict[type[nn.Module], type[nn.Module]] = {
 
 @dataclass(frozen=True)
 class LayerBits:
-    """Bits of one quantized layer."""
+    """Bits of one quantized layer; act_bits None keeps its input in floating point."""
 
     weight_bits: int
-    act_bits: int
+    act_bits: int | None
 
 
 def _registry_target(module: nn.Module) -> type[nn.Module] | None:

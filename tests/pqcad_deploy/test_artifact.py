@@ -118,7 +118,7 @@ def test_manifest(compressed, bits, small_unet_dir, float_layers, fp):
                        "act_bits": 8, "weight_shape": list(layer.weight.shape)}, name
     # calibration: 4 trajectories, 8 of the 10 steps kept (np.linspace(0, 9, 8) rounded)
     assert m["calibration"] == {"source": "fp_ddim_trajectories", "num_steps": STEPS, "seed": 0,
-                                "num_trajectories": 4, "timestep_sampling": "uniform",
+                                "num_trajectories": 4, "timestep_sampling": "uniform", "selection": "none",
                                 "timesteps_kept": [0, 100, 300, 400, 500, 600, 800, 900]}
     prov = m["provenance"]
     import diffusers

@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from pqcad_deploy.choices import ACT_BITS, DEVICES, LADDER_WEIGHT_BITS, METHODS, PRESETS, WEIGHT_BITS
+from pqcad_deploy.choices import (
+    ACT_BITS, CALIBRATION_SELECTIONS, DEVICES, LADDER_WEIGHT_BITS, METHODS, PRESETS, WEIGHT_BITS,
+)
 from pqcad_deploy.config import (
     CONFIG_VERSION, PRESET_CALIBRATION, CalibrationConfig, CompressConfig, config_to_dict,
 )
@@ -17,7 +19,8 @@ from pqcad_deploy.errors import ConfigError
 def test_defaults_are_valid_and_frozen():
     c = CompressConfig()
     assert (c.model, c.method, c.weight_bits, c.act_bits, c.teacher_steps, c.preset, c.device, c.seed,
-            c.distill, c.calibration) == ("builtin", "minmax", 8, 8, 100, "default", "cpu", 0, False, None)
+            c.distill, c.calibration, c.avg_weight_bits) == ("builtin", "minmax", 8, 8, 100, "default", "cpu", 0,
+                                                            False, None, None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.weight_bits = 4  # type: ignore[misc]
 
@@ -26,6 +29,7 @@ def test_choice_tuples_pinned():
     assert METHODS == ("minmax", "brecq", "pqcad") and WEIGHT_BITS == (8, 4) and ACT_BITS == (8, 4)
     assert LADDER_WEIGHT_BITS == (8, 6, 4)
     assert PRESETS == ("fast", "default") and DEVICES == ("cpu", "cuda")
+    assert CALIBRATION_SELECTIONS == ("none", "density_diversity")
 
 
 @pytest.mark.parametrize("field", ["weight_bits", "act_bits"])
@@ -109,10 +113,12 @@ def test_config_to_dict_compress():
     assert d == {
         "_type": "CompressConfig", "_version": CONFIG_VERSION, "model": "some/dir", "method": "minmax",
         "weight_bits": 4, "act_bits": 8, "teacher_steps": 10, "preset": "fast", "device": "cpu",
-        "seed": 3, "distill": False,
+        "seed": 3, "distill": False, "avg_weight_bits": None,
+        "first_last": "target",  # the effective policy (minmax's default) is recorded
         # the effective calibration is recorded even when it came from the preset
         "calibration": {"num_trajectories": 4, "timesteps_kept": 8, "batch_size": 4,
-                        "timestep_sampling": "uniform", "timestep_mean": 0.4, "timestep_std": 0.3},
+                        "timestep_sampling": "uniform", "timestep_mean": 0.4, "timestep_std": 0.3,
+                        "selection": "none", "selection_oversample": 4},
     }
     assert CONFIG_VERSION == 1
     text = json.dumps(d, sort_keys=True)
@@ -125,4 +131,57 @@ def test_config_to_dict_compress():
 def test_config_to_dict_calibration():
     d = config_to_dict(CalibrationConfig(num_trajectories=2, timesteps_kept=5, batch_size=2))
     assert d == {"_type": "CalibrationConfig", "_version": 1, "num_trajectories": 2, "timesteps_kept": 5,
-                 "batch_size": 2, "timestep_sampling": "uniform", "timestep_mean": 0.4, "timestep_std": 0.3}
+                 "batch_size": 2, "timestep_sampling": "uniform", "timestep_mean": 0.4, "timestep_std": 0.3,
+                 "selection": "none", "selection_oversample": 4}
+
+
+def test_pqcad_preset_calibration_draws_normal_timesteps():
+    # recorded in the artifact's options as used; an explicit calibration is taken as given
+    assert CompressConfig(method="pqcad", preset="fast").calibration_config == dataclasses.replace(
+        PRESET_CALIBRATION["fast"], timestep_sampling="normal")
+    assert config_to_dict(CompressConfig(method="pqcad"))["calibration"]["timestep_sampling"] == "normal"
+    custom = CalibrationConfig(num_trajectories=2, timesteps_kept=3, batch_size=1)
+    assert CompressConfig(method="pqcad", calibration=custom).calibration_config is custom
+
+
+@pytest.mark.parametrize("ok", [4.5, 5, 8, 4.001])
+def test_avg_weight_bits_accepted_as_float(ok):
+    c = CompressConfig(weight_bits=4, avg_weight_bits=ok)
+    assert c.avg_weight_bits == float(ok) and type(c.avg_weight_bits) is float
+    assert config_to_dict(c)["avg_weight_bits"] == float(ok)
+
+
+@pytest.mark.parametrize("bad", [4, 4.0, 3.5, 8.01, 9, float("nan"), float("inf"), "4.5", True])
+def test_avg_weight_bits_validation(bad):
+    with pytest.raises(ConfigError) as exc:
+        CompressConfig(weight_bits=4, avg_weight_bits=bad)
+    assert str(exc.value) == (f"--avg-weight-bits must be a number in (4, 8] (the average weight bits, between "
+                              f"--weight-bits and 8); got {bad!r}.")
+
+
+def test_avg_weight_bits_needs_a_target_below_8():
+    with pytest.raises(ConfigError) as exc:
+        CompressConfig(weight_bits=8, avg_weight_bits=8.0)
+    assert "--avg-weight-bits needs --weight-bits 4" in str(exc.value)
+
+
+@pytest.mark.parametrize("bad", ["kcenter", "None", "", None])
+def test_calibration_selection_validation(bad):
+    with pytest.raises(ConfigError) as exc:
+        CalibrationConfig(selection=bad)
+    assert str(exc.value) == f"--calibration-selection must be one of none, density_diversity; got {bad!r}."
+
+
+@pytest.mark.parametrize("bad", [1, 0, -2, 2.0, "4", True])
+def test_calibration_oversample_validation(bad):
+    with pytest.raises(ConfigError) as exc:
+        CalibrationConfig(selection="density_diversity", selection_oversample=bad)
+    assert str(exc.value).startswith("--calibration-oversample must be an integer >= 2") and repr(bad) in str(exc.value)
+
+
+def test_first_last_default_depends_on_the_method_and_is_validated():
+    assert CompressConfig(method="minmax").first_last_policy == "target"
+    assert CompressConfig(method="pqcad").first_last_policy == "w8-fp-input"
+    assert CompressConfig(method="brecq", first_last="w8a8").first_last_policy == "w8a8"
+    with pytest.raises(ConfigError, match="--first-last must be one of w8-fp-input, w8a8, target; got 'fp16'"):
+        CompressConfig(first_last="fp16")

@@ -9,6 +9,7 @@ import torch
 
 from pqcad_deploy.compress import compress
 from pqcad_deploy.config import CompressConfig
+from pqcad_deploy.reconstruct import PRESET_RECONSTRUCTION
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,14 @@ def test_pq_report_ladder_and_transitions(pq_artifact):
             assert bits == [(8, None)], block
         else:
             assert bits == [(8, 6), (6, 4), (4, None)], (block, bits)
-        for s in steps:
+        for s in steps[:-1]:  # stepping down: decided by the momentum rule
             assert s["reason"] in ("converged", "max_iters") and s["iteration"] >= 1
+        # the target level is never cut short: AdaRound's annealing must finish before hardening
+        assert steps[-1]["reason"] == "target level: full schedule", (block, steps[-1])
+        assert steps[-1]["iteration"] == PRESET_RECONSTRUCTION["fast"].iters
     assert manifest["layers"]["conv_in"]["weight_bits"] == 8 and manifest["layers"]["conv_out"]["weight_bits"] == 8
+    # default first/last policy: float inputs (no activation quantizer, no Q/DQ)
+    assert manifest["layers"]["conv_in"]["act_bits"] is None and manifest["layers"]["conv_out"]["act_bits"] is None
     others = {r["weight_bits"] for n, r in manifest["layers"].items() if n not in ("conv_in", "conv_out")}
     assert others == {4}
     # C_QC drawn with normally distributed timesteps

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from pqcad_deploy.calibration.selection import density_diversity_indices, select_calibration
 from pqcad_deploy.errors import ConfigError
@@ -59,3 +60,51 @@ def test_select_calibration_on_a_real_unet(small_unet_dir):
     assert set(picked) <= keys and len(set(picked)) == 12
     # more than one timestep represented
     assert len(set(sub.t.tolist())) > 1
+
+
+# ----------------------------------------------------------------------------- C_QC with a selection
+
+def _qc(unet_dir, seed=0, **options):
+    from pqcad_deploy.calibration.qc import collect_qc_calibration
+    from pqcad_deploy.config import CalibrationConfig
+    from pqcad_deploy.models import load_model
+
+    loaded = load_model(str(unet_dir))
+    config = CalibrationConfig(num_trajectories=2, timesteps_kept=5, batch_size=4, **options)
+    return collect_qc_calibration(loaded.unet, loaded.scheduler_config, (1, 32, 32), 10, config, seed=seed,
+                                  progress=False)
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "normal"])
+def test_qc_selection_keeps_the_requested_size_deterministically(small_unet_dir, sampling):
+    plain = _qc(small_unet_dir, timestep_sampling=sampling)
+    picked = _qc(small_unet_dir, timestep_sampling=sampling, selection="density_diversity", selection_oversample=3)
+    again = _qc(small_unet_dir, timestep_sampling=sampling, selection="density_diversity", selection_oversample=3)
+    other = _qc(small_unet_dir, seed=1, timestep_sampling=sampling, selection="density_diversity",
+                selection_oversample=3)
+    assert len(plain) == len(picked) == 10
+    assert torch.equal(picked.x, again.x) and torch.equal(picked.t, again.t)
+    assert not torch.equal(picked.x, other.x)
+    d = picked.description
+    assert (d["selection"], d["selected"], d["candidates"], d["selection_oversample"], d["num_trajectories"]) == \
+        ("density_diversity", 10, 30, 3, 6)
+    assert d["timesteps_kept"] == sorted({int(t) for t in picked.t.tolist()})
+    assert plain.description["selection"] == "none"
+
+
+def test_selection_reaches_the_artifact(small_unet_dir, tmp_path):
+    import dataclasses
+    import json
+
+    from pqcad_deploy.compress import compress
+    from pqcad_deploy.config import PRESET_CALIBRATION, CompressConfig
+
+    calibration = dataclasses.replace(PRESET_CALIBRATION["fast"], selection="density_diversity",
+                                      selection_oversample=2)
+    compress(CompressConfig(model=str(small_unet_dir), teacher_steps=10, preset="fast", calibration=calibration),
+             tmp_path / "art", progress=False)
+    manifest = json.loads((tmp_path / "art" / "artifact.json").read_text())
+    assert manifest["options"]["calibration"]["selection"] == "density_diversity"
+    assert manifest["options"]["calibration"]["selection_oversample"] == 2
+    described = manifest["calibration"]
+    assert (described["selection"], described["selected"], described["candidates"]) == ("density_diversity", 32, 64)

@@ -1,0 +1,303 @@
+"""compress --resume: per-block checkpoints give the same artifact as an uninterrupted run.
+
+The `fast` presets are shrunk for this module (2 trajectories x 3 timesteps, a few iterations per
+block), so one brecq or pqcad run on the small UNet takes about 2 s on one thread. An interruption is
+a KeyboardInterrupt raised inside the n-th `reconstruct_block` call of a stage, i.e. in the middle of
+a block as Ctrl-C would be (for pqcad in the middle of a block's bit ladder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+import cli
+from pqcad_deploy import reconstruct as R
+from pqcad_deploy.checkpoint import (
+    CHECKPOINT_FORMAT, Checkpoint, ResumePoint, check_checkpoint_dir, checkpoint_dir,
+)
+from pqcad_deploy.compress import compress
+from pqcad_deploy.config import PRESET_CALIBRATION, CalibrationConfig, CompressConfig
+from pqcad_deploy.errors import CheckpointError, ConfigError, OutputPathError
+from pqcad_deploy.methods import pqcad as PQ
+from pqcad_deploy.progressive import TransitionRule
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_presets():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(PRESET_CALIBRATION, "fast", CalibrationConfig(num_trajectories=2, timesteps_kept=3, batch_size=2))
+        mp.setitem(R.PRESET_RECONSTRUCTION, "fast", R.ReconstructionConfig(iters=6, act_iters=3, batch_size=4))
+        mp.setitem(PQ.PRESET_PQ_RULE, "fast", TransitionRule(min_iters=2, max_iters=5))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _tiny(tiny_presets):
+    yield
+
+
+def _config(model_dir: Path, method: str, seed: int = 0) -> CompressConfig:
+    return CompressConfig(model=str(model_dir), method=method, weight_bits=4, act_bits=8, teacher_steps=STEPS,
+                          preset="fast", seed=seed)
+
+
+@contextlib.contextmanager
+def interrupt_at(stage: str, call: int, after: bool = False):
+    """Raise KeyboardInterrupt in the `call`-th (1-based) reconstruct_block call of `stage`.
+
+    `after`: let that call finish (the student is changed) and interrupt before anything records it.
+    """
+    count = [0]
+    original = R.reconstruct_block
+
+    def wrapper(*args, **kwargs):
+        if kwargs.get("stage", "weights") != stage:
+            return original(*args, **kwargs)
+        count[0] += 1
+        if count[0] == call and not after:
+            raise KeyboardInterrupt
+        result = original(*args, **kwargs)
+        if count[0] == call:
+            raise KeyboardInterrupt
+        return result
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(R, "reconstruct_block", wrapper)
+        mp.setattr(PQ, "reconstruct_block", wrapper)
+        yield
+
+
+def _checkpoint_state(out: Path) -> dict:
+    return json.loads((checkpoint_dir(out) / "checkpoint.json").read_text())
+
+
+def _without_timings(value):
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def assert_same_artifact(expected: Path, actual: Path) -> None:
+    for name in ("student.safetensors", "teacher.safetensors"):
+        assert (expected / name).read_bytes() == (actual / name).read_bytes(), name
+    a, b = (json.loads((p / "report.json").read_text()) for p in (expected, actual))
+    assert _without_timings(a) == _without_timings(b)
+    a, b = (json.loads((p / "artifact.json").read_text()) for p in (expected, actual))
+    del a["provenance"]["created"], b["provenance"]["created"]
+    assert a == b
+
+
+def assert_no_artifact(out: Path) -> None:
+    """Neither the artifact nor a temporary directory of it exists (only the checkpoint may)."""
+    assert not out.exists()
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")] == []
+
+
+@pytest.fixture(scope="module")
+def reference(small_unet_dir, tmp_path_factory, tiny_presets):
+    """method -> the artifact of an uninterrupted run (made on first use)."""
+    root = tmp_path_factory.mktemp("reference")
+    made: dict[str, Path] = {}
+
+    def get(method: str) -> Path:
+        if method not in made:
+            made[method] = compress(_config(small_unet_dir, method), root / method, progress=False).artifact
+            assert not checkpoint_dir(made[method]).exists()
+        return made[method]
+    return get
+
+
+@pytest.fixture(scope="module")
+def interrupted_pq(small_unet_dir, tmp_path_factory, tiny_presets) -> Path:
+    """The checkpoint directory of a pqcad run interrupted in its third weight block (2 blocks done)."""
+    out = tmp_path_factory.mktemp("interrupted") / "art"
+    with interrupt_at("weights", 6), pytest.raises(KeyboardInterrupt):
+        compress(_config(small_unet_dir, "pqcad"), out, progress=False)
+    return checkpoint_dir(out)
+
+
+@pytest.fixture
+def pq_copy(interrupted_pq, tmp_path) -> Path:
+    """A fresh copy of `interrupted_pq` next to tmp_path/art; returns the artifact path tmp_path/art."""
+    shutil.copytree(interrupted_pq, tmp_path / interrupted_pq.name)
+    return tmp_path / "art"
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- resume == one run
+@pytest.mark.parametrize("method, weights_call, after, blocks_done", [
+    # time_embedding (8 -> 6 -> 4: 3 calls), conv_in (8 bits: 1 call), then the first resnet's second level
+    ("pqcad", 6, False, 2),
+    ("brecq", 3, True, 2),   # block 3 finishes reconstructing, interrupted before its checkpoint
+])
+def test_resume_equals_an_uninterrupted_run(method, weights_call, after, blocks_done, reference, small_unet_dir,
+                                            tmp_path):
+    config, out, logs = _config(small_unet_dir, method), tmp_path / "art", []
+    ckpt = checkpoint_dir(out)
+    with interrupt_at("weights", weights_call, after), pytest.raises(KeyboardInterrupt) as info:
+        compress(config, out, progress=False)
+    assert str(info.value).startswith(f"interrupted; weights stage, {blocks_done} of ")
+    assert f"saved in {ckpt}: rerun the same command with --resume" in str(info.value)
+    assert_no_artifact(out)
+    state = _checkpoint_state(out)
+    total = state["blocks_total"]
+    assert (state["format"], state["stage"], state["blocks_done"]) == (CHECKPOINT_FORMAT, "weights", blocks_done)
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "calibration.safetensors", "checkpoint.json", f"student-weights-{blocks_done:04d}.safetensors"]
+
+    # resumed, and interrupted again in the activation stage
+    with interrupt_at("activations", 3), pytest.raises(KeyboardInterrupt, match="activations stage, 2 of"):
+        compress(config, out, progress=False, resume=True, log=logs.append)
+    assert logs == [f"resuming from {ckpt}: weights stage, {blocks_done} of {total} blocks done"]
+    assert_no_artifact(out)
+    assert (_checkpoint_state(out)["stage"], _checkpoint_state(out)["blocks_done"]) == ("activations", 2)
+
+    # resumed to the end: the same artifact as one uninterrupted run, and the checkpoint is gone
+    compress(config, out, progress=False, resume=True, log=logs.append)
+    assert logs[1:] == [f"resuming from {ckpt}: activations stage, 2 of {total} blocks done"]
+    assert not ckpt.exists()
+    assert_same_artifact(reference(method), out)
+    report = json.loads((out / "report.json").read_text())
+    stages = report["pq" if method == "pqcad" else "reconstruction"]
+    assert len(stages["activations"]) == total and stages["seconds"]["total"] > 0
+
+
+def test_interrupt_before_the_first_block_leaves_nothing(small_unet_dir, tmp_path):
+    out, logs = tmp_path / "art", []
+    with interrupt_at("weights", 1), pytest.raises(KeyboardInterrupt) as info:
+        compress(_config(small_unet_dir, "pqcad"), out, progress=False, resume=True, log=logs.append)
+    assert str(info.value) == ""  # nothing to resume, a plain interrupt
+    assert logs == [f"--resume: no checkpoint at {checkpoint_dir(out)}; starting from scratch"]
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("change, message", [
+    (dict(seed=1), "belongs to another run (it differs in --seed (0 there, 1 here)); rerun with what it was made"),
+    (dict(method="brecq"), "--method ('pqcad' there, 'brecq' here)"),
+    (dict(method="minmax"), "--method ('pqcad' there, 'minmax' here)"),
+])
+def test_resume_refuses_a_checkpoint_of_another_run(pq_copy, small_unet_dir, change, message):
+    config = dataclasses.replace(_config(small_unet_dir, "pqcad"), **change)
+    before = _tree(pq_copy.parent)
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        compress(config, pq_copy, progress=False, resume=True, log=print)
+    assert str(info.value).endswith("or pass --overwrite without --resume to discard it and start over.")
+    assert _tree(pq_copy.parent) == before
+
+
+def test_resume_refuses_other_model_weights(pq_copy, small_unet_dir, tmp_path):
+    import torch
+    from diffusers import UNet2DModel
+
+    model = tmp_path / "model"
+    shutil.copytree(small_unet_dir, model)
+    unet = UNet2DModel.from_pretrained(str(model))
+    with torch.no_grad():
+        unet.conv_in.bias.add_(1.0)
+    unet.save_pretrained(str(model))
+    config = dataclasses.replace(_config(small_unet_dir, "pqcad"), model=str(model))
+    with pytest.raises(ConfigError, match=r"differs in --model \(.*\), model weights\); rerun"):
+        compress(config, pq_copy, progress=False, resume=True)
+
+
+def test_existing_checkpoint_is_refused_unless_resume_or_overwrite(pq_copy, small_unet_dir, reference):
+    config = _config(small_unet_dir, "pqcad")
+    before = _tree(pq_copy.parent)
+    with pytest.raises(OutputPathError, match="holds the checkpoint of an interrupted compress; pass --resume "
+                                              "to continue it, or --overwrite to discard it and start over."):
+        compress(config, pq_copy, progress=False)
+    assert _tree(pq_copy.parent) == before
+    logs = []
+    compress(config, pq_copy, progress=False, overwrite=True, log=logs.append)
+    assert logs == [f"--overwrite: discarding the checkpoint at {checkpoint_dir(pq_copy)}"]
+    assert not checkpoint_dir(pq_copy).exists()
+    assert_same_artifact(reference("pqcad"), pq_copy)
+
+
+def test_corrupt_checkpoint_is_refused(pq_copy, small_unet_dir):
+    ckpt = checkpoint_dir(pq_copy)
+    student = next(ckpt.glob("student-*.safetensors"))
+    data = bytearray(student.read_bytes())
+    data[-1] ^= 0xFF
+    student.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{student.name} does not match its checksum"):
+        compress(_config(small_unet_dir, "pqcad"), pq_copy, progress=False, resume=True, log=lambda _: None)
+    (ckpt / "checkpoint.json").write_text('{"format": "pqcad-checkpoint", "version": 99}')
+    with pytest.raises(CheckpointError, match="checkpoint version 99; this pqcad-deploy reads up to 1"):
+        compress(_config(small_unet_dir, "pqcad"), pq_copy, progress=False, resume=True, log=lambda _: None)
+
+
+def test_checkpoint_path_that_is_not_a_checkpoint(tmp_path):
+    ckpt = checkpoint_dir(tmp_path / "art")
+    ckpt.mkdir()
+    (ckpt / "notes.txt").write_text("mine")
+    with pytest.raises(OutputPathError, match="holds files that are not a compress checkpoint .first: notes.txt"):
+        check_checkpoint_dir(ckpt, resume=True, overwrite=True)
+    ckpt.rename(tmp_path / "moved")
+    ckpt.write_text("a file")
+    with pytest.raises(OutputPathError, match="exists and is not a directory"):
+        check_checkpoint_dir(ckpt, resume=False, overwrite=False)
+
+
+def test_minmax_resume_runs_from_the_start(small_unet_dir, tmp_path):
+    logs = []
+    compress(_config(small_unet_dir, "minmax"), tmp_path / "art", progress=False, resume=True, log=logs.append)
+    assert logs == ["--resume: minmax has no blocks to resume; running it from the start"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_resume_point_stages():
+    point = ResumePoint(stage="activations", blocks_done=3, blocks_total=7, entries={}, seconds=1.0)
+    assert (point.blocks_done_in("weights"), point.blocks_done_in("activations")) == (7, 3)
+    point = ResumePoint(stage="weights", blocks_done=3, blocks_total=7, entries={}, seconds=1.0)
+    assert (point.blocks_done_in("weights"), point.blocks_done_in("activations")) == (3, 0)
+    assert point.describe() == "weights stage, 3 of 7 blocks done"
+    assert Checkpoint(Path("nowhere"), {}).load() is None
+
+
+# ----------------------------------------------------------------------------- CLI
+def _run_cli(*args: object) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_resume(small_unet_dir, reference, tmp_path):
+    out = tmp_path / "art"
+    args = ["compress", "--model", small_unet_dir, "--method", "pqcad", "--weight-bits", 4, "--preset", "fast",
+            "--teacher-steps", STEPS, "--quiet", "--out", out]
+    with interrupt_at("weights", 6):
+        code, stdout, stderr = _run_cli(*args)
+    assert code == 130 and stdout == ""
+    assert stderr.strip().splitlines() == [
+        f"error: interrupted; weights stage, 2 of {_checkpoint_state(out)['blocks_total']} blocks done, saved in "
+        f"{checkpoint_dir(out)}: rerun the same command with --resume to continue."]
+    code, stdout, stderr = _run_cli(*args)
+    assert code == 1 and "pass --resume to continue it" in stderr
+    code, stdout, stderr = _run_cli(*args, "--resume")
+    assert code == 0, stderr
+    assert stdout.splitlines()[0].startswith(f"resuming from {checkpoint_dir(out)}: weights stage, 2 of ")
+    assert stdout.splitlines()[1].startswith(f"wrote {out} (pqcad W4A8, ")
+    assert not checkpoint_dir(out).exists()
+    assert_same_artifact(reference("pqcad"), out)
