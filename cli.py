@@ -79,6 +79,21 @@ def cli() -> None:
                    "input left in float (no Q/DQ; costs no speed, these layers have 1 input or 1 output "
                    "channel). w8a8: 8-bit weights and inputs. target: the same bits as every other layer. "
                    "Default: target for minmax (the plain baseline), w8-fp-input for brecq and pqcad.")
+@click.option("--act-scale-init", default="minmax", show_default=True,
+              help="brecq / pqcad stage 2: how activation scales start before they are learned: minmax "
+                   "(largest |x| seen), percentile (99.99th of |x|) or mse (clipping with the least "
+                   "quantization error).")
+@click.option("--layer-loss", is_flag=True,
+              help="brecq / pqcad: add the per-layer output errors inside each block to the block "
+                   "reconstruction loss (EDA-DM).")
+@click.option("--timestep-sampling", default=None,
+              help="Calibration timesteps: uniform (evenly spread steps of every trajectory) or normal "
+                   "(drawn from Normal(mean*T, std*T), snapped to the grid; PTQ4DM). Default: normal for "
+                   "pqcad (its C_QC), uniform otherwise.")
+@click.option("--timestep-mean", default=None, type=float,
+              help="With normal timestep sampling: the mean as a fraction of T, in [0, 1] (default 0.4).")
+@click.option("--timestep-std", default=None, type=float,
+              help="With normal timestep sampling: the spread as a fraction of T, > 0 (default 0.3).")
 @click.option("--calibration-selection", default="none", show_default=True,
               help="none: keep every drawn calibration pair. density_diversity: draw "
                    "--calibration-oversample times as many FP trajectories and keep as many pairs as "
@@ -89,8 +104,8 @@ def cli() -> None:
 @_overwrite_option
 @_quiet_option
 def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, device, seed, distill,
-             resume, avg_weight_bits, first_last, calibration_selection, calibration_oversample, overwrite,
-             quiet) -> None:
+             resume, avg_weight_bits, first_last, act_scale_init, layer_loss, timestep_sampling, timestep_mean,
+             timestep_std, calibration_selection, calibration_oversample, overwrite, quiet) -> None:
     """Compress a diffusers UNet2DModel into an artifact (codes, scales, configs, report)."""
     from pqcad_deploy.compress import compress as run_compress
     from pqcad_deploy.config import CompressConfig
@@ -100,13 +115,28 @@ def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, d
                                  param_hint="--calibration-oversample")
     config = CompressConfig(model=model, method=method, weight_bits=weight_bits, act_bits=act_bits,
                             teacher_steps=teacher_steps, preset=preset, device=device, seed=seed,
-                            distill=distill, avg_weight_bits=avg_weight_bits, first_last=first_last)
+                            distill=distill, avg_weight_bits=avg_weight_bits, first_last=first_last,
+                            act_scale_init=act_scale_init, layer_loss=layer_loss)
+    overrides: dict = {}
     if calibration_selection != "none":
+        overrides["selection"] = calibration_selection
+        if calibration_oversample is not None:
+            overrides["selection_oversample"] = calibration_oversample
+    if timestep_sampling is not None:
+        overrides["timestep_sampling"] = timestep_sampling
+    sampling = timestep_sampling or config.calibration_config.timestep_sampling
+    for flag, name, value in (("--timestep-mean", "timestep_mean", timestep_mean),
+                              ("--timestep-std", "timestep_std", timestep_std)):
+        if value is not None:
+            if sampling != "normal":
+                raise click.BadParameter("only applies with normal timestep sampling (pqcad's default, or "
+                                         "--timestep-sampling normal).", param_hint=flag)
+            overrides[name] = value
+    if overrides:
         import dataclasses
 
-        extra = {} if calibration_oversample is None else {"selection_oversample": calibration_oversample}
-        config = dataclasses.replace(config, calibration=dataclasses.replace(
-            config.calibration_config, selection=calibration_selection, **extra))
+        config = dataclasses.replace(config, calibration=dataclasses.replace(config.calibration_config,
+                                                                             **overrides))
     result = run_compress(config, out, overwrite=overwrite, progress=not quiet, resume=resume, log=click.echo)
     mixed = "" if avg_weight_bits is None else f" mixed to <= {avg_weight_bits:g} average weight bits"
     click.echo(f"wrote {result.artifact} ({method} W{weight_bits}A{act_bits}{mixed}, {result.num_quantized_layers} "

@@ -26,6 +26,8 @@ __all__ = [
     "Device",
     "FIRST_LAST_POLICIES",
     "FirstLastPolicy",
+    "ACT_SCALE_INITS",
+    "ActScaleInit",
     "check_choice",
 ]
 
@@ -53,6 +55,10 @@ DEVICES: tuple[str, ...] = ("cpu", "cuda")
 # precision of conv_in / conv_out (pqcad_deploy.layer_precision)
 FirstLastPolicy = Literal["w8-fp-input", "w8a8", "target"]
 FIRST_LAST_POLICIES: tuple[str, ...] = ("w8-fp-input", "w8a8", "target")
+
+# how stage 2 initialises the activation scales before learning them (methods.brecq.calibrate_activations)
+ActScaleInit = Literal["minmax", "percentile", "mse"]
+ACT_SCALE_INITS: tuple[str, ...] = ("minmax", "percentile", "mse")
 
 
 def check_choice(name: str, value: object, allowed: tuple) -> None:

@@ -100,16 +100,18 @@ def _run_method(config: CompressConfig, fp_unet, plan, calibration, batch_size: 
         return minmax_quantize(fp_unet, plan, calibration, batch_size, device, progress), {}
     from pqcad_deploy.reconstruct import PRESET_RECONSTRUCTION
 
-    rcfg = dataclasses.replace(PRESET_RECONSTRUCTION[config.preset], seed=config.seed)
+    rcfg = dataclasses.replace(PRESET_RECONSTRUCTION[config.preset], seed=config.seed,
+                               layer_loss=config.layer_loss)
     if config.method == "brecq":
         from pqcad_deploy.methods.brecq import brecq_quantize
 
         return brecq_quantize(fp_unet, plan, calibration, rcfg, device, progress, capture_batch_size=batch_size,
-                              checkpoint=checkpoint)
+                              checkpoint=checkpoint, act_scale_init=config.act_scale_init)
     from pqcad_deploy.methods.pqcad import PRESET_PQ_RULE, PQConfig, pq_quantize
 
     return pq_quantize(fp_unet, plan, calibration,
-                       PQConfig(reconstruction=rcfg, rule=PRESET_PQ_RULE[config.preset]), device, progress,
+                       PQConfig(reconstruction=rcfg, rule=PRESET_PQ_RULE[config.preset],
+                                act_scale_init=config.act_scale_init), device, progress,
                        capture_batch_size=batch_size, checkpoint=checkpoint)
 
 

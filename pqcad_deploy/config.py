@@ -12,8 +12,9 @@ import math
 from dataclasses import dataclass, field
 
 from pqcad_deploy.choices import (
-    ACT_BITS, CALIBRATION_SELECTIONS, DEVICES, FIRST_LAST_POLICIES, METHODS, PRESETS, TIMESTEP_SAMPLINGS,
-    WEIGHT_BITS, CalibrationSelection, Device, FirstLastPolicy, Method, Preset, TimestepSampling, check_choice,
+    ACT_BITS, ACT_SCALE_INITS, CALIBRATION_SELECTIONS, DEVICES, FIRST_LAST_POLICIES, METHODS, PRESETS,
+    TIMESTEP_SAMPLINGS, WEIGHT_BITS, ActScaleInit, CalibrationSelection, Device, FirstLastPolicy, Method, Preset,
+    TimestepSampling, check_choice,
 )
 from pqcad_deploy.errors import ConfigError
 
@@ -54,10 +55,10 @@ class CalibrationConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"calibration {name} must be a positive integer; got {value!r}.")
-        check_choice("calibration timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
+        check_choice("--timestep-sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
         if not 0.0 <= self.timestep_mean <= 1.0 or not self.timestep_std > 0.0:
             raise ConfigError(
-                f"calibration timestep_mean must be in [0, 1] and timestep_std > 0; "
+                f"--timestep-mean must be in [0, 1] and --timestep-std > 0; "
                 f"got {self.timestep_mean!r}, {self.timestep_std!r}.")
         check_choice("--calibration-selection", self.selection, CALIBRATION_SELECTIONS)
         oversample = self.selection_oversample
@@ -92,6 +93,10 @@ class CompressConfig:
             (quant.mixed_precision); for every method, so the methods compare on one plan.
         first_last: precision of conv_in / conv_out (layer_precision): "w8-fp-input", "w8a8" or
             "target"; None picks the method's default (see :attr:`first_last_policy`).
+        act_scale_init: brecq / pqcad stage 2: how activation scales start before they are learned
+            ("minmax", "percentile" 99.99, "mse" clipping search).
+        layer_loss: brecq / pqcad: add the per-layer output errors inside each block to the block
+            reconstruction loss (EDA-DM).
     """
 
     model: str = "builtin"
@@ -106,6 +111,8 @@ class CompressConfig:
     calibration: CalibrationConfig | None = field(default=None)
     avg_weight_bits: float | None = None
     first_last: FirstLastPolicy | None = None
+    act_scale_init: ActScaleInit = "minmax"
+    layer_loss: bool = False
 
     def __post_init__(self) -> None:
         check_choice("--method", self.method, METHODS)
@@ -125,6 +132,11 @@ class CompressConfig:
         self._check_avg_weight_bits()
         if self.first_last is not None:
             check_choice("--first-last", self.first_last, FIRST_LAST_POLICIES)
+        check_choice("--act-scale-init", self.act_scale_init, ACT_SCALE_INITS)
+        check_choice("--layer-loss", self.layer_loss, (False, True))
+        if self.method == "minmax" and (self.act_scale_init != "minmax" or self.layer_loss):
+            raise ConfigError("--act-scale-init and --layer-loss apply to the learned methods; "
+                              "use --method brecq or --method pqcad, or drop them for minmax.")
 
     def _check_avg_weight_bits(self) -> None:
         value = self.avg_weight_bits

@@ -676,3 +676,32 @@ def test_version_option() -> None:
     result = run_main("--version")
     assert result.code == 0 and "0.1.0" in result.out
     assert os.path.basename(str(SCRIPT)) == "pqcad-deploy" and SCRIPT.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--timestep-mean", "0.3"], "Invalid value for --timestep-mean: only applies with normal timestep sampling"),
+    (["--method", "pqcad", "--timestep-std", "0"], "--timestep-mean must be in [0, 1] and --timestep-std > 0; got 0.4, 0.0."),
+    (["--method", "pqcad", "--timestep-sampling", "sideways"], "--timestep-sampling must be one of uniform, normal; got 'sideways'."),
+    (["--act-scale-init", "mse"], "--act-scale-init and --layer-loss apply to the learned methods"),
+    (["--layer-loss"], "--act-scale-init and --layer-loss apply to the learned methods"),
+    (["--method", "brecq", "--act-scale-init", "p99"], "--act-scale-init must be one of minmax, percentile, mse; got 'p99'."),
+])
+def test_compress_refuses_bad_calibration_and_stage2_options(tmp_path, args, message):
+    out = tmp_path / "art"
+    outcome = run_main("compress", "--out", out, "--preset", "fast", *args)
+    assert outcome.code != 0
+    assert_one_error_line(outcome.err, message)
+    assert not out.exists()
+
+
+def test_compress_calibration_and_stage2_options_reach_the_artifact(tmp_path, small_unet_dir):
+    out = tmp_path / "art"
+    outcome = run_main(
+        "compress", "--model", small_unet_dir, "--out", out, "--preset", "fast", "--method", "brecq",
+        "--teacher-steps", "10", "--quiet", "--timestep-sampling", "normal", "--timestep-mean", "0.2",
+        "--timestep-std", "0.1", "--act-scale-init", "percentile", "--layer-loss")
+    assert outcome.code == 0, outcome.err
+    options = json.loads((out / "artifact.json").read_text())["options"]
+    assert options["act_scale_init"] == "percentile" and options["layer_loss"] is True
+    assert options["calibration"]["timestep_sampling"] == "normal"
+    assert (options["calibration"]["timestep_mean"], options["calibration"]["timestep_std"]) == (0.2, 0.1)

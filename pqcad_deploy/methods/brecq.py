@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pqcad_deploy.calibration.trajectories import CalibrationSet
+from pqcad_deploy.choices import ACT_SCALE_INITS
 from pqcad_deploy.methods.minmax import calibrate_activations_minmax
 from pqcad_deploy.quant import primitives as P
 from pqcad_deploy.quant.replace import LayerBits, quant_layers, swap_in_quant_layers
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 __all__ = ["brecq_quantize", "calibrate_activations", "ACT_SCALE_INITS"]
 
-ACT_SCALE_INITS: tuple[str, ...] = ("minmax", "percentile", "mse")
 _SAMPLES_PER_BATCH = 4096
 
 
@@ -95,6 +95,7 @@ def brecq_quantize(
     capture_batch_size: int = 32,
     on_iteration: OnIteration | None = None,
     checkpoint: Checkpoint | None = None,
+    act_scale_init: str = "minmax",
 ) -> tuple[torch.nn.Module, dict]:
     """Return a fake-quant copy of `fp_unet` reconstructed block by block, and its report.
 
@@ -146,7 +147,8 @@ def brecq_quantize(
         t_weights = time.perf_counter() - started
 
     if resume is None or resume.stage == "weights":  # else the activation scales are checkpointed
-        calibrate_activations_minmax(student, calibration, capture_batch_size, device, progress)
+        calibrate_activations(student, calibration, capture_batch_size, init=act_scale_init, device=device,
+                              progress=progress, seed=config.seed)
     if config.act_iters > 0:
         reconstruct_model(
             fp_unet, student, calibration, config, stage="activations",

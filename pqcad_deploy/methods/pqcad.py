@@ -50,7 +50,7 @@ class PQConfig:
     reconstruction: ReconstructionConfig
     rule: TransitionRule
     ladder: tuple[int, ...] | None = None
-    act_scale_init: str = "minmax"  # "minmax" | "percentile" | "mse" (methods.brecq.ACT_SCALE_INITS)
+    act_scale_init: str = "minmax"  # "minmax" | "percentile" | "mse" (choices.ACT_SCALE_INITS)
 
 
 def pq_quantize(

@@ -115,6 +115,7 @@ def test_config_to_dict_compress():
         "weight_bits": 4, "act_bits": 8, "teacher_steps": 10, "preset": "fast", "device": "cpu",
         "seed": 3, "distill": False, "avg_weight_bits": None,
         "first_last": "target",  # the effective policy (minmax's default) is recorded
+        "act_scale_init": "minmax", "layer_loss": False,
         # the effective calibration is recorded even when it came from the preset
         "calibration": {"num_trajectories": 4, "timesteps_kept": 8, "batch_size": 4,
                         "timestep_sampling": "uniform", "timestep_mean": 0.4, "timestep_std": 0.3,
