@@ -1,0 +1,276 @@
+"""CAD: quantization-aware distillation of the PQ student to half the DDIM steps (method.md section 3).
+
+Each iteration draws a batch of (x_t, t) from C_DC; the FP teacher's two DDIM steps t -> t' -> t''
+give x0_target (computed once for the whole set up front: the teacher is frozen and the set is fixed,
+so this is identical to computing it per batch and costs 2 teacher passes per pair instead of per
+draw); the student's eps at (x_t, t) gives x0_pred; the loss is mean_b w(t_b) * mean((x0_pred -
+x0_target)^2) with the truncated-SNR weight max(SNR, 1), plus optionally ``rdd_weight`` times the
+relational term (RDD): the mean squared difference of the batch's pairwise cosine-similarity matrices
+of the flattened student x0_pred and teacher x0_target.
+
+What is trained (quantization-aware training): the latent weights of every QuantConv2d / QuantLinear
+(the straight-through estimator of ``primitives.round_ste`` passes gradients through the rounding,
+and clamping zeroes them for saturated codes), their per-channel weight scales and the per-tensor
+scales of every quantizing input quantizer (LSQ gradients; clamped positive after each step), and, by
+default, every other float parameter of the student (biases, norms, time embedding, unquantized
+layers): they ship in float in the artifact anyway, so there is no reason to hold them back, and the
+student must learn a new function (two steps in one), not only undo quantization error.
+Float inputs (``bits=None``) have no scale and are left alone.
+
+Codes after training: round to nearest is deterministic, so ``weight_quantizer.codes(weight)`` of the
+trained latent weight is exactly what the student computed with; nothing has to be hardened (no
+AdaRound logits are used here; a student that still has them is refused).
+
+Resume: ``on_checkpoint(state)`` is called every ``checkpoint_every`` iterations with a self-contained
+state (student state dict, optimizer state, the batch generator's state, the losses so far);
+``distill(..., resume=state)`` continues from it and gives the same result as an uninterrupted run
+(bitwise on the same machine: the only randomness is the generator that draws the batches).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pqcad_deploy.distill.dc import DCSet
+from pqcad_deploy.distill.grid import DistillGrid, distill_grid
+from pqcad_deploy.distill.target import (DDIMCoefficients, predict_x0, teacher_target,
+                                         truncated_snr_weight)
+from pqcad_deploy.errors import ConfigError
+from pqcad_deploy.quant.replace import quant_layers
+
+__all__ = ["DistillConfig", "PRESET_DISTILL", "DistillReport", "TrainableGroups", "trainable_groups",
+           "compute_targets", "rdd_loss", "distill_loss", "distill"]
+
+_MIN_SCALE = 1e-8
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Settings of CAD.
+
+    Args:
+        iters: Adam iterations.
+        batch_size: C_DC pairs per iteration (drawn with replacement).
+        lr: Adam learning rate of the latent weights and the other float parameters.
+        scale_lr: learning rate of the weight scales, relative to each layer's mean scale.
+        act_scale_lr: learning rate of the activation scales, relative to the scale.
+        train_other: also train the student's unquantized float parameters (module docstring).
+        rdd_weight: weight of the relational (RDD) term; 0 disables it.
+        grad_clip: max global gradient norm (None: no clipping); guards against the large SNR
+            weights near t = 0.
+        checkpoint_every: iterations between ``on_checkpoint`` calls (0: never).
+        seed: seeds the batch draws.
+    """
+
+    iters: int = 2000
+    batch_size: int = 16
+    lr: float = 1e-5
+    scale_lr: float = 1e-4
+    act_scale_lr: float = 1e-3
+    train_other: bool = True
+    rdd_weight: float = 0.0
+    grad_clip: float | None = 1.0
+    checkpoint_every: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("iters", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"distillation {name} must be a positive integer; got {value!r}.")
+        for name in ("lr", "scale_lr", "act_scale_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"distillation {name} must be a non-negative number; got {value!r}.")
+        if not (isinstance(self.rdd_weight, (int, float)) and self.rdd_weight >= 0):
+            raise ConfigError(f"distillation rdd_weight must be >= 0; got {self.rdd_weight!r}.")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"distillation grad_clip must be positive or None; got {self.grad_clip!r}.")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ConfigError(f"distillation checkpoint_every must be >= 0; got {self.checkpoint_every!r}.")
+
+
+PRESET_DISTILL: dict[str, DistillConfig] = {
+    "fast": DistillConfig(iters=100, batch_size=8),
+    "default": DistillConfig(iters=2000, batch_size=16),
+}
+
+
+@dataclass
+class DistillReport:
+    """What CAD did: per-iteration losses, wall time, the config and the grids."""
+
+    losses: list[float]
+    seconds: float
+    config: dict
+    grid: dict
+    resumed_from: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainableGroups:
+    """The student's trainable tensors, named so optimizer groups are built in a fixed order."""
+
+    weights: list[nn.Parameter]
+    weight_scales: list[nn.Parameter]
+    act_scales: list[nn.Parameter]
+    other: list[nn.Parameter]
+
+    def scales(self) -> list[nn.Parameter]:
+        return self.weight_scales + self.act_scales
+
+
+def trainable_groups(student: nn.Module, train_other: bool) -> TrainableGroups:
+    """Collect (and mark requires_grad) what CAD trains; freeze the rest.
+
+    Raises:
+        ConfigError: if a quantizer still has AdaRound logits (harden them first).
+    """
+    layers = quant_layers(student)
+    weights, w_scales, a_scales = [], [], []
+    for name, layer in layers.items():
+        if layer.weight_quantizer.adaround_enabled:
+            raise ConfigError(f"layer {name!r} still has AdaRound logits; harden them before distillation.")
+        weights.append(layer.weight)
+        w_scales.append(layer.weight_quantizer.scale)
+        if layer.input_quantizer.quantizes and layer.input_quantizer.enabled:
+            a_scales.append(layer.input_quantizer.scale)
+    chosen = {id(p) for p in weights + w_scales + a_scales}
+    other = [p for p in student.parameters() if id(p) not in chosen] if train_other else []
+    trained = chosen | {id(p) for p in other}
+    for p in student.parameters():
+        p.requires_grad_(id(p) in trained)
+    return TrainableGroups(weights, w_scales, a_scales, other)
+
+
+def _optimizer(groups: TrainableGroups, config: DistillConfig) -> torch.optim.Adam:
+    param_groups = [{"params": groups.weights + groups.other, "lr": config.lr}]
+    param_groups += [{"params": [s], "lr": config.scale_lr * float(s.detach().mean())} for s in groups.weight_scales]
+    param_groups += [{"params": [s], "lr": config.act_scale_lr * float(s.detach())} for s in groups.act_scales]
+    return torch.optim.Adam(param_groups)
+
+
+@torch.no_grad()
+def compute_targets(teacher: nn.Module, dc_set: DCSet, grid: DistillGrid, coeffs: DDIMCoefficients,
+                    batch_size: int, device: str = "cpu", progress: bool = False) -> torch.Tensor:
+    """x0_target (float32, on the CPU) of every C_DC pair, from the FP teacher's DDIM steps."""
+    out = []
+    starts = range(0, len(dc_set), batch_size)
+    for start in tqdm(starts, desc="teacher targets", unit="batch", disable=not progress):
+        x = dc_set.x[start:start + batch_size].to(device)
+        t = dc_set.t[start:start + batch_size].to(device)
+        out.append(teacher_target(teacher, x, t, grid, coeffs)[0].to(torch.float32).cpu())
+    return torch.cat(out)
+
+
+def rdd_loss(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
+    """Relational distillation: MSE between the batch's pairwise cosine-similarity matrices.
+
+    It asks the student to keep how the samples of a batch relate to each other (seed 002's RDD),
+    which the per-sample MSE does not see; 0 for a batch of one.
+    """
+    s = nn.functional.normalize(student_out.flatten(1), dim=1)
+    t = nn.functional.normalize(teacher_out.flatten(1), dim=1)
+    return (s @ s.T - t @ t.T).pow(2).mean()
+
+
+def distill_loss(student: nn.Module, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
+                 coeffs: DDIMCoefficients, rdd_weight: float = 0.0) -> torch.Tensor:
+    """mean_b max(SNR_t, 1) * mean((x0_pred - x0_target)^2) (+ rdd_weight * RDD), float32."""
+    alpha, sigma = (v.to(x_t.dtype) for v in coeffs.alpha_sigma(t))
+    eps = student(x_t, t.to(x_t.dtype)).sample
+    x0_pred = predict_x0(x_t, eps, alpha, sigma)
+    weight = truncated_snr_weight(alpha, sigma)
+    loss = (weight * (x0_pred - target).pow(2).flatten(1).mean(dim=1)).mean()
+    if rdd_weight > 0:
+        loss = loss + rdd_weight * rdd_loss(x0_pred, target)
+    return loss
+
+
+OnCheckpoint = Callable[[dict], None]
+
+
+def _state(iteration: int, student: nn.Module, optimizer: torch.optim.Optimizer,
+           generator: torch.Generator, losses: list[float]) -> dict:
+    return {"iteration": iteration, "student": copy.deepcopy(student.state_dict()),
+            "optimizer": copy.deepcopy(optimizer.state_dict()), "generator": generator.get_state().clone(),
+            "losses": list(losses)}
+
+
+def distill(student: nn.Module, teacher: nn.Module, scheduler_config: dict, teacher_steps: int,
+            dc_set: DCSet, config: DistillConfig, device: str = "cpu", progress: bool = True,
+            on_checkpoint: OnCheckpoint | None = None, resume: dict | None = None,
+            ) -> tuple[nn.Module, DistillReport]:
+    """Train the fake-quant `student` in place to take one DDIM step where the FP teacher takes two.
+
+    Args:
+        student: the PQ (or min-max) fake-quant UNet; modified in place and returned.
+        teacher: the FP UNet (frozen; never modified).
+        scheduler_config: the model's DDIM config.
+        teacher_steps: N, the teacher's DDIM steps; the student samples on N/2 (``distill_grid``).
+        dc_set: C_DC, drawn on the same grid.
+        config: see :class:`DistillConfig`.
+        on_checkpoint: called with a resumable state every ``config.checkpoint_every`` iterations.
+        resume: such a state; training continues from its iteration.
+
+    Returns:
+        (student, report); the student is in eval mode with every parameter's requires_grad off.
+    """
+    started = time.perf_counter()
+    grid = distill_grid(scheduler_config, teacher_steps)
+    unknown = set(dc_set.t.unique().tolist()) - set(grid.student)
+    if unknown:
+        raise ConfigError(f"C_DC has timesteps {sorted(unknown)} that are not on the student grid.")
+    coeffs = DDIMCoefficients.from_config(scheduler_config)
+    teacher.eval()
+    targets = compute_targets(teacher, dc_set, grid, coeffs, config.batch_size, device, progress)
+    student.eval()  # no dropout: the only randomness is the batch generator (bitwise resume)
+    groups = trainable_groups(student, config.train_other)
+    optimizer = _optimizer(groups, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []
+    start = 0
+    if resume is not None:
+        student.load_state_dict(resume["student"])
+        optimizer.load_state_dict(resume["optimizer"])
+        generator.set_state(resume["generator"])
+        losses, start = list(resume["losses"]), int(resume["iteration"])
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    bar = tqdm(range(start, config.iters), desc="CAD distillation", unit="it", disable=not progress,
+               initial=start, total=config.iters)
+    for it in bar:
+        index = torch.randint(0, len(dc_set), (config.batch_size,), generator=generator)
+        x, t = dc_set.x[index].to(device), dc_set.t[index].to(device)
+        loss = distill_loss(student, x, t, targets[index].to(device), coeffs, config.rdd_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+        optimizer.step()
+        with torch.no_grad():  # keep scales positive
+            for s in groups.scales():
+                s.clamp_(min=_MIN_SCALE)
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        if on_checkpoint is not None and config.checkpoint_every and (it + 1) % config.checkpoint_every == 0:
+            on_checkpoint(_state(it + 1, student, optimizer, generator, losses))
+    bar.close()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    student.eval()
+    report = DistillReport(losses=losses, seconds=time.perf_counter() - started, config=asdict(config),
+                           grid=grid.to_dict(), resumed_from=start if resume is not None else None,
+                           extra={"dc": dc_set.description})
+    return student, report

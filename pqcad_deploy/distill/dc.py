@@ -1,0 +1,153 @@
+"""C_DC, the distillation calibration set (method.md section 1): (x_t, t) pairs for CAD.
+
+t is drawn uniformly over the student's grid, *stratified*: with K student steps and M pairs every
+step gets floor(M/K) pairs and M mod K seeded-random steps one more, so the histogram is uniform up to
+one count instead of up to sampling noise. All K student steps are included, the last one too: the
+student runs it at sampling time, and its target (the teacher's step(s) to past 0) is well defined.
+
+x_t comes from one of two FP sources, both data-free:
+- "trajectories": FP DDIM trajectories on the teacher's N-step grid from seeded noise, read at the
+  student timesteps (the points the student will actually visit; distinct trajectories per step).
+- "noise_injection": the same trajectories' final samples x_0, pushed forward with q(x_t | x_0) =
+  N(alpha_t x_0, sigma_t^2 I) with fresh seeded noise (more diversity off the teacher's own paths).
+Then each x_t gets an extra Gaussian perturbation of std `perturbation * sigma_t` (method.md: 0.01-0.05
+of sigma_t) so the student also sees the neighbourhood of the trajectory.
+
+Deterministic for a seed: every draw comes from one seeded ``torch.Generator`` in a fixed order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from pqcad_deploy.distill.grid import DistillGrid
+from pqcad_deploy.distill.target import DDIMCoefficients
+from pqcad_deploy.errors import ConfigError
+from pqcad_deploy.schedule import make_ddim_scheduler
+
+__all__ = ["DC_SOURCES", "DCSource", "DCConfig", "DCSet", "stratified_timesteps", "collect_dc"]
+
+DCSource = Literal["trajectories", "noise_injection"]
+DC_SOURCES: tuple[str, ...] = ("trajectories", "noise_injection")
+
+
+@dataclass(frozen=True)
+class DCConfig:
+    """How C_DC is drawn.
+
+    Args:
+        size: number of (x_t, t) pairs.
+        source: "trajectories" or "noise_injection" (module docstring).
+        perturbation: std of the extra Gaussian perturbation as a fraction of sigma_t (0: none).
+        batch_size: trajectories run together.
+        seed: seeds the noise, the timestep assignment and the perturbation.
+    """
+
+    size: int = 512
+    source: DCSource = "trajectories"
+    perturbation: float = 0.02
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("size", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"C_DC {name} must be a positive integer; got {value!r}.")
+        if self.source not in DC_SOURCES:
+            raise ConfigError(f"C_DC source must be one of {', '.join(DC_SOURCES)}; got {self.source!r}.")
+        if not (isinstance(self.perturbation, (int, float)) and 0 <= self.perturbation < 1
+                and math.isfinite(self.perturbation)):
+            raise ConfigError("C_DC perturbation must be in [0, 1) (a fraction of sigma_t); "
+                              f"got {self.perturbation!r}.")
+
+
+@dataclass
+class DCSet:
+    """C_DC pairs: x float32 [M, C, H, W], t int64 [M] on the student grid, and what was drawn.
+
+    `x0` holds, for "noise_injection", the clean FP sample each x_t was noised from (None otherwise);
+    it is kept for checks and reports, the distillation itself never reads it.
+    """
+
+    x: torch.Tensor
+    t: torch.Tensor
+    description: dict
+    x0: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+def stratified_timesteps(student: tuple[int, ...], size: int, generator: torch.Generator) -> torch.Tensor:
+    """`size` int64 timesteps, each student step floor(size/K) or one more times, in seeded random order."""
+    k = len(student)
+    counts = torch.full((k,), size // k, dtype=torch.int64)
+    counts[torch.randperm(k, generator=generator)[: size % k]] += 1
+    t = torch.repeat_interleave(torch.tensor(student, dtype=torch.int64), counts)
+    return t[torch.randperm(size, generator=generator)]
+
+
+@torch.no_grad()
+def _fp_trajectories(unet: torch.nn.Module, scheduler_config: dict, grid: DistillGrid, noise: torch.Tensor,
+                     batch_size: int, device: str, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP DDIM (eta 0) on the teacher grid: x at every student timestep [n, K, ...] and final x_0 [n, ...]."""
+    scheduler = make_ddim_scheduler(scheduler_config, len(grid.teacher))
+    position = {t: k for k, t in enumerate(grid.student)}
+    n = noise.shape[0]
+    at_student = torch.empty((n, len(grid.student), *noise.shape[1:]), dtype=torch.float32)
+    final = torch.empty_like(noise)
+    n_batches = (n + batch_size - 1) // batch_size
+    bar = tqdm(total=n_batches * len(grid.teacher), desc="C_DC trajectories", unit="step", disable=not progress)
+    for start in range(0, n, batch_size):
+        x = noise[start:start + batch_size].to(device)
+        for t in scheduler.timesteps:
+            if int(t) in position:
+                at_student[start:start + x.shape[0], position[int(t)]] = x.cpu()
+            t_batch = torch.full((x.shape[0],), float(t), device=device)
+            x = scheduler.step(unet(x, t_batch).sample, t, x, eta=0.0).prev_sample
+            bar.update(1)
+        final[start:start + x.shape[0]] = x.cpu()
+    bar.close()
+    return at_student, final
+
+
+def collect_dc(unet: torch.nn.Module, scheduler_config: dict, grid: DistillGrid,
+               image_shape: tuple[int, int, int], config: DCConfig, device: str = "cpu",
+               progress: bool = True) -> DCSet:
+    """Draw C_DC with the FP model (module docstring).
+
+    Runs ceil(size / K) FP trajectories (K student steps), enough for distinct trajectories at each
+    step; noise injection reuses their final samples as its x_0 pool.
+    """
+    k = len(grid.student)
+    generator = torch.Generator().manual_seed(config.seed)
+    n_traj = -(-config.size // k)
+    noise = torch.randn((n_traj, *image_shape), generator=generator)
+    t = stratified_timesteps(grid.student, config.size, generator)
+    at_student, final = _fp_trajectories(unet, scheduler_config, grid, noise, config.batch_size, device, progress)
+    coeffs = DDIMCoefficients.from_config(scheduler_config)
+    alpha, sigma = (v.to(torch.float32).reshape(-1, 1, 1, 1) for v in coeffs.alpha_sigma(t))
+    position = {s: i for i, s in enumerate(grid.student)}
+    x0 = None
+    if config.source == "trajectories":
+        # distinct trajectories for the pairs of one step: a seeded permutation per step
+        traj = torch.empty(config.size, dtype=torch.int64)
+        for s in grid.student:
+            rows = (t == s).nonzero().flatten()
+            traj[rows] = torch.randperm(n_traj, generator=generator)[: rows.numel()]
+        x = at_student[traj, torch.tensor([position[int(s)] for s in t.tolist()], dtype=torch.int64)]
+    else:
+        x0 = final[torch.randint(0, n_traj, (config.size,), generator=generator)]
+        x = alpha * x0 + sigma * torch.randn(x0.shape, generator=generator)
+    if config.perturbation > 0:
+        x = x + config.perturbation * sigma * torch.randn(x.shape, generator=generator)
+    description = {"source": config.source, "config": asdict(config), "trajectories": n_traj,
+                   "student_timesteps": list(grid.student), "teacher_steps": len(grid.teacher),
+                   "stratified": True}
+    return DCSet(x=x.contiguous(), t=t, description=description, x0=x0)
