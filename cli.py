@@ -53,7 +53,7 @@ def cli() -> None:
               help="Compression method. minmax: fixed-bit symmetric PTQ (per-channel weights, per-tensor "
                    "activations). brecq: block reconstruction at fixed bits (AdaRound rounding, learned "
                    "scales). pqcad: PQ, block reconstruction down a bit ladder (8 -> 6 -> 4) with "
-                   "momentum-based transitions, first/last conv at 8 bits (distillation: not yet).")
+                   "momentum-based transitions, first/last conv at 8-bit weights. Add --distill for CAD.")
 @click.option("--weight-bits", default=8, show_default=True, type=int, help="Weight bits of every quantized layer: 8 or 4.")
 @click.option("--act-bits", default=8, show_default=True, type=int, help="Activation bits of every quantized layer: 8 or 4.")
 @click.option("--teacher-steps", default=100, show_default=True, type=int,
@@ -63,8 +63,10 @@ def cli() -> None:
 @click.option("--device", default="cpu", show_default=True, help="Where the PyTorch work runs: cpu or cuda.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration noise; same seed, same artifact.")
 @click.option("--distill/--no-distill", default=False, show_default=True,
-              help="CAD distillation to half the steps. Not available yet: artifacts are undistilled and "
-                   "sample with the teacher's steps.")
+              help="CAD: after quantization, distil the student against the FP teacher to sample in half "
+                   "the teacher's steps (needs an even --teacher-steps); the artifact records the student's "
+                   "timesteps and sample uses them with no flag. Off by default until measured; not "
+                   "checkpointed yet (--resume reruns the distillation).")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted brecq / pqcad run from its per-block checkpoint OUT.checkpoint/ "
                    "(same options needed; the artifact equals an uninterrupted run's). Without a checkpoint, "

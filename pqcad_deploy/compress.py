@@ -216,6 +216,9 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
     report.update(plan_report)
     report["method"] = config.method
     timesteps = ddim_timesteps(loaded.scheduler_config, config.teacher_steps)
+    if config.distill:
+        student, report["distillation"], timesteps = _distill(config, student, fp_unet, loaded.scheduler_config,
+                                                             image_shape, device, progress)
     layers = {name: LayerRecord(kind=r["kind"], weight_bits=r["weight_bits"], act_bits=r["act_bits"],
                                 weight_shape=list(quant_layers(student)[name].weight.shape))
               for name, r in report["layers"].items()}
@@ -229,9 +232,9 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
         prediction_type=loaded.scheduler_config.get("prediction_type", "epsilon"),
         image_shape=list(image_shape),
         teacher_steps=config.teacher_steps,
-        student_steps=config.teacher_steps,
+        student_steps=len(timesteps),
         student_timesteps=timesteps,
-        distilled=False,
+        distilled=config.distill,
         layers=layers,
         calibration=calibration.description,
         provenance=provenance(config.seed, loaded.source, loaded.unet_dir),
@@ -241,6 +244,29 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
     checkpoint.remove()
     return CompressResult(artifact=out, seconds=time.perf_counter() - started,
                           noise_pred_sqnr_db=report["noise_pred_sqnr_db"], num_quantized_layers=len(layers))
+
+
+def _distill(config: CompressConfig, student: torch.nn.Module, fp_unet: torch.nn.Module, scheduler_config: dict,
+             image_shape: tuple[int, int, int], device: str, progress: bool) -> tuple[torch.nn.Module, dict, list[int]]:
+    """CAD: distil the quantized student to N/2 steps against the FP teacher; (student, report, timesteps).
+
+    Not checkpointed yet: after an interruption `--resume` resumes the quantization blocks and reruns
+    the distillation from its start.
+    """
+    from pqcad_deploy.distill.cad import PRESET_DISTILL, distill
+    from pqcad_deploy.distill.dc import DCConfig, collect_dc
+    from pqcad_deploy.distill.grid import distill_grid
+
+    grid = distill_grid(scheduler_config, config.teacher_steps)
+    dcfg = dataclasses.replace(PRESET_DISTILL[config.preset], seed=config.seed)
+    dc_set = collect_dc(fp_unet, scheduler_config, grid, image_shape,
+                        DCConfig(size=_DC_SIZE[config.preset], seed=config.seed), device=device, progress=progress)
+    student, report = distill(student, fp_unet, scheduler_config, config.teacher_steps, dc_set, dcfg, device=device,
+                              progress=progress)
+    return student, report.to_dict(), [int(t) for t in grid.student]
+
+
+_DC_SIZE = {"fast": 64, "default": 1024}  # C_DC pairs per preset
 
 
 def _jsonable(value):

@@ -85,7 +85,8 @@ class CompressConfig:
         preset: "fast" (tests and demos, under a minute on a CPU) or "default".
         device: where the PyTorch work runs.
         seed: seeds the calibration noise; the same seed gives the same artifact.
-        distill: CAD distillation to half the steps (not implemented yet: must be False).
+        distill: CAD, distillation to half the steps (pqcad_deploy.distill); off by default until
+            its quality is measured (docs/RESULTS.md).
         calibration: overrides the preset's calibration set when given.
         avg_weight_bits: None (off) or a budget of parameter-weighted average weight bits in
             (weight_bits, 8]: the first and last conv stay at 8 bits and the most outlier-heavy
@@ -124,11 +125,9 @@ class CompressConfig:
             raise ConfigError(f"--teacher-steps must be an integer in [2, 1000]; got {self.teacher_steps!r}.")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer; got {self.seed!r}.")
-        if self.distill:
-            raise ConfigError(
-                "distillation (CAD) is not available yet; pass --no-distill "
-                "(the artifact then samples with the teacher's steps)."
-            )
+        if self.distill and self.teacher_steps % 2:
+            raise ConfigError(f"--distill halves the teacher's steps: --teacher-steps must be even; "
+                              f"got {self.teacher_steps}.")
         self._check_avg_weight_bits()
         if self.first_last is not None:
             check_choice("--first-last", self.first_last, FIRST_LAST_POLICIES)

@@ -369,7 +369,7 @@ def test_compress_refuses_bad_models(make, fragments, small_unet_dir: Path, tmp_
     (["--method", "nope"], ("--method", "minmax", "'nope'")),
     (["--preset", "nope"], ("--preset", "fast, default", "'nope'")),
     (["--device", "nope"], ("--device", "cpu, cuda", "'nope'")),
-    (["--distill"], ("distillation", "not available", "--no-distill")),
+    (["--distill", "--teacher-steps", "25"], ("--distill halves the teacher's steps", "even", "25")),
     (["--teacher-steps", "1"], ("--teacher-steps", "[2, 1000]")),
     (["--weight-bits", "4", "--avg-weight-bits", "3.5"], ("--avg-weight-bits", "(4, 8]", "3.5")),
     (["--weight-bits", "4", "--avg-weight-bits", "nan"], ("--avg-weight-bits", "(4, 8]", "nan")),

@@ -85,10 +85,10 @@ def test_seed_validation(bad):
         CompressConfig(seed=bad)
 
 
-def test_distill_is_refused_with_the_flag_to_pass():
-    with pytest.raises(ConfigError) as exc:
-        CompressConfig(distill=True)
-    assert "--no-distill" in str(exc.value) and "not available" in str(exc.value)
+def test_distill_needs_an_even_number_of_teacher_steps():
+    assert CompressConfig(distill=True, teacher_steps=10).distill
+    with pytest.raises(ConfigError, match=r"^--distill halves the teacher's steps: --teacher-steps must be even; got 9"):
+        CompressConfig(distill=True, teacher_steps=9)
 
 
 @pytest.mark.parametrize("field", ["num_trajectories", "timesteps_kept", "batch_size"])

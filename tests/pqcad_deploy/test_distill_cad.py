@@ -84,3 +84,36 @@ def test_resume_equals_uninterrupted_run(setup):
     assert full_state.keys() == resumed_state.keys()
     for key in full_state:
         assert torch.equal(full_state[key], resumed_state[key]), key
+
+
+def test_compress_distill_carries_the_student_timesteps_to_the_sampler(small_unet_dir, tmp_path):
+    """compress --distill -> export -> build-engine -> sample runs the N/2 student steps with no flag."""
+    import json
+
+    from converters.export_onnx import export_onnx
+    from engines.build import build_onnxruntime_engine
+    from engines.generate import open_runner
+    from engines.sampler import sample_images
+    from pqcad_deploy.compress import compress
+    from pqcad_deploy.config import CompressConfig
+    from pqcad_deploy.distill.grid import distill_grid
+    from pqcad_deploy.models import load_model
+
+    art = tmp_path / "art"
+    compress(CompressConfig(model=str(small_unet_dir), method="minmax", weight_bits=8, act_bits=8, teacher_steps=10,
+                            preset="fast", distill=True), art, progress=False)
+    manifest = json.loads((art / "artifact.json").read_text())
+    expected = list(distill_grid(load_model(str(small_unet_dir)).scheduler_config, 10).student)
+    assert manifest["distilled"] is True and manifest["teacher_steps"] == 10
+    assert manifest["student_steps"] == 5 and manifest["student_timesteps"] == expected
+    report = json.loads((art / "report.json").read_text())
+    assert len(report["distillation"]["losses"]) == 100  # the fast preset's iterations
+
+    onnx_path = tmp_path / "m.onnx"
+    export_onnx(art, onnx_path)
+    engine_dir = tmp_path / "engine"
+    build_onnxruntime_engine(onnx_path, engine_dir)
+    runner, engine_manifest = open_runner(engine_dir)
+    assert list(engine_manifest.onnx.student_timesteps) == expected
+    result = sample_images(runner, engine_manifest, n=2, seed=0, progress=False)
+    assert list(result.timesteps) == expected and result.images.shape[0] == 2
