@@ -22,18 +22,52 @@ def _segments(report: dict) -> list[dict]:
     return []
 
 
+def _distillation_losses(report: dict) -> list[float]:
+    return list((report.get("distillation") or {}).get("losses") or [])
+
+
 def has_curves(report: dict) -> bool:
-    return any(seg.get("losses") for seg in _segments(report))
+    return any(seg.get("losses") for seg in _segments(report)) or bool(_distillation_losses(report))
 
 
 def plot_reconstruction_report(report: dict, path: Path) -> Path:
-    """Draw the weight-stage loss curves of a brecq or pqcad report into `path` (PNG)."""
+    """Draw the report's curves into `path` (PNG): one 12 x 4 in panel each for the weight-stage
+    reconstruction (brecq, pqcad) and the CAD distillation loss, stacked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(12, 4), dpi=100)
+    reconstruction = any(seg.get("losses") for seg in _segments(report))
+    distillation = _distillation_losses(report)
+    panels = int(reconstruction) + int(bool(distillation))
+    fig, axes = plt.subplots(panels, 1, figsize=(12, 4 * panels), dpi=100, squeeze=False)
+    if reconstruction:
+        _plot_reconstruction(axes[0][0], report)
+    if distillation:
+        _plot_distillation(axes[-1][0], distillation)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def _plot_distillation(ax, losses: list[float]) -> None:
+    ax.plot(range(len(losses)), [max(v, 1e-12) for v in losses], color="tab:green", linewidth=0.8,
+            label="per-batch loss")
+    window = max(1, len(losses) // 50)
+    if window > 1:
+        smooth = [sum(losses[i:i + window]) / window for i in range(len(losses) - window + 1)]
+        ax.plot(range(window - 1, len(losses)), [max(v, 1e-12) for v in smooth], color="black", linewidth=1.0,
+                label=f"mean of {window}")
+    ax.set_yscale("log")
+    ax.set_xlabel("distillation iterations")
+    ax.set_ylabel("truncated-SNR weighted x0 loss")
+    ax.set_title("CAD distillation: one student step against two FP teacher steps")
+    ax.legend(loc="upper right")
+
+
+def _plot_reconstruction(ax, report: dict) -> None:
     x0 = 0
     previous_block = None
     seen_bits: set[int] = set()
@@ -56,7 +90,3 @@ def plot_reconstruction_report(report: dict, path: Path) -> Path:
     ax.set_title(f"{report.get('method', '')} weight reconstruction" +
                  (": colour changes are bit transitions" if "pq" in report else ""))
     ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return Path(path)

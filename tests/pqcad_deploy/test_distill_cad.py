@@ -108,6 +108,10 @@ def test_compress_distill_carries_the_student_timesteps_to_the_sampler(small_une
     assert manifest["student_steps"] == 5 and manifest["student_timesteps"] == expected
     report = json.loads((art / "report.json").read_text())
     assert len(report["distillation"]["losses"]) == 100  # the fast preset's iterations
+    from PIL import Image
+
+    with Image.open(art / "report.png") as image:  # minmax has no reconstruction: the CAD panel alone
+        assert image.format == "PNG" and image.size == (1200, 400)
 
     onnx_path = tmp_path / "m.onnx"
     export_onnx(art, onnx_path)
@@ -117,3 +121,17 @@ def test_compress_distill_carries_the_student_timesteps_to_the_sampler(small_une
     assert list(engine_manifest.onnx.student_timesteps) == expected
     result = sample_images(runner, engine_manifest, n=2, seed=0, progress=False)
     assert list(result.timesteps) == expected and result.images.shape[0] == 2
+
+
+def test_report_plot_stacks_reconstruction_and_distillation_panels(tmp_path):
+    from PIL import Image
+
+    from pqcad_deploy.report_plot import has_curves, plot_reconstruction_report
+
+    report = {"method": "pqcad",
+              "pq": {"weights": [{"name": "b0", "bits": 8, "losses": [1.0, 0.5, 0.4]},
+                                 {"name": "b0", "bits": 4, "losses": [0.9, 0.6]}]},
+              "distillation": {"losses": [float(v) for v in range(200, 0, -1)]}}
+    assert has_curves(report) and has_curves({"distillation": {"losses": [1.0]}}) and not has_curves({})
+    with Image.open(plot_reconstruction_report(report, tmp_path / "r.png")) as image:
+        assert image.size == (1200, 800)
