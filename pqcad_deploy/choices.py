@@ -25,6 +25,7 @@ __all__ = [
     "DEVICES",
     "Device",
     "FIRST_LAST_POLICIES",
+    "FIRST_LAST_DEFAULTS",
     "FirstLastPolicy",
     "ACT_SCALE_INITS",
     "ActScaleInit",
@@ -55,6 +56,8 @@ DEVICES: tuple[str, ...] = ("cpu", "cuda")
 # precision of conv_in / conv_out (pqcad_deploy.layer_precision)
 FirstLastPolicy = Literal["w8-fp-input", "w8a8", "target"]
 FIRST_LAST_POLICIES: tuple[str, ...] = ("w8-fp-input", "w8a8", "target")
+# minmax stays the plain baseline; the reconstruction methods keep the float inputs
+FIRST_LAST_DEFAULTS: dict[str, str] = {"minmax": "target", "brecq": "w8-fp-input", "pqcad": "w8-fp-input"}
 
 # how stage 2 initialises the activation scales before learning them (methods.brecq.calibrate_activations)
 ActScaleInit = Literal["minmax", "percentile", "mse"]

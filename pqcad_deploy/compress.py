@@ -254,19 +254,17 @@ def _distill(config: CompressConfig, student: torch.nn.Module, fp_unet: torch.nn
     the distillation from its start.
     """
     from pqcad_deploy.distill.cad import PRESET_DISTILL, distill
-    from pqcad_deploy.distill.dc import DCConfig, collect_dc
+    from pqcad_deploy.distill.dc import PRESET_DC, collect_dc
     from pqcad_deploy.distill.grid import distill_grid
 
     grid = distill_grid(scheduler_config, config.teacher_steps)
     dcfg = dataclasses.replace(PRESET_DISTILL[config.preset], seed=config.seed)
     dc_set = collect_dc(fp_unet, scheduler_config, grid, image_shape,
-                        DCConfig(size=_DC_SIZE[config.preset], seed=config.seed), device=device, progress=progress)
+                        dataclasses.replace(PRESET_DC[config.preset], seed=config.seed), device=device,
+                        progress=progress)
     student, report = distill(student, fp_unet, scheduler_config, config.teacher_steps, dc_set, dcfg, device=device,
                               progress=progress)
     return student, report.to_dict(), [int(t) for t in grid.student]
-
-
-_DC_SIZE = {"fast": 64, "default": 1024}  # C_DC pairs per preset
 
 
 def _jsonable(value):

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from pqcad_deploy.choices import (
-    ACT_BITS, ACT_SCALE_INITS, CALIBRATION_SELECTIONS, DEVICES, FIRST_LAST_POLICIES, METHODS, PRESETS,
+    ACT_BITS, ACT_SCALE_INITS, CALIBRATION_SELECTIONS, DEVICES, FIRST_LAST_DEFAULTS, FIRST_LAST_POLICIES, METHODS, PRESETS,
     TIMESTEP_SAMPLINGS, WEIGHT_BITS, ActScaleInit, CalibrationSelection, Device, FirstLastPolicy, Method, Preset,
     TimestepSampling, check_choice,
 )
@@ -153,9 +153,7 @@ class CompressConfig:
     @property
     def first_last_policy(self) -> FirstLastPolicy:
         """The given policy, else the method's default (minmax: target; brecq, pqcad: w8-fp-input)."""
-        if self.first_last is not None:
-            return self.first_last
-        return "target" if self.method == "minmax" else "w8-fp-input"
+        return self.first_last if self.first_last is not None else FIRST_LAST_DEFAULTS[self.method]
 
     @property
     def calibration_config(self) -> CalibrationConfig:

@@ -19,7 +19,7 @@ no speed. NVIDIA's ModelOpt diffusers recipe leaves the same layers unquantized.
 
 from __future__ import annotations
 
-from pqcad_deploy.choices import FIRST_LAST_POLICIES, FirstLastPolicy, check_choice
+from pqcad_deploy.choices import FIRST_LAST_DEFAULTS, FIRST_LAST_POLICIES, FirstLastPolicy, check_choice
 from pqcad_deploy.quant.replace import LayerBits
 
 __all__ = ["FIRST_LAYER", "LAST_LAYER", "apply_first_last", "default_first_last"]
@@ -30,9 +30,7 @@ LAST_LAYER = "conv_out"
 
 def default_first_last(method: str) -> FirstLastPolicy:
     """minmax stays the plain baseline (``target``); the reconstruction methods keep float inputs."""
-    from pqcad_deploy.config import CompressConfig
-
-    return CompressConfig(method=method).first_last_policy
+    return FIRST_LAST_DEFAULTS[method]
 
 
 def apply_first_last(plan: dict[str, LayerBits], policy: FirstLastPolicy,

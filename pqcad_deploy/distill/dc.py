@@ -30,7 +30,7 @@ from pqcad_deploy.distill.target import DDIMCoefficients
 from pqcad_deploy.errors import ConfigError
 from pqcad_deploy.schedule import make_ddim_scheduler
 
-__all__ = ["DC_SOURCES", "DCSource", "DCConfig", "DCSet", "stratified_timesteps", "collect_dc"]
+__all__ = ["DC_SOURCES", "DCSource", "DCConfig", "PRESET_DC", "DCSet", "stratified_timesteps", "collect_dc"]
 
 DCSource = Literal["trajectories", "noise_injection"]
 DC_SOURCES: tuple[str, ...] = ("trajectories", "noise_injection")
@@ -65,6 +65,9 @@ class DCConfig:
                 and math.isfinite(self.perturbation)):
             raise ConfigError("C_DC perturbation must be in [0, 1) (a fraction of sigma_t); "
                               f"got {self.perturbation!r}.")
+
+
+PRESET_DC: dict[str, DCConfig] = {"fast": DCConfig(size=64), "default": DCConfig(size=1024)}
 
 
 @dataclass

@@ -13,10 +13,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from pqcad_deploy.calibration.trajectories import CalibrationSet
 from pqcad_deploy.choices import ACT_SCALE_INITS
@@ -28,9 +27,10 @@ from pqcad_deploy.reconstruct import (
 )
 
 if TYPE_CHECKING:
-    from pqcad_deploy.checkpoint import Checkpoint
+    from pqcad_deploy.checkpoint import Checkpoint, ResumePoint
 
-__all__ = ["brecq_quantize", "calibrate_activations", "ACT_SCALE_INITS"]
+__all__ = ["brecq_quantize", "calibrate_activations", "weights_first_student", "activation_stage",
+           "ACT_SCALE_INITS"]
 
 _SAMPLES_PER_BATCH = 4096
 
@@ -57,25 +57,18 @@ def calibrate_activations(student: torch.nn.Module, calibration: CalibrationSet,
     samples: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     hooks = []
     for name, layer in layers.items():
-        layer.input_quantizer.observed_amax.zero_()
-        layer.input_quantizer.observing = True
-
         def hook(module, inputs, name=name):
             flat = inputs[0].detach().flatten().cpu()
             index = torch.randint(0, flat.numel(), (min(_SAMPLES_PER_BATCH, flat.numel()),), generator=generator)
             samples[name].append(flat[index])
         hooks.append(layer.register_forward_pre_hook(hook))
-    try:
-        for x, t in tqdm(calibration.batches(batch_size), desc="activation ranges", unit="batch",
-                         total=(len(calibration) + batch_size - 1) // batch_size, disable=not progress):
-            student(x.to(device), t.to(device))
+    try:  # one pass: the min-max observation (exact max, scales as a start) plus the subsamples
+        calibrate_activations_minmax(student, calibration, batch_size, device, progress)
     finally:
         for h in hooks:
             h.remove()
     for name, layer in layers.items():
         quantizer = layer.input_quantizer
-        quantizer.observing = False
-        quantizer.enabled = True
         amax = float(quantizer.observed_amax) or 1.0
         values = torch.cat(samples[name])
         if init == "percentile":
@@ -83,6 +76,39 @@ def calibrate_activations(student: torch.nn.Module, calibration: CalibrationSet,
         else:
             scale = P.mse_activation_scale(values, amax, quantizer.bits)
         quantizer.set_scale(scale.to(quantizer.scale.device))
+
+
+def weights_first_student(fp_unet: torch.nn.Module, plan: dict[str, LayerBits], weight_scale_init: str,
+                          device: str) -> torch.nn.Module:
+    """A fake-quant copy of `fp_unet` with `plan`'s layers, weight scales initialised and every input
+    quantizer off: the start of the weights-first flow shared by brecq and PQ."""
+    fp_unet.eval()
+    student = copy.deepcopy(fp_unet).to(device).eval()
+    swap_in_quant_layers(student, plan)
+    layers = quant_layers(student)
+    for layer in layers.values():
+        layer.input_quantizer.enabled = False
+    init_weight_scales(layers, weight_scale_init)
+    return student
+
+
+def activation_stage(fp_unet: torch.nn.Module, student: torch.nn.Module, calibration: CalibrationSet,
+                     config: ReconstructionConfig, act_scale_init: str, capture_batch_size: int, device: str,
+                     progress: bool, resume: ResumePoint | None, on_block: Callable,
+                     on_iteration: OnIteration | None = None) -> None:
+    """Stage 2 of brecq and PQ: initialise the activation scales, then learn them block by block.
+
+    When resuming inside this stage the scales come from the checkpoint and are not re-initialised.
+    """
+    if resume is None or resume.stage == "weights":
+        calibrate_activations(student, calibration, capture_batch_size, init=act_scale_init, device=device,
+                              progress=progress, seed=config.seed)
+    if config.act_iters > 0:
+        reconstruct_model(
+            fp_unet, student, calibration, config, stage="activations",
+            capture_batch_size=capture_batch_size, device=device, progress=progress,
+            on_iteration=on_iteration, on_block=on_block,
+            start=resume.blocks_done_in("activations") if resume is not None else 0)
 
 
 def brecq_quantize(
@@ -114,13 +140,7 @@ def brecq_quantize(
         "activations": [per block], "seconds": {...}}}; every latent weight equals codes * scale.
     """
     started = time.perf_counter()
-    fp_unet.eval()
-    student = copy.deepcopy(fp_unet).to(device).eval()
-    swap_in_quant_layers(student, plan)
-    layers = quant_layers(student)
-    for layer in layers.values():
-        layer.input_quantizer.enabled = False
-    init_weight_scales(layers, config.weight_scale_init)
+    student = weights_first_student(fp_unet, plan, config.weight_scale_init, device)
 
     resume = checkpoint.restore(student) if checkpoint is not None else None
     entries = resume.entries if resume is not None else {}
@@ -146,15 +166,8 @@ def brecq_quantize(
     if t_weights is None:
         t_weights = time.perf_counter() - started
 
-    if resume is None or resume.stage == "weights":  # else the activation scales are checkpointed
-        calibrate_activations(student, calibration, capture_batch_size, init=act_scale_init, device=device,
-                              progress=progress, seed=config.seed)
-    if config.act_iters > 0:
-        reconstruct_model(
-            fp_unet, student, calibration, config, stage="activations",
-            capture_batch_size=capture_batch_size, device=device, progress=progress,
-            on_iteration=on_iteration, on_block=finished(act_results, "activations"),
-            start=resume.blocks_done_in("activations") if resume is not None else 0)
+    activation_stage(fp_unet, student, calibration, config, act_scale_init, capture_batch_size, device, progress,
+                     resume, finished(act_results, "activations"), on_iteration)
     report = {"reconstruction": {
         "config": dataclasses.asdict(config),
         "weights": weight_results,

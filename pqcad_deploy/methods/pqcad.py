@@ -14,7 +14,6 @@ normally distributed timesteps (compress sets that for this method).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -24,12 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from pqcad_deploy.calibration.trajectories import CalibrationSet
-from pqcad_deploy.methods.brecq import calibrate_activations
+from pqcad_deploy.methods.brecq import activation_stage, weights_first_student
 from pqcad_deploy.progressive import Transition, TransitionRule, TransitionTracker, bit_ladder
-from pqcad_deploy.quant.replace import LayerBits, quant_layers, swap_in_quant_layers
+from pqcad_deploy.quant.replace import LayerBits, quant_layers
 from pqcad_deploy.reconstruct import (
-    ReconstructionConfig, capture_for_reconstruction, init_weight_scales, reconstruct_block, reconstruct_model,
-    reconstruction_blocks,
+    ReconstructionConfig, capture_for_reconstruction, reconstruct_block, reconstruction_blocks,
 )
 
 if TYPE_CHECKING:
@@ -72,17 +70,13 @@ def pq_quantize(
     """
     started = time.perf_counter()
     rcfg = config.reconstruction
-    fp_unet.eval()
-    student = copy.deepcopy(fp_unet).to(device).eval()
     # start every layer at the top of its ladder; each block steps down to its own target
     targets = dict(plan)
     ladders = {name: bit_ladder(bits.weight_bits, ladder=config.ladder if bits.weight_bits != 8 else None)
                for name, bits in targets.items()}
-    swap_in_quant_layers(student, {n: LayerBits(ladders[n][0], b.act_bits) for n, b in targets.items()})
+    student = weights_first_student(fp_unet, {n: LayerBits(ladders[n][0], b.act_bits) for n, b in targets.items()},
+                                    rcfg.weight_scale_init, device)
     layers = quant_layers(student)
-    for layer in layers.values():
-        layer.input_quantizer.enabled = False
-    init_weight_scales(layers, rcfg.weight_scale_init)
 
     resume = checkpoint.restore(student) if checkpoint is not None else None
     entries = resume.entries if resume is not None else {}
@@ -134,17 +128,12 @@ def pq_quantize(
     if t_weights is None:
         t_weights = time.perf_counter() - started
 
-    if resume is None or resume.stage == "weights":  # else the activation scales are checkpointed
-        calibrate_activations(student, calibration, capture_batch_size, init=config.act_scale_init, device=device,
-                              progress=progress, seed=rcfg.seed)
-    if rcfg.act_iters > 0:
-        def on_block(result) -> None:
-            act_results.append(result.to_dict())
-            save("activations", len(act_results))  # one entry per finished block
+    def on_block(result) -> None:
+        act_results.append(result.to_dict())
+        save("activations", len(act_results))  # one entry per finished block
 
-        reconstruct_model(fp_unet, student, calibration, rcfg, stage="activations",
-                          capture_batch_size=capture_batch_size, device=device, progress=progress,
-                          on_block=on_block, start=resume.blocks_done_in("activations") if resume is not None else 0)
+    activation_stage(fp_unet, student, calibration, rcfg, config.act_scale_init, capture_batch_size, device,
+                     progress, resume, on_block)
     for name, layer in quant_layers(student).items():
         if layer.weight_bits != targets[name].weight_bits:
             raise RuntimeError(f"PQ left {name} at {layer.weight_bits} bits instead of {targets[name].weight_bits}")

@@ -47,6 +47,7 @@ from torch import nn
 
 from pqcad_deploy.choices import WEIGHT_BITS, check_choice
 from pqcad_deploy.errors import ConfigError
+from pqcad_deploy.layer_precision import FIRST_LAYER, LAST_LAYER
 from pqcad_deploy.quant.replace import LayerBits, quantizable_layers
 
 __all__ = [
@@ -62,7 +63,7 @@ __all__ = [
 
 HIGH_BITS = 8
 # the first and last convolution of a diffusers UNet2DModel, kept at 8 bits (common practice)
-FIRST_LAST_LAYERS: tuple[str, ...] = ("conv_in", "conv_out")
+FIRST_LAST_LAYERS: tuple[str, ...] = (FIRST_LAYER, LAST_LAYER)
 
 
 def channel_kurtosis(weight: torch.Tensor) -> torch.Tensor:
