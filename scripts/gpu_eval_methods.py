@@ -5,10 +5,16 @@ through diffusers' DDIMPipeline (image i seeded with seed + i, as for the FP row
 docs/RESULTS.md) and compute FID against the shipped reference statistics. Rows are written to
 results.json as they finish; rows that would start after --budget-s are skipped and listed.
 
-With --diag-n N, each brecq/pqcad row also gets two N-sample FIDs of the same student: with its
-activation scales replaced by min-max ones on the same calibration set (does learning the scales
-help the free-running sampler?) and with no activation quantization (the weights' share), plus one
-N-sample FP FID to read them against.
+A row is ``method:weight_bits:act_bits`` plus optional flags after more colons:
+- ``cad``: compress with CAD (``--distill``): the student is sampled on its own N/2-step timesteps
+  (for the builtin model diffusers' N/2 grid; checked against the artifact).
+- ``half``: also sample the (undistilled) student with N/2 DDIM steps: plain halving of a PQ model.
+- ``diag``: two extra --diag-n-sample FIDs of the same student: its activation scales replaced by
+  min-max ones on the same calibration set (does learning the scales help the free-running
+  sampler?) and no activation quantization (the weights' share); one N-sample FP FID is added once.
+
+Every sampled row also gets the CPU proxy's number on the GPU: mean PSNR of its first --psnr-seeds
+images against the FP model's N-step images from the same seeds.
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--n", type=int, default=10000)
     ap.add_argument("--budget-s", type=float, default=330.0)
-    ap.add_argument("--diag-n", type=int, default=0)
-    ap.add_argument("--diag-methods", default="pqcad", help="methods whose rows get the diagnostics")
+    ap.add_argument("--diag-n", type=int, default=2000)
+    ap.add_argument("--psnr-seeds", type=int, default=64)
     args = ap.parse_args()
 
     import torch
@@ -45,6 +51,7 @@ def main() -> int:
     from pqcad_deploy.eval.generate import generate_images
     from pqcad_deploy.eval.inception import InceptionFeatures
     from pqcad_deploy.models import load_model
+    from pqcad_deploy.schedule import ddim_timesteps
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -57,39 +64,61 @@ def main() -> int:
     fp = load_model("builtin")
     scheduler_config = fp.scheduler_config
 
-    def fid_of(unet, n: int, source: str) -> float:
-        gen = generate_images(unet, scheduler_config, n, args.steps, seed=0, batch_size=1000, device="cuda",
+    def fid_of(unet, n: int, source: str, steps: int = args.steps) -> float:
+        gen = generate_images(unet, scheduler_config, n, steps, seed=0, batch_size=1000, device="cuda",
                               progress=False)
         return compute_statistics(gen.images, device="cuda", batch_size=500, progress=False, source=source,
                                   extractor=extractor).frechet_distance(ref)
 
-    if args.diag_n:
-        results["diag_fp_fid"] = fid_of(fp.unet, args.diag_n, "fp")
-        print("diag fp", results["diag_fp_fid"], flush=True)
+    fp_images = generate_images(fp.unet, scheduler_config, args.psnr_seeds, args.steps, seed=0,
+                                batch_size=args.psnr_seeds, device="cuda", progress=False).images
+
+    def sample_row(unet, steps: int, source: str) -> dict:
+        gen = generate_images(unet, scheduler_config, args.n, steps, seed=0, batch_size=1000, device="cuda",
+                              progress=False)
+        stats = compute_statistics(gen.images, device="cuda", batch_size=500, progress=False, source=source,
+                                   extractor=extractor)
+        return {"fid": stats.frechet_distance(ref), "sample_steps": steps, "generate_seconds": gen.seconds,
+                "psnr_vs_fp_db": mean_psnr(gen.images[:args.psnr_seeds], fp_images)}
+
     for row in args.rows.split(","):
-        method, wb, ab = row.split(":")
-        name = f"{method}_w{wb}a{ab}_ddim{args.steps}"
+        method, wb, ab, *flags = row.split(":")
+        unknown = set(flags) - {"cad", "half", "diag"}
+        if unknown:
+            raise SystemExit(f"unknown row flags {sorted(unknown)} in {row!r}")
+        name = f"{method}_w{wb}a{ab}_ddim{args.steps}" + ("_cad" if "cad" in flags else "")
         if time.perf_counter() - t0 > args.budget_s:
             results["skipped"].append(name)
             continue
         try:
+            if "diag" in flags and "diag_fp_fid" not in results:
+                results["diag_fp_fid"] = fid_of(fp.unet, args.diag_n, "fp")
+                print("diag fp", results["diag_fp_fid"], flush=True)
             art = Path(f"/tmp/{name}")
             t = time.perf_counter()
             result = compress(CompressConfig(method=method, weight_bits=int(wb), act_bits=int(ab),
-                                             teacher_steps=args.steps, preset=args.preset, device="cuda", seed=0),
+                                             teacher_steps=args.steps, preset=args.preset, device="cuda", seed=0,
+                                             distill="cad" in flags),
                               art, overwrite=True, progress=False)
             compress_s = time.perf_counter() - t
-            student = load_artifact(art).build_student()
-            gen = generate_images(student, scheduler_config, args.n, args.steps, seed=0, batch_size=1000,
-                                  device="cuda", progress=False)
-            stats = compute_statistics(gen.images, device="cuda", batch_size=500, progress=False, source=name,
-                                       extractor=extractor)
-            results["rows"][name] = {"fid": stats.frechet_distance(ref), "compress_seconds": compress_s,
-                                     "calibration_sqnr_db": result.noise_pred_sqnr_db,
-                                     "generate_seconds": gen.seconds}
-            print(name, json.dumps(results["rows"][name]), flush=True)
-            if args.diag_n and method in args.diag_methods.split(","):
-                results["rows"][name]["diag"] = diagnostics(load_artifact(art), fid_of, args.diag_n, name)
+            artifact = load_artifact(art)
+            steps = artifact.manifest.student_steps
+            if list(artifact.manifest.student_timesteps) != ddim_timesteps(scheduler_config, steps):
+                raise RuntimeError("the student's timesteps are not diffusers' grid; DDIMPipeline would not run them")
+            row_out = {"compress_seconds": compress_s, "calibration_sqnr_db": result.noise_pred_sqnr_db,
+                       **sample_row(artifact.build_student(), steps, name)}
+            report = json.loads((art / "report.json").read_text())
+            if "distillation" in report:
+                row_out["distill_seconds"] = report["distillation"]["seconds"]
+                row_out["distill_final_loss"] = sum(report["distillation"]["losses"][-100:]) / 100
+            results["rows"][name] = row_out
+            print(name, json.dumps(row_out), flush=True)
+            if "half" in flags:
+                results["rows"][name + "_at_half_steps"] = sample_row(artifact.build_student(), steps // 2,
+                                                                      name + "_half")
+                print(name, "at half steps", json.dumps(results["rows"][name + "_at_half_steps"]), flush=True)
+            if "diag" in flags:
+                results["rows"][name]["diag"] = diagnostics(artifact, fid_of, args.diag_n, name)
                 print(name, "diag", json.dumps(results["rows"][name]["diag"]), flush=True)
         except Exception as exc:  # one failing row must not cost the others
             results["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
@@ -98,6 +127,14 @@ def main() -> int:
     results["total_seconds"] = time.perf_counter() - t0
     save()
     return 0
+
+
+def mean_psnr(images, reference) -> float:
+    """Mean over images of the PSNR (dB, uint8 range) of `images` against `reference`."""
+    import numpy as np
+
+    mse = ((images.astype(np.float64) - reference.astype(np.float64)) ** 2).reshape(len(images), -1).mean(axis=1)
+    return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12))))
 
 
 def diagnostics(artifact, fid_of, n: int, name: str) -> dict:
