@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,12 +27,20 @@ from pqcad_deploy.artifact import CompressedArtifact, artifact_digest, load_arti
 from pqcad_deploy.errors import ExportError, OutputPathError
 from pqcad_deploy.quant.replace import quant_layers
 
-__all__ = ["DEFAULT_OPSET", "SUPPORTED_OPSETS", "ExportResult", "export_onnx", "precision_name"]
+__all__ = ["DEFAULT_OPSET", "SUPPORTED_OPSETS", "TARGETS", "WEIGHT_STORAGES", "ExportResult", "export_onnx",
+           "precision_name"]
 
 DEFAULT_OPSET = 17
 # 13: per-axis QuantizeLinear/DequantizeLinear. 21: INT4 Q/DQ (4-bit activations).
 SUPPORTED_OPSETS: tuple[int, ...] = tuple(range(13, 22))
 _TORCHSCRIPT_MAX_OPSET = 20
+# qdq: int8 symmetric Q/DQ around every quantized layer (TensorRT, and any QDQ reader). ort-x86: the
+# same values laid out for ONNX Runtime's x86 CPU integer kernels (converters.ort_x86).
+TARGETS: tuple[str, ...] = ("qdq", "ort-x86")
+# How 4-bit weight codes are stored. int4: ONNX INT4 initializers, two codes a byte (opset >= 21).
+# int8: the codes in an INT8 container (any opset). auto: int4 where the target and opset allow it.
+WEIGHT_STORAGES: tuple[str, ...] = ("auto", "int4", "int8")
+_INT4_MIN_OPSET = 21
 _EXPORT_PREFIX = "unet."
 
 
@@ -42,6 +51,8 @@ class ExportResult:
     opset: int
     num_quantized_layers: int
     size_bytes: int
+    target: str = "qdq"
+    int4_weight_layers: int = 0  # layers whose weight codes are INT4 initializers
 
 
 class _UNetForExport(nn.Module):
@@ -56,10 +67,17 @@ class _UNetForExport(nn.Module):
 
 
 def precision_name(artifact: CompressedArtifact, fp: bool) -> str:
-    """'fp32', 'w8a8', 'w4a8', 'w4a4', or 'mixed' when layers differ."""
+    """'fp32', 'w8a8', 'w4a8', 'w4a4', or 'mixed' when layers differ.
+
+    The first and last conv (conv_in, conv_out) do not count: the learned methods keep them at 8-bit
+    weights with float inputs by default (--first-last), and a W4A8 model with those two layers is
+    what users call W4A8. The manifest's bit histograms show them.
+    """
     if fp:
         return "fp32"
-    pairs = {(r.weight_bits, r.act_bits) for r in artifact.manifest.layers.values()}
+    layers = artifact.manifest.layers
+    inner = [r for n, r in layers.items() if n not in ("conv_in", "conv_out")] or list(layers.values())
+    pairs = {(r.weight_bits, r.act_bits) for r in inner}
     if len(pairs) == 1:
         w, a = pairs.pop()
         return f"w{w}a{'fp' if a is None else a}"
@@ -89,6 +107,51 @@ def _check_opset(opset: int, artifact: CompressedArtifact, fp: bool) -> None:
             "this artifact has 4-bit activations, which need INT4 QuantizeLinear: pass --opset 21 "
             "(ONNX Runtime only; TensorRT has no 4-bit activations)."
         )
+
+
+def _weight_storage(storage: str, target: str, opset: int, fp: bool) -> str:
+    """Resolve --weight-storage to int4 or int8 (refusing what the target or opset cannot hold)."""
+    if storage not in WEIGHT_STORAGES:
+        raise ExportError(f"--weight-storage must be one of {', '.join(WEIGHT_STORAGES)}; got {storage!r}.")
+    if storage == "int4":
+        if opset < _INT4_MIN_OPSET:
+            raise ExportError(f"--weight-storage int4 needs --opset {_INT4_MIN_OPSET} (INT4 DequantizeLinear); "
+                              f"got {opset}.")
+        if target == "ort-x86":
+            raise ExportError("--target ort-x86 stores weights as uint8 (ConvInteger); use --weight-storage int8 "
+                              "or auto.")
+    if storage == "auto":
+        return "int4" if opset >= _INT4_MIN_OPSET and target == "qdq" and not fp else "int8"
+    return storage
+
+
+def pack_int4(codes: np.ndarray) -> bytes:
+    """ONNX INT4 raw data: two's-complement nibbles, two a byte, the first element in the low nibble."""
+    nibbles = (codes.astype(np.int8).ravel() & 0x0F).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+
+
+def _store_int4_weights(model, layer_weight_bits: dict[str, int]) -> int:
+    """Retype the weight codes (and weight zero-points) of 4-bit layers to INT4, packed two a byte."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from converters.naming import qdq_names
+
+    inits = {i.name: i for i in model.graph.initializer}
+    n = 0
+    for layer, bits in layer_weight_bits.items():
+        if bits != 4:
+            continue
+        names = qdq_names(layer)
+        for name in (names.weight_codes, names.weight_zero_point):
+            codes = numpy_helper.to_array(inits[name])
+            if codes.dtype != np.int8 or codes.size and (codes.min() < -8 or codes.max() > 7):
+                raise ExportError(f"{name}: not 4-bit int8 codes, cannot store as INT4")
+            inits[name].CopyFrom(helper.make_tensor(name, TensorProto.INT4, codes.shape, pack_int4(codes), raw=True))
+        n += 1
+    return n
 
 
 def _rename(model, old_to_new: dict[str, str]) -> None:
@@ -179,8 +242,13 @@ def _set_opset(model, opset: int) -> None:
 
 
 def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = False,
-                opset: int = DEFAULT_OPSET, overwrite: bool = False) -> ExportResult:
-    """Write the artifact's student (or, with fp=True, its FP teacher) as our ONNX at `out_path`."""
+                opset: int = DEFAULT_OPSET, overwrite: bool = False, target: str = "qdq",
+                weight_storage: str = "auto") -> ExportResult:
+    """Write the artifact's student (or, with fp=True, its FP teacher) as our ONNX at `out_path`.
+
+    target: "qdq" (int8 symmetric Q/DQ, TensorRT's form) or "ort-x86" (converters.ort_x86).
+    weight_storage: how 4-bit weight codes are stored, see WEIGHT_STORAGES.
+    """
     import onnx
 
     out_path = Path(out_path)
@@ -191,8 +259,15 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
     parent = out_path.resolve().parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise OutputPathError(f"cannot write {out_path}: {parent} is not a writable directory.")
+    if target not in TARGETS:
+        raise ExportError(f"--target must be one of {', '.join(TARGETS)}; got {target!r}.")
+    storage = _weight_storage(weight_storage, target, opset, fp)
     artifact = load_artifact(artifact_path)
     _check_opset(opset, artifact, fp)
+    if target == "ort-x86" and not fp:
+        from converters.ort_x86 import check_ort_x86
+
+        check_ort_x86({name: r.act_bits for name, r in artifact.manifest.layers.items()})
     m = artifact.manifest
     unet = artifact.build_teacher() if fp else artifact.build_student()
     n_quant = 0 if fp else _swap_in_export_twins(unet)
@@ -216,6 +291,13 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
             )
         model = onnx.load(str(tmp))
         _tidy_graph(model, {} if fp else layer_act_bits)
+        n_int4 = 0
+        if not fp and target == "ort-x86":
+            from converters.ort_x86 import to_ort_x86
+
+            to_ort_x86(model, layer_act_bits)
+        elif not fp and storage == "int4":
+            n_int4 = _store_int4_weights(model, {name: r.weight_bits for name, r in m.layers.items()})
         if opset > _TORCHSCRIPT_MAX_OPSET:
             _set_opset(model, opset)
         model.producer_name = "pqcad-deploy"
@@ -242,7 +324,8 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
         if tmp.exists():
             tmp.unlink()
     return ExportResult(path=out_path, precision=manifest.precision, opset=opset,
-                        num_quantized_layers=n_quant, size_bytes=out_path.stat().st_size)
+                        num_quantized_layers=n_quant, size_bytes=out_path.stat().st_size,
+                        target="qdq" if fp else target, int4_weight_layers=n_int4)
 
 
 def _teacher_timesteps(m) -> list[int]:

@@ -49,6 +49,16 @@ class QdqNames:
     def act_zero_point(self) -> str:
         return f"{self.layer}.act_zero_point"
 
+    # ort-x86 target (converters.ort_x86): a quantized Conv as ConvInteger + rescale.
+    @property
+    def conv_integer(self) -> str:
+        return f"{self.layer}/conv_integer"
+
+    @property
+    def output_scale(self) -> str:
+        """act_scale * weight_scale per output channel, [out]: int32 accumulator -> float."""
+        return f"{self.layer}.output_scale"
+
 
 def qdq_names(layer: str) -> QdqNames:
     return QdqNames(layer)

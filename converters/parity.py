@@ -73,15 +73,27 @@ def _torch_codes(student: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> 
     return out, codes
 
 
-def _onnx_codes(onnx_path: str, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, dict, list[str]]:
+_ORT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+               "all": "ORT_ENABLE_ALL"}
+
+
+def _onnx_codes(onnx_path: str, x: np.ndarray, t: np.ndarray,
+                optimization_level: str = "disabled") -> tuple[np.ndarray, dict, list[str]]:
     import onnx
     import onnxruntime as ort
 
     model = onnx.load(onnx_path)
+    inits = {i.name: i for i in model.graph.initializer}
     q_outputs: dict[str, str] = {}
+    zero_points: dict[str, int] = {}
     for node in model.graph.node:
         if node.op_type == "QuantizeLinear" and node.name.endswith("/input_quantize"):
-            q_outputs[node.name[: -len("/input_quantize")]] = node.output[0]
+            name = node.name[: -len("/input_quantize")]
+            q_outputs[name] = node.output[0]
+            # Codes are compared on the symmetric grid: a uint8 code with zero-point 128 (ort-x86
+            # target) is the int8 code + 128.
+            zp = inits.get(node.input[2]) if len(node.input) > 2 else None
+            zero_points[name] = 0 if zp is None else int(onnx.numpy_helper.to_array(zp).astype(np.int32))
     order = list(q_outputs)
     for name in order:
         # INT4 tensors have no numpy type in onnxruntime's Python API: read every code as INT32.
@@ -89,16 +101,21 @@ def _onnx_codes(onnx_path: str, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarra
         model.graph.node.append(onnx.helper.make_node("Cast", [q_outputs[name]], [probe], to=onnx.TensorProto.INT32))
         model.graph.output.append(onnx.ValueInfoProto(name=probe))
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[optimization_level])
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     results = session.run(None, {"sample": x, "timestep": t})
     out = results[0]
-    codes = {name: results[1 + i].astype(np.int32) for i, name in enumerate(order)}
+    codes = {name: results[1 + i].astype(np.int32) - zero_points[name] for i, name in enumerate(order)}
     return out, codes, order
 
 
-def parity_report(artifact_path, onnx_path, n: int = 8, seed: int = 0) -> ParityReport:
-    """Run both models on `n` seeded inputs at timesteps spread over the schedule."""
+def parity_report(artifact_path, onnx_path, n: int = 8, seed: int = 0,
+                  optimization_level: str = "disabled") -> ParityReport:
+    """Run both models on `n` seeded inputs at timesteps spread over the schedule.
+
+    optimization_level: ONNX Runtime's graph optimization for the ONNX side ("disabled" runs the
+    graph as written; "extended" runs what an engine runs, with Q/DQ fused into integer kernels).
+    """
     artifact = load_artifact(artifact_path)
     student = artifact.build_student()
     c, h, w = artifact.manifest.image_shape
@@ -107,7 +124,7 @@ def parity_report(artifact_path, onnx_path, n: int = 8, seed: int = 0) -> Parity
     steps = artifact.manifest.student_timesteps
     t = torch.tensor([float(steps[int(i)]) for i in np.linspace(0, len(steps) - 1, n)])
     ref, t_codes = _torch_codes(student, x, t)
-    out, o_codes, order = _onnx_codes(str(onnx_path), x.numpy(), t.numpy())
+    out, o_codes, order = _onnx_codes(str(onnx_path), x.numpy(), t.numpy(), optimization_level)
     diff = (out - ref).reshape(n, -1)
     norm = np.maximum(np.linalg.norm(ref.reshape(n, -1), axis=1), 1e-12)
     rel = (np.linalg.norm(diff, axis=1) / norm).tolist()
