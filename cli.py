@@ -49,11 +49,11 @@ def cli() -> None:
                    "or 'builtin' for the embedded Fashion-MNIST model.")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Artifact directory to write (created atomically).")
-@click.option("--method", default="minmax", show_default=True,
-              help="Compression method. minmax: fixed-bit symmetric PTQ (per-channel weights, per-tensor "
-                   "activations). brecq: block reconstruction at fixed bits (AdaRound rounding, learned "
-                   "scales). pqcad: PQ, block reconstruction down a bit ladder (8 -> 6 -> 4) with "
-                   "momentum-based transitions, first/last conv at 8-bit weights. Add --distill for CAD.")
+@click.option("--method", default="pqcad", show_default=True,
+              help="Compression method. pqcad: PQ, block reconstruction down a bit ladder (8 -> 6 -> 4) with "
+                   "momentum-based transitions, first/last conv at 8-bit weights, then CAD (see --distill). "
+                   "Baselines: minmax, fixed-bit symmetric PTQ (per-channel weights, per-tensor activations); "
+                   "brecq, block reconstruction at fixed bits (AdaRound rounding, learned scales).")
 @click.option("--weight-bits", default=8, show_default=True, type=int, help="Weight bits of every quantized layer: 8 or 4.")
 @click.option("--act-bits", default=8, show_default=True, type=int, help="Activation bits of every quantized layer: 8 or 4.")
 @click.option("--teacher-steps", default=100, show_default=True, type=int,
@@ -62,11 +62,11 @@ def cli() -> None:
               help="fast: a tiny calibration set (tests, demos; under a minute on a CPU). default: the full one.")
 @click.option("--device", default="cpu", show_default=True, help="Where the PyTorch work runs: cpu or cuda.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration noise; same seed, same artifact.")
-@click.option("--distill/--no-distill", default=False, show_default=True,
+@click.option("--distill/--no-distill", default=True, show_default=True,
               help="CAD: after quantization, distil the student against the FP teacher to sample in half "
                    "the teacher's steps (needs an even --teacher-steps); the artifact records the student's "
-                   "timesteps and sample uses them with no flag. Off by default until measured; not "
-                   "checkpointed yet (--resume reruns the distillation).")
+                   "timesteps and sample uses them with no flag. --no-distill: quantization alone, sampled "
+                   "with the teacher's steps.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted brecq / pqcad run from its per-block checkpoint OUT.checkpoint/ "
                    "(same options needed; the artifact equals an uninterrupted run's). Without a checkpoint, "
@@ -85,6 +85,10 @@ def cli() -> None:
               help="brecq / pqcad stage 2: how activation scales start before they are learned: minmax "
                    "(largest |x| seen), percentile (99.99th of |x|) or mse (clipping with the least "
                    "quantization error).")
+@click.option("--act-scale-check/--no-act-scale-check", default=True, show_default=True,
+              help="brecq / pqcad: after learning the activation scales, sample a few images with them and "
+                   "with their starting scales and keep whichever is closer to the FP model's images (the "
+                   "block losses cannot see the sampler drifting off the calibration data).")
 @click.option("--layer-loss", is_flag=True,
               help="brecq / pqcad: add the per-layer output errors inside each block to the block "
                    "reconstruction loss (EDA-DM).")
@@ -106,7 +110,7 @@ def cli() -> None:
 @_overwrite_option
 @_quiet_option
 def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, device, seed, distill,
-             resume, avg_weight_bits, first_last, act_scale_init, layer_loss, timestep_sampling, timestep_mean,
+             resume, avg_weight_bits, first_last, act_scale_init, act_scale_check, layer_loss, timestep_sampling, timestep_mean,
              timestep_std, calibration_selection, calibration_oversample, overwrite, quiet) -> None:
     """Compress a diffusers UNet2DModel into an artifact (codes, scales, configs, report)."""
     from pqcad_deploy.compress import compress as run_compress
@@ -118,7 +122,7 @@ def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, d
     config = CompressConfig(model=model, method=method, weight_bits=weight_bits, act_bits=act_bits,
                             teacher_steps=teacher_steps, preset=preset, device=device, seed=seed,
                             distill=distill, avg_weight_bits=avg_weight_bits, first_last=first_last,
-                            act_scale_init=act_scale_init, layer_loss=layer_loss)
+                            act_scale_init=act_scale_init, layer_loss=layer_loss, act_scale_check=act_scale_check)
     overrides: dict = {}
     if calibration_selection != "none":
         overrides["selection"] = calibration_selection
@@ -141,9 +145,11 @@ def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, d
                                                                              **overrides))
     result = run_compress(config, out, overwrite=overwrite, progress=not quiet, resume=resume, log=click.echo)
     mixed = "" if avg_weight_bits is None else f" mixed to <= {avg_weight_bits:g} average weight bits"
+    steps = (f"distilled to {result.student_steps} steps" if result.distilled
+             else f"{result.student_steps} steps, not distilled")
     click.echo(f"wrote {result.artifact} ({method} W{weight_bits}A{act_bits}{mixed}, {result.num_quantized_layers} "
-               f"quantized layers, noise-prediction SQNR {result.noise_pred_sqnr_db:.1f} dB, "
-               f"{result.seconds:.1f} s)")
+               f"quantized layers, {steps}, noise-prediction SQNR {result.noise_pred_sqnr_db:.1f} dB"
+               f"{' before distillation' if result.distilled else ''}, {result.seconds:.1f} s)")
 
 
 @cli.command(epilog=_EPILOG)
@@ -152,20 +158,34 @@ def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, d
 @click.option("--fp", is_flag=True, help="Export the artifact's full-precision teacher instead of the quantized student.")
 @click.option("--opset", default=17, show_default=True, type=int,
               help="ONNX opset, 13-21. 17 suits TensorRT 10 and ONNX Runtime; 4-bit activations need 21.")
+@click.option("--target", default="qdq", show_default=True, type=click.Choice(["qdq", "ort-x86"]),
+              help="qdq: int8 symmetric Q/DQ on every quantized layer (TensorRT's form; ONNX Runtime runs its "
+                   "Conv layers in float). ort-x86: the same values for ONNX Runtime's x86 CPU integer kernels: "
+                   "each quantized Conv as ConvInteger (int8 activations, uint8 weights + 128) and MatMul inputs "
+                   "as uint8 with zero-point 128 (fused to MatMulIntegerToFloat); 8-bit activations only. Exact "
+                   "on CPUs with VNNI; parity is then checked on the optimized graph.")
+@click.option("--weight-storage", default="auto", show_default=True, type=click.Choice(["auto", "int4", "int8"]),
+              help="How 4-bit weight codes are stored. int4: ONNX INT4 initializers, two codes a byte (needs "
+                   "--opset 21; TensorRT takes INT4 only for MatMul weights, so use int8 for TensorRT). int8: an "
+                   "INT8 container (any opset). auto: int4 for --target qdq at --opset 21, else int8.")
 @click.option("--parity/--no-parity", default=True, show_default=True,
               help="After export, compare ONNX Runtime with the PyTorch fake-quant model on 4 inputs.")
 @_overwrite_option
-def export(artifact, onnx_path, fp, opset, parity, overwrite) -> None:
+def export(artifact, onnx_path, fp, opset, target, weight_storage, parity, overwrite) -> None:
     """Write an artifact as QDQ ONNX, with the learned codes and scales as they are."""
     from converters.export_onnx import export_onnx
 
-    result = export_onnx(artifact, onnx_path, fp=fp, opset=opset, overwrite=overwrite)
+    result = export_onnx(artifact, onnx_path, fp=fp, opset=opset, overwrite=overwrite, target=target,
+                         weight_storage=weight_storage)
+    extra = "" if result.target == "qdq" else f", target {result.target}"
+    extra += f", {result.int4_weight_layers} with INT4 weights" if result.int4_weight_layers else ""
     click.echo(f"wrote {result.path} ({result.precision}, opset {result.opset}, "
-               f"{result.num_quantized_layers} Q/DQ layers, {result.size_bytes / 1e6:.2f} MB)")
+               f"{result.num_quantized_layers} Q/DQ layers{extra}, {result.size_bytes / 1e6:.2f} MB)")
     if parity and not fp:
         from converters.parity import parity_report
 
-        report = parity_report(artifact, onnx_path, n=4)
+        report = parity_report(artifact, onnx_path, n=4,
+                               optimization_level="extended" if target == "ort-x86" else "disabled")
         first = report.first_divergence
         flips = "no rounding flips" if first is None else (
             f"first rounding flip in {first.layer} ({first.flipped}/{first.total} codes)")

@@ -12,7 +12,15 @@ OUT.checkpoint/
   calibration.safetensors              the calibration set (x, t) of the run, reused on resume
   student-<stage>-<NNNN>.safetensors   the student's state dict after the last finished block
                                        ("state/<key>") and torch's CPU RNG state ("rng/torch_cpu")
+  distill.json                         CAD (pqcad_deploy.distill.cad), written every few hundred
+  distill-<NNNNNN>.safetensors         iterations: the fingerprint, the iteration, and one tensor
+                                       holding CAD's resumable state (student, Adam, batch generator,
+                                       losses; torch.save bytes, loaded with weights_only=True)
 ```
+
+The distillation files sit beside the quantization checkpoint, which keeps the end of quantization:
+a resumed run restores that, redoes the deterministic steps between the two (the activation-scale
+check and the report), and continues CAD from its own state.
 
 Why it gives the same artifact as an uninterrupted run: the student's whole state after a finished
 block is its state dict (latent weights, weight and activation scales; AdaRound logits exist only
@@ -63,6 +71,7 @@ CHECKPOINT_FORMAT = "pqcad-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_SUFFIX = ".checkpoint"
 MANIFEST_FILE = "checkpoint.json"
+DISTILL_MANIFEST_FILE = "distill.json"
 CALIBRATION_FILE = "calibration.safetensors"
 STAGES: tuple[str, ...] = ("weights", "activations")  # in the order a run does them
 _VERSIONED_PACKAGES = ("pqcad-deploy", "torch", "diffusers")
@@ -89,7 +98,8 @@ def check_checkpoint_dir(path: Path, resume: bool, overwrite: bool) -> None:
     if foreign:
         raise OutputPathError(f"checkpoint path {path} exists and holds files that are not a compress checkpoint "
                               f"(first: {foreign[0]}); move it away.")
-    if (path / MANIFEST_FILE).exists() and not resume and not overwrite:
+    interrupted = (path / MANIFEST_FILE).exists() or (path / DISTILL_MANIFEST_FILE).exists()
+    if interrupted and not resume and not overwrite:
         raise OutputPathError(
             f"{path} holds the checkpoint of an interrupted compress; pass --resume to continue it, "
             f"or --overwrite to discard it and start over.")
@@ -97,8 +107,9 @@ def check_checkpoint_dir(path: Path, resume: bool, overwrite: bool) -> None:
 
 def _is_checkpoint_file(name: str) -> bool:
     """Whether a file name is one a checkpoint writes (so removing the directory loses nothing else)."""
-    return (name in (MANIFEST_FILE, CALIBRATION_FILE) or (name.startswith(".") and ".tmp-" in name)
-            or (name.startswith("student-") and name.endswith(".safetensors")))
+    return (name in (MANIFEST_FILE, CALIBRATION_FILE, DISTILL_MANIFEST_FILE)
+            or (name.startswith(".") and ".tmp-" in name)
+            or (name.startswith(("student-", "distill-")) and name.endswith(".safetensors")))
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -210,6 +221,7 @@ class Checkpoint:
         self._manifest: dict | None = None
         self._calibration: CalibrationSet | None = None
         self._calibration_entry: dict | None = None  # {"file", "sha256", "description"} once on disk
+        self.last_distill_iteration: int | None = None
 
     # ------------------------------------------------------------------ reading
     def exists(self) -> bool:
@@ -358,6 +370,50 @@ class Checkpoint:
             if stale.name != student_file:  # older states, temporaries of a killed process
                 stale.unlink(missing_ok=True)
         self.last_saved = ResumePoint(stage, blocks_done, blocks_total, entries, seconds)
+
+    # ------------------------------------------------------------------ CAD
+    def save_distill(self, state: dict) -> None:
+        """Checkpoint CAD's resumable state (``pqcad_deploy.distill.cad``: iteration, student, Adam, ...)."""
+        import io
+
+        from safetensors.torch import save
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        blob = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        data = save({"distill_state": blob}, metadata={"format": CHECKPOINT_FORMAT})
+        name = f"distill-{int(state['iteration']):06d}.safetensors"
+        _atomic_write(self.path / name, data)
+        manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint,
+                    "iteration": int(state["iteration"]), "file": name, "sha256": _sha256(data)}
+        _atomic_write(self.path / DISTILL_MANIFEST_FILE, json.dumps(manifest, sort_keys=True, indent=1).encode())
+        for stale in self.path.glob("distill-*.safetensors"):
+            if stale.name != name:
+                stale.unlink(missing_ok=True)
+        self.last_distill_iteration = int(state["iteration"])
+
+    def load_distill(self) -> dict | None:
+        """CAD's saved state (None if there is none); refused if another run made it."""
+        import io
+
+        path = self.path / DISTILL_MANIFEST_FILE
+        if not path.is_file():
+            return None
+        try:
+            manifest = json.loads(path.read_text())
+            entry = {"file": manifest["file"], "sha256": manifest["sha256"]}
+            fingerprint = manifest["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise self._unreadable(f"{DISTILL_MANIFEST_FILE} is malformed ({type(exc).__name__}: {exc})") from None
+        differences = _fingerprint_differences(fingerprint or {}, self.fingerprint)
+        if differences:
+            raise ConfigError(
+                f"the distillation checkpoint at {self.path} belongs to another run (it differs in "
+                f"{', '.join(differences)}); rerun with what it was made with to resume, or pass --overwrite "
+                f"without --resume to discard it and start over.")
+        blob = self._read_tensors(entry)["distill_state"]
+        return torch.load(io.BytesIO(blob.numpy().tobytes()), map_location="cpu", weights_only=True)
 
     def remove(self) -> None:
         """Delete the checkpoint directory (after the artifact is written, or to start over)."""

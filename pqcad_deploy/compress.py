@@ -41,6 +41,8 @@ class CompressResult:
     seconds: float
     noise_pred_sqnr_db: float
     num_quantized_layers: int
+    student_steps: int
+    distilled: bool
 
 
 def uniform_plan(unet: torch.nn.Module, weight_bits: int, act_bits: int) -> dict[str, LayerBits]:
@@ -211,14 +213,25 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
         if note is None:
             raise
         raise note from exc
+    if config.method != "minmax" and config.act_scale_check:
+        method_report["act_scale_check"] = _check_act_scales(config, fp_unet, student, calibration,
+                                                             loaded.scheduler_config, cal_cfg.batch_size, device)
     report = quantization_report(fp_unet, student, calibration, cal_cfg.batch_size, device)
     report.update(method_report)
     report.update(plan_report)
     report["method"] = config.method
     timesteps = ddim_timesteps(loaded.scheduler_config, config.teacher_steps)
     if config.distill:
-        student, report["distillation"], timesteps = _distill(config, student, fp_unet, loaded.scheduler_config,
-                                                             image_shape, device, progress)
+        try:
+            student, report["distillation"], timesteps = _distill(config, student, fp_unet, loaded.scheduler_config,
+                                                                 image_shape, device, progress, checkpoint,
+                                                                 resume, log)
+        except KeyboardInterrupt as exc:
+            if checkpoint.last_distill_iteration is None:
+                raise
+            raise KeyboardInterrupt(
+                f"interrupted; distillation saved at iteration {checkpoint.last_distill_iteration} in "
+                f"{checkpoint.path}: rerun the same command with --resume to continue.") from exc
     layers = {name: LayerRecord(kind=r["kind"], weight_bits=r["weight_bits"], act_bits=r["act_bits"],
                                 weight_shape=list(quant_layers(student)[name].weight.shape))
               for name, r in report["layers"].items()}
@@ -243,15 +256,31 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
                   {k: v for k, v in fp_unet.state_dict().items()}, report, overwrite=overwrite)
     checkpoint.remove()
     return CompressResult(artifact=out, seconds=time.perf_counter() - started,
-                          noise_pred_sqnr_db=report["noise_pred_sqnr_db"], num_quantized_layers=len(layers))
+                          noise_pred_sqnr_db=report["noise_pred_sqnr_db"], num_quantized_layers=len(layers),
+                          student_steps=len(timesteps), distilled=config.distill)
+
+
+DISTILL_CHECKPOINT_EVERY: dict[str, int] = {"fast": 25, "default": 200}
+"""CAD iterations between distillation checkpoints, per preset."""
+
+
+def _check_act_scales(config: CompressConfig, fp_unet: torch.nn.Module, student: torch.nn.Module, calibration,
+                      scheduler_config: dict, batch_size: int, device: str) -> dict:
+    """Stage 2's learned activation scales against its starting ones on sampled images (act_scale_check)."""
+    from pqcad_deploy.act_scale_check import PRESET_SCALE_CHECK, keep_better_activation_scales
+
+    return keep_better_activation_scales(fp_unet, student, calibration, scheduler_config, config.teacher_steps,
+                                         config.act_scale_init, batch_size, PRESET_SCALE_CHECK[config.preset],
+                                         seed=config.seed, device=device)
 
 
 def _distill(config: CompressConfig, student: torch.nn.Module, fp_unet: torch.nn.Module, scheduler_config: dict,
-             image_shape: tuple[int, int, int], device: str, progress: bool) -> tuple[torch.nn.Module, dict, list[int]]:
+             image_shape: tuple[int, int, int], device: str, progress: bool, checkpoint: Checkpoint,
+             resume: bool, log: Callable[[str], None]) -> tuple[torch.nn.Module, dict, list[int]]:
     """CAD: distil the quantized student to N/2 steps against the FP teacher; (student, report, timesteps).
 
-    Not checkpointed yet: after an interruption `--resume` resumes the quantization blocks and reruns
-    the distillation from its start.
+    Checkpointed every ``DISTILL_CHECKPOINT_EVERY[preset]`` iterations beside the quantization
+    checkpoint; `resume` continues from the last one (C_DC is redrawn: it is seeded).
     """
     from pqcad_deploy.distill.cad import PRESET_DISTILL, distill
     from pqcad_deploy.distill.dc import PRESET_DC, collect_dc
@@ -262,8 +291,12 @@ def _distill(config: CompressConfig, student: torch.nn.Module, fp_unet: torch.nn
     dc_set = collect_dc(fp_unet, scheduler_config, grid, image_shape,
                         dataclasses.replace(PRESET_DC[config.preset], seed=config.seed), device=device,
                         progress=progress)
+    dcfg = dataclasses.replace(dcfg, checkpoint_every=DISTILL_CHECKPOINT_EVERY[config.preset])
+    state = checkpoint.load_distill() if resume else None
+    if state is not None:
+        log(f"resuming the distillation from iteration {state['iteration']} of {dcfg.iters}")
     student, report = distill(student, fp_unet, scheduler_config, config.teacher_steps, dc_set, dcfg, device=device,
-                              progress=progress)
+                              progress=progress, on_checkpoint=checkpoint.save_distill, resume=state)
     return student, report.to_dict(), [int(t) for t in grid.student]
 
 

@@ -85,8 +85,8 @@ class CompressConfig:
         preset: "fast" (tests and demos, under a minute on a CPU) or "default".
         device: where the PyTorch work runs.
         seed: seeds the calibration noise; the same seed gives the same artifact.
-        distill: CAD, distillation to half the steps (pqcad_deploy.distill); off by default until
-            its quality is measured (docs/RESULTS.md).
+        distill: CAD, distillation to half the steps (pqcad_deploy.distill); on by default (PQ + CAD
+            is the method; docs/RESULTS.md section 6 measures it).
         calibration: overrides the preset's calibration set when given.
         avg_weight_bits: None (off) or a budget of parameter-weighted average weight bits in
             (weight_bits, 8]: the first and last conv stay at 8 bits and the most outlier-heavy
@@ -98,22 +98,26 @@ class CompressConfig:
             ("minmax", "percentile" 99.99, "mse" clipping search).
         layer_loss: brecq / pqcad: add the per-layer output errors inside each block to the block
             reconstruction loss (EDA-DM).
+        act_scale_check: brecq / pqcad: after stage 2, keep the learned activation scales only if
+            the student's own sampled images are closer to the FP model's with them than with the
+            starting scales (pqcad_deploy.act_scale_check).
     """
 
     model: str = "builtin"
-    method: Method = "minmax"
+    method: Method = "pqcad"
     weight_bits: int = 8
     act_bits: int = 8
     teacher_steps: int = 100
     preset: Preset = "default"
     device: Device = "cpu"
     seed: int = 0
-    distill: bool = False
+    distill: bool = True
     calibration: CalibrationConfig | None = field(default=None)
     avg_weight_bits: float | None = None
     first_last: FirstLastPolicy | None = None
     act_scale_init: ActScaleInit = "minmax"
     layer_loss: bool = False
+    act_scale_check: bool = True
 
     def __post_init__(self) -> None:
         check_choice("--method", self.method, METHODS)
@@ -126,13 +130,14 @@ class CompressConfig:
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer; got {self.seed!r}.")
         if self.distill and self.teacher_steps % 2:
-            raise ConfigError(f"--distill halves the teacher's steps: --teacher-steps must be even; "
-                              f"got {self.teacher_steps}.")
+            raise ConfigError(f"distillation (on by default) halves the teacher's steps, so --teacher-steps must "
+                              f"be even; got {self.teacher_steps}. Pass an even number, or --no-distill.")
         self._check_avg_weight_bits()
         if self.first_last is not None:
             check_choice("--first-last", self.first_last, FIRST_LAST_POLICIES)
         check_choice("--act-scale-init", self.act_scale_init, ACT_SCALE_INITS)
         check_choice("--layer-loss", self.layer_loss, (False, True))
+        check_choice("--act-scale-check", self.act_scale_check, (False, True))
         if self.method == "minmax" and (self.act_scale_init != "minmax" or self.layer_loss):
             raise ConfigError("--act-scale-init and --layer-loss apply to the learned methods; "
                               "use --method brecq or --method pqcad, or drop them for minmax.")

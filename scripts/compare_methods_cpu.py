@@ -64,7 +64,7 @@ def main() -> int:
             t = time.perf_counter()
             avg = args.avg_weight_bits if wb < 8 else None
             config = CompressConfig(method=method, weight_bits=wb, act_bits=ab, teacher_steps=args.steps,
-                                    preset=args.preset, seed=0, avg_weight_bits=avg)
+                                    preset=args.preset, seed=0, avg_weight_bits=avg, distill=False)
             if args.calibration_selection != "none":
                 config = dataclasses.replace(config, calibration=dataclasses.replace(
                     config.calibration_config, selection=args.calibration_selection))

@@ -74,7 +74,8 @@ def main() -> int:
                 if key not in artifacts:
                     t = time.perf_counter()
                     compress(CompressConfig(method=method, weight_bits=int(wb), act_bits=int(ab),
-                                            teacher_steps=args.steps, preset=args.preset, device=dev, seed=0),
+                                            teacher_steps=args.steps, preset=args.preset, device=dev, seed=0,
+                                            distill=False),
                              Path(f"/tmp/{key}"), overwrite=True, progress=False)
                     results["compress_seconds"][key] = time.perf_counter() - t
                     artifacts[key] = Path(f"/tmp/{key}")

@@ -100,7 +100,7 @@ def main() -> int:
         art = Path(f"/tmp/minmax_w{wb}a{ab}")
         try:
             t = time.perf_counter()
-            compress(CompressConfig(method="minmax", weight_bits=wb, act_bits=ab, teacher_steps=100,
+            compress(CompressConfig(method="minmax", distill=False, weight_bits=wb, act_bits=ab, teacher_steps=100,
                                     preset="default", device=args.device, seed=args.seed),
                      art, overwrite=True, progress=False)
             compress_s = time.perf_counter() - t

@@ -108,6 +108,8 @@ def main() -> int:
             row_out = {"compress_seconds": compress_s, "calibration_sqnr_db": result.noise_pred_sqnr_db,
                        **sample_row(artifact.build_student(), steps, name)}
             report = json.loads((art / "report.json").read_text())
+            if "act_scale_check" in report:
+                row_out["act_scale_check"] = report["act_scale_check"]
             if "distillation" in report:
                 row_out["distill_seconds"] = report["distillation"]["seconds"]
                 row_out["distill_final_loss"] = sum(report["distillation"]["losses"][-100:]) / 100

@@ -30,7 +30,10 @@ from engines.manifest import METADATA_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "pqcad-deploy"
-FAST = ["--preset", "fast", "--teacher-steps", "10", "--quiet"]
+DEFAULT_METHOD_FAST = ["--preset", "fast", "--teacher-steps", "10", "--quiet"]
+"""The default method (pqcad + CAD) at the fast preset: the end-to-end builtin pipeline runs it."""
+FAST = [*DEFAULT_METHOD_FAST, "--method", "minmax", "--no-distill"]
+"""The quickest compress, for tests about the commands rather than the method."""
 COMMANDS = ("compress", "export", "build-engine", "sample")
 GROUPS = {"eval": ("fid",)}  # sub-groups and their commands
 
@@ -156,7 +159,7 @@ def builtin(tmp_path_factory) -> Pipeline:
     art, model, engine, images, npz = root / "A", root / "M.onnx", root / "E", root / "O", root / "O.npz"
     outputs = {}
     for name, args in [
-        ("compress", ["compress", *FAST, "--out", art]),
+        ("compress", ["compress", *DEFAULT_METHOD_FAST, "--out", art]),
         ("export", ["export", art, "--onnx", model]),
         ("build-engine", ["build-engine", model, "-o", engine]),
         ("sample", ["sample", engine, "-n", 6, "--seed", 0, "-o", images, "--npz", npz, "--quiet"]),
@@ -228,23 +231,31 @@ def test_help_through_the_console_script() -> None:
 
 def test_compress_writes_the_artifact(builtin: Pipeline) -> None:
     assert sorted(p.name for p in builtin.artifact.iterdir()) == [
-        "artifact.json", "report.json", "student.safetensors", "teacher.safetensors"]
+        "artifact.json", "report.json", "report.png", "student.safetensors", "teacher.safetensors"]
     manifest = json.loads((builtin.artifact / "artifact.json").read_text())
-    assert manifest["format"] == "pqcad-artifact" and manifest["method"] == "minmax"
-    assert manifest["teacher_steps"] == 10 and len(manifest["student_timesteps"]) == 10
+    # the defaults: pqcad + CAD, so the student samples half the teacher's steps
+    assert manifest["format"] == "pqcad-artifact" and manifest["method"] == "pqcad" and manifest["distilled"]
+    assert manifest["teacher_steps"] == 10 and manifest["student_timesteps"] == [800, 600, 400, 200, 0]
     assert manifest["image_shape"] == [1, 32, 32] and manifest["unet_class"] == "UNet2DModel"
-    assert manifest["layers"] and all(r["weight_bits"] == 8 and r["act_bits"] == 8 for r in manifest["layers"].values())
+    layers = manifest["layers"]
+    assert layers and all(r["weight_bits"] == 8 for r in layers.values())
+    # pqcad's first/last policy: conv_in and conv_out keep float inputs, every other layer A8
+    assert {n for n, r in layers.items() if r["act_bits"] is None} == {"conv_in", "conv_out"}
+    assert all(r["act_bits"] == 8 for n, r in layers.items() if n not in ("conv_in", "conv_out"))
     assert manifest["options"]["preset"] == "fast"
     summary = builtin.outputs["compress"]
-    assert summary.startswith(f"wrote {builtin.artifact} (minmax W8A8, {len(manifest['layers'])} quantized layers")
-    assert "noise-prediction SQNR" in summary
+    assert summary.startswith(f"wrote {builtin.artifact} (pqcad W8A8, {len(manifest['layers'])} quantized layers, "
+                              "distilled to 5 steps, noise-prediction SQNR ")
+    assert " dB before distillation, " in summary
+    report = json.loads((builtin.artifact / "report.json").read_text())
+    assert report["act_scale_check"]["kept"] in ("learned", "initial") and report["distillation"]["losses"]
     assert [p.name for p in builtin.root.iterdir() if p.name.startswith(".")] == []
 
 
 def test_export_writes_our_onnx_and_reports_parity(builtin: Pipeline) -> None:
     manifest = onnx_manifest(builtin.onnx)
     assert manifest["format"] == "pqcad-onnx" and manifest["precision"] == "w8a8"
-    assert manifest["image_shape"] == [1, 32, 32] and manifest["student_steps"] == 10
+    assert manifest["image_shape"] == [1, 32, 32] and manifest["student_steps"] == 5
     layers = len(json.loads((builtin.artifact / "artifact.json").read_text())["layers"])
     assert manifest["weight_bits"] == {"8": layers}
     lines = builtin.outputs["export"].splitlines()
@@ -259,9 +270,9 @@ def test_build_engine_writes_a_verified_engine(builtin: Pipeline) -> None:
     assert engine["model_file"] == "model.onnx"
     assert engine["model_sha256"] == sha256(builtin.engine / "model.onnx")
     assert engine["source_onnx_sha256"] == sha256(builtin.onnx)
-    assert engine["precision"] == "w8a8" and engine["student_steps"] == 10
+    assert engine["precision"] == "w8a8" and engine["student_steps"] == 5
     assert builtin.outputs["build-engine"].startswith(
-        f"wrote {builtin.engine} (onnxruntime, w8a8, 10 sampling steps")
+        f"wrote {builtin.engine} (onnxruntime, w8a8, 5 sampling steps")
 
 
 def test_sample_writes_pngs_grid_and_npz(builtin: Pipeline) -> None:
@@ -274,7 +285,7 @@ def test_sample_writes_pngs_grid_and_npz(builtin: Pipeline) -> None:
     for i in range(6):
         png = np.asarray(Image.open(builtin.images / f"{i:05d}.png"))
         np.testing.assert_array_equal(png.reshape(32, 32, 1), images[i])
-    assert builtin.outputs["sample"].startswith(f"wrote 6 images to {builtin.images} (10 DDIM steps, ")
+    assert builtin.outputs["sample"].startswith(f"wrote 6 images to {builtin.images} (5 DDIM steps, ")
     assert builtin.outputs["sample"].rstrip().endswith(f"and {builtin.npz}")
 
 
@@ -300,10 +311,10 @@ def test_sample_is_reproducible_per_seed(builtin: Pipeline, tmp_path: Path) -> N
 
 
 def test_sample_steps_option(builtin: Pipeline, tmp_path: Path) -> None:
-    result = run_main("sample", builtin.engine, "-n", 2, "--steps", 5, "-o", tmp_path / "O",
+    result = run_main("sample", builtin.engine, "-n", 2, "--steps", 3, "-o", tmp_path / "O",
                       "--npz", tmp_path / "O.npz", "--quiet")
     assert result.code == 0, result.err
-    assert "(5 DDIM steps" in result.out
+    assert "(3 DDIM steps" in result.out
     images = load_images(tmp_path / "O.npz")
     assert images.shape == (2, 32, 32, 1)
     # fewer steps is a different trajectory from the same noise
@@ -369,7 +380,8 @@ def test_compress_refuses_bad_models(make, fragments, small_unet_dir: Path, tmp_
     (["--method", "nope"], ("--method", "minmax", "'nope'")),
     (["--preset", "nope"], ("--preset", "fast, default", "'nope'")),
     (["--device", "nope"], ("--device", "cpu, cuda", "'nope'")),
-    (["--distill", "--teacher-steps", "25"], ("--distill halves the teacher's steps", "even", "25")),
+    (["--distill", "--teacher-steps", "25"], ("halves the teacher's steps", "even", "25", "--no-distill")),
+    (["--teacher-steps", "25"], ("distillation (on by default)", "even", "25", "--no-distill")),
     (["--teacher-steps", "1"], ("--teacher-steps", "[2, 1000]")),
     (["--weight-bits", "4", "--avg-weight-bits", "3.5"], ("--avg-weight-bits", "(4, 8]", "3.5")),
     (["--weight-bits", "4", "--avg-weight-bits", "nan"], ("--avg-weight-bits", "(4, 8]", "nan")),
@@ -661,7 +673,7 @@ def test_build_engine_and_sample_run_without_torch(builtin: Pipeline, tmp_path: 
                                       "--npz", tmp_path / "O.npz", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert loaded == []
-    assert proc.stdout.startswith(f"wrote 6 images to {tmp_path / 'O'} (10 DDIM steps")
+    assert proc.stdout.startswith(f"wrote 6 images to {tmp_path / 'O'} (5 DDIM steps")
     # the engine rebuilt without torch samples exactly what the fixture's engine sampled
     np.testing.assert_array_equal(load_images(tmp_path / "O.npz"), load_images(builtin.npz))
 
@@ -679,11 +691,12 @@ def test_version_option() -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--timestep-mean", "0.3"], "Invalid value for --timestep-mean: only applies with normal timestep sampling"),
+    (["--method", "minmax", "--timestep-mean", "0.3"],
+     "Invalid value for --timestep-mean: only applies with normal timestep sampling"),
     (["--method", "pqcad", "--timestep-std", "0"], "--timestep-mean must be in [0, 1] and --timestep-std > 0; got 0.4, 0.0."),
     (["--method", "pqcad", "--timestep-sampling", "sideways"], "--timestep-sampling must be one of uniform, normal; got 'sideways'."),
-    (["--act-scale-init", "mse"], "--act-scale-init and --layer-loss apply to the learned methods"),
-    (["--layer-loss"], "--act-scale-init and --layer-loss apply to the learned methods"),
+    (["--method", "minmax", "--act-scale-init", "mse"], "--act-scale-init and --layer-loss apply to the learned methods"),
+    (["--method", "minmax", "--layer-loss"], "--act-scale-init and --layer-loss apply to the learned methods"),
     (["--method", "brecq", "--act-scale-init", "p99"], "--act-scale-init must be one of minmax, percentile, mse; got 'p99'."),
 ])
 def test_compress_refuses_bad_calibration_and_stage2_options(tmp_path, args, message):
@@ -697,7 +710,7 @@ def test_compress_refuses_bad_calibration_and_stage2_options(tmp_path, args, mes
 def test_compress_calibration_and_stage2_options_reach_the_artifact(tmp_path, small_unet_dir):
     out = tmp_path / "art"
     outcome = run_main(
-        "compress", "--model", small_unet_dir, "--out", out, "--preset", "fast", "--method", "brecq",
+        "compress", "--model", small_unet_dir, "--out", out, "--preset", "fast", "--method", "brecq", "--no-distill",
         "--teacher-steps", "10", "--quiet", "--timestep-sampling", "normal", "--timestep-mean", "0.2",
         "--timestep-std", "0.1", "--act-scale-init", "percentile", "--layer-loss")
     assert outcome.code == 0, outcome.err

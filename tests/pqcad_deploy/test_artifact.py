@@ -38,8 +38,8 @@ SQNR_DB = {8: 19.69, 4: 11.94}
 
 
 def _config(model_dir: Path, weight_bits: int, seed: int = 0) -> CompressConfig:
-    return CompressConfig(model=str(model_dir), weight_bits=weight_bits, act_bits=8, teacher_steps=STEPS,
-                          preset="fast", seed=seed)
+    return CompressConfig(model=str(model_dir), method="minmax", distill=False, weight_bits=weight_bits, act_bits=8,
+                          teacher_steps=STEPS, preset="fast", seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def float_layers(fp) -> dict[str, nn.Module]:
 @pytest.fixture(scope="module")
 def calibration(fp):
     return collect_trajectory_calibration(fp.unet, fp.scheduler_config, (1, 32, 32), STEPS,
-                                          CompressConfig(preset="fast").calibration_config, seed=0,
+                                          CompressConfig(method="minmax", preset="fast").calibration_config, seed=0,
                                           progress=False)
 
 

@@ -19,8 +19,8 @@ from pqcad_deploy.errors import ConfigError
 def test_defaults_are_valid_and_frozen():
     c = CompressConfig()
     assert (c.model, c.method, c.weight_bits, c.act_bits, c.teacher_steps, c.preset, c.device, c.seed,
-            c.distill, c.calibration, c.avg_weight_bits) == ("builtin", "minmax", 8, 8, 100, "default", "cpu", 0,
-                                                            False, None, None)
+            c.distill, c.calibration, c.avg_weight_bits, c.act_scale_check) == (
+        "builtin", "pqcad", 8, 8, 100, "default", "cpu", 0, True, None, None, True)
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.weight_bits = 4  # type: ignore[misc]
 
@@ -87,8 +87,10 @@ def test_seed_validation(bad):
 
 def test_distill_needs_an_even_number_of_teacher_steps():
     assert CompressConfig(distill=True, teacher_steps=10).distill
-    with pytest.raises(ConfigError, match=r"^--distill halves the teacher's steps: --teacher-steps must be even; got 9"):
+    with pytest.raises(ConfigError, match=r"^distillation \(on by default\) halves the teacher's steps, so "
+                                          r"--teacher-steps must be even; got 9\. Pass an even number, or --no-distill\.$"):
         CompressConfig(distill=True, teacher_steps=9)
+    assert CompressConfig(distill=False, teacher_steps=9).teacher_steps == 9
 
 
 @pytest.mark.parametrize("field", ["num_trajectories", "timesteps_kept", "batch_size"])
@@ -100,8 +102,10 @@ def test_calibration_config_validation(field, bad):
 
 
 def test_calibration_comes_from_preset_unless_given():
-    assert CompressConfig(preset="fast").calibration_config == CalibrationConfig(4, 8, 4)
-    assert CompressConfig(preset="default").calibration_config == CalibrationConfig(32, 16, 32)
+    assert CompressConfig(preset="fast", method="minmax").calibration_config == CalibrationConfig(4, 8, 4)
+    assert CompressConfig(preset="default", method="brecq").calibration_config == CalibrationConfig(32, 16, 32)
+    # pqcad (the default) draws C_QC with normally distributed timesteps
+    assert CompressConfig(preset="fast").calibration_config == CalibrationConfig(4, 8, 4, timestep_sampling="normal")
     assert PRESET_CALIBRATION["fast"] == CalibrationConfig(num_trajectories=4, timesteps_kept=8, batch_size=4)
     custom = CalibrationConfig(num_trajectories=2, timesteps_kept=3, batch_size=1)
     assert CompressConfig(preset="fast", calibration=custom).calibration_config is custom
@@ -111,14 +115,14 @@ def test_config_to_dict_compress():
     c = CompressConfig(model="some/dir", weight_bits=4, act_bits=8, teacher_steps=10, preset="fast", seed=3)
     d = config_to_dict(c)
     assert d == {
-        "_type": "CompressConfig", "_version": CONFIG_VERSION, "model": "some/dir", "method": "minmax",
+        "_type": "CompressConfig", "_version": CONFIG_VERSION, "model": "some/dir", "method": "pqcad",
         "weight_bits": 4, "act_bits": 8, "teacher_steps": 10, "preset": "fast", "device": "cpu",
-        "seed": 3, "distill": False, "avg_weight_bits": None,
-        "first_last": "target",  # the effective policy (minmax's default) is recorded
-        "act_scale_init": "minmax", "layer_loss": False,
+        "seed": 3, "distill": True, "avg_weight_bits": None,
+        "first_last": "w8-fp-input",  # the effective policy (pqcad's default) is recorded
+        "act_scale_init": "minmax", "layer_loss": False, "act_scale_check": True,
         # the effective calibration is recorded even when it came from the preset
         "calibration": {"num_trajectories": 4, "timesteps_kept": 8, "batch_size": 4,
-                        "timestep_sampling": "uniform", "timestep_mean": 0.4, "timestep_std": 0.3,
+                        "timestep_sampling": "normal", "timestep_mean": 0.4, "timestep_std": 0.3,
                         "selection": "none", "selection_oversample": 4},
     }
     assert CONFIG_VERSION == 1

@@ -186,8 +186,8 @@ def mixed_artifact(small_unet_dir, tmp_path_factory):
     from pqcad_deploy.config import CompressConfig
 
     out = tmp_path_factory.mktemp("mixed") / "art"
-    compress(CompressConfig(model=str(small_unet_dir), weight_bits=4, act_bits=8, teacher_steps=10, preset="fast",
-                            avg_weight_bits=4.5), out, progress=False)
+    compress(CompressConfig(model=str(small_unet_dir), method="minmax", distill=False, weight_bits=4, act_bits=8,
+                            teacher_steps=10, preset="fast", avg_weight_bits=4.5), out, progress=False)
     return out
 
 

@@ -16,7 +16,7 @@ from pqcad_deploy.reconstruct import PRESET_RECONSTRUCTION
 def pq_artifact(small_unet_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("pq") / "art"
     compress(CompressConfig(model=str(small_unet_dir), method="pqcad", weight_bits=4, act_bits=8,
-                            teacher_steps=10, preset="fast"), out, progress=False)
+                            teacher_steps=10, preset="fast", distill=False), out, progress=False)
     return out
 
 
@@ -97,7 +97,7 @@ def test_pq_and_brecq_beat_minmax_on_the_same_held_out_inputs(small_unet_dir, pq
     for method in ("minmax", "brecq"):
         out = tmp_path / method
         compress(CompressConfig(model=str(small_unet_dir), method=method, weight_bits=4, act_bits=8,
-                                teacher_steps=10, preset="fast"), out, progress=False)
+                                teacher_steps=10, preset="fast", distill=False), out, progress=False)
         scores[method] = sqnr(out)
     assert scores["brecq"] > scores["minmax"] + 1.0, scores
     assert scores["pqcad"] > scores["minmax"] + 1.0, scores

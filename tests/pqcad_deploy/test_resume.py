@@ -48,7 +48,7 @@ def _tiny(tiny_presets):
 
 def _config(model_dir: Path, method: str, seed: int = 0) -> CompressConfig:
     return CompressConfig(model=str(model_dir), method=method, weight_bits=4, act_bits=8, teacher_steps=STEPS,
-                          preset="fast", seed=seed)
+                          preset="fast", seed=seed, distill=False)
 
 
 @contextlib.contextmanager
@@ -286,7 +286,7 @@ def _run_cli(*args: object) -> tuple[int, str, str]:
 def test_cli_resume(small_unet_dir, reference, tmp_path):
     out = tmp_path / "art"
     args = ["compress", "--model", small_unet_dir, "--method", "pqcad", "--weight-bits", 4, "--preset", "fast",
-            "--teacher-steps", STEPS, "--quiet", "--out", out]
+            "--teacher-steps", STEPS, "--no-distill", "--quiet", "--out", out]
     with interrupt_at("weights", 6):
         code, stdout, stderr = _run_cli(*args)
     assert code == 130 and stdout == ""
@@ -301,3 +301,74 @@ def test_cli_resume(small_unet_dir, reference, tmp_path):
     assert stdout.splitlines()[1].startswith(f"wrote {out} (pqcad W4A8, ")
     assert not checkpoint_dir(out).exists()
     assert_same_artifact(reference("pqcad"), out)
+
+
+# ----------------------------------------------------------------------------- CAD resume == one run
+@pytest.fixture
+def tiny_distill():
+    """CAD at 10 iterations of batch 2 on 8 C_DC pairs, checkpointed every 3 iterations."""
+    from pqcad_deploy import compress as C
+    from pqcad_deploy.distill import cad, dc
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(cad.PRESET_DISTILL, "fast", cad.DistillConfig(iters=10, batch_size=2))
+        mp.setitem(dc.PRESET_DC, "fast", dc.DCConfig(size=8, batch_size=4))
+        mp.setitem(C.DISTILL_CHECKPOINT_EVERY, "fast", 3)
+        yield
+
+
+@contextlib.contextmanager
+def interrupt_distillation_at(call: int):
+    """Raise KeyboardInterrupt in the `call`-th (1-based) CAD loss evaluation (mid-iteration)."""
+    from pqcad_deploy.distill import cad
+
+    count, original = [0], cad.distill_loss
+
+    def wrapper(*args, **kwargs):
+        count[0] += 1
+        if count[0] == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cad, "distill_loss", wrapper)
+        yield
+
+
+@pytest.mark.parametrize("method", ["pqcad", "minmax"])
+def test_distillation_resume_equals_an_uninterrupted_run(method, small_unet_dir, tmp_path, tiny_distill):
+    config = dataclasses.replace(_config(small_unet_dir, method), distill=True)
+    reference_art = compress(config, tmp_path / "reference", progress=False).artifact
+    out, logs = tmp_path / "art", []
+    ckpt = checkpoint_dir(out)
+    with interrupt_distillation_at(8), pytest.raises(KeyboardInterrupt) as info:
+        compress(config, out, progress=False)
+    assert str(info.value) == (f"interrupted; distillation saved at iteration 6 in {ckpt}: rerun the same command "
+                               f"with --resume to continue.")
+    assert_no_artifact(out)
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert "distill.json" in names and "distill-000006.safetensors" in names
+    assert not [n for n in names if n.startswith("distill-") and n != "distill-000006.safetensors"]
+    # without --resume or --overwrite the interrupted distillation is not silently thrown away
+    with pytest.raises(OutputPathError, match="--resume to continue it"):
+        compress(config, out, progress=False)
+
+    compress(config, out, progress=False, resume=True, log=logs.append)
+    assert logs[-1] == "resuming the distillation from iteration 6 of 10"
+    assert not ckpt.exists()
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["distillation"]["losses"]) == 10 and report["distillation"]["resumed_from"] == 6
+    # the one honest difference: the resumed report says where it resumed from
+    report["distillation"]["resumed_from"] = None
+    (out / "report.json").write_text(json.dumps(report))
+    assert_same_artifact(reference_art, out)
+
+
+def test_distillation_checkpoint_of_another_run_is_refused(small_unet_dir, tmp_path, tiny_distill):
+    config = dataclasses.replace(_config(small_unet_dir, "minmax"), distill=True)
+    out = tmp_path / "art"
+    with interrupt_distillation_at(5), pytest.raises(KeyboardInterrupt):
+        compress(config, out, progress=False)
+    with pytest.raises(ConfigError, match=r"^the distillation checkpoint at .* belongs to another run \(it differs in "
+                                          r"--seed \(0 there, 1 here\)\); rerun with what it was made with"):
+        compress(dataclasses.replace(config, seed=1), out, progress=False, resume=True)

@@ -101,7 +101,8 @@ def test_selection_reaches_the_artifact(small_unet_dir, tmp_path):
 
     calibration = dataclasses.replace(PRESET_CALIBRATION["fast"], selection="density_diversity",
                                       selection_oversample=2)
-    compress(CompressConfig(model=str(small_unet_dir), teacher_steps=10, preset="fast", calibration=calibration),
+    compress(CompressConfig(model=str(small_unet_dir), method="minmax", distill=False, teacher_steps=10, preset="fast",
+                            calibration=calibration),
              tmp_path / "art", progress=False)
     manifest = json.loads((tmp_path / "art" / "artifact.json").read_text())
     assert manifest["options"]["calibration"]["selection"] == "density_diversity"

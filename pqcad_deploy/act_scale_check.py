@@ -1,0 +1,91 @@
+"""Keep the learned activation scales only if the free-running sampler agrees (brecq / pqcad stage 2).
+
+Stage 2 learns activation scales by block reconstruction on the calibration inputs, i.e. on the FP
+model's trajectories. Measured on the GPU (docs/RESULTS.md section 5), that helps at 4-bit weights
+(pqcad W4A8, 2,000-sample FID 26.2 learned vs 47.5 with the min-max start) but hurts at 8-bit weights
+(pqcad W8A8: 42.9 learned vs 22.9): the learned scales clip tighter, the block losses on the
+calibration set go down, and the student's own trajectories, which leave that set, go wrong. The
+block losses cannot see this; sampling can. So after stage 2 the student samples a few images with
+the teacher's DDIM grid from fixed seeds, once with its learned scales and once with the stage's
+starting scales (re-observed on the same calibration set with the same frozen weights, so identical
+to the start of stage 2), and keeps whichever gives images closer to the FP model's (mean PSNR).
+Weights are not touched.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from pqcad_deploy.calibration.trajectories import CalibrationSet
+from pqcad_deploy.eval.generate import generate_images
+from pqcad_deploy.quant.replace import quant_layers
+
+__all__ = ["ScaleCheckConfig", "PRESET_SCALE_CHECK", "mean_psnr", "keep_better_activation_scales"]
+
+_SEED_OFFSET = 1_000_003
+"""Check images are seeded away from the calibration noise (which uses seed, seed + 1, ...)."""
+
+
+@dataclass(frozen=True)
+class ScaleCheckConfig:
+    """How many images the check samples (each from seed + offset + i) with the teacher's steps."""
+
+    images: int = 16
+
+
+PRESET_SCALE_CHECK: dict[str, ScaleCheckConfig] = {"fast": ScaleCheckConfig(images=4),
+                                                   "default": ScaleCheckConfig(images=16)}
+
+
+def mean_psnr(images: np.ndarray, reference: np.ndarray) -> float:
+    """Mean over images of the PSNR (dB, uint8 range) of `images` against `reference`."""
+    diff = images.astype(np.float64) - reference.astype(np.float64)
+    mse = (diff ** 2).reshape(len(images), -1).mean(axis=1)
+    return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12))))
+
+
+def _act_scales(student: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: layer.input_quantizer.scale.detach().clone()
+            for name, layer in quant_layers(student).items()
+            if layer.input_quantizer.quantizes and layer.input_quantizer.enabled}
+
+
+@torch.no_grad()
+def keep_better_activation_scales(fp_unet: torch.nn.Module, student: torch.nn.Module, calibration: CalibrationSet,
+                                  scheduler_config: dict, steps: int, act_scale_init: str, batch_size: int,
+                                  config: ScaleCheckConfig, seed: int, device: str) -> dict:
+    """Compare learned and starting activation scales on sampled images; keep the better in `student`.
+
+    Returns the report entry: both PSNRs, the number of images and steps, and which scales were kept.
+    """
+    from pqcad_deploy.methods.brecq import calibrate_activations
+
+    learned = _act_scales(student)
+    start = copy.deepcopy(student)
+    calibrate_activations(start, calibration, batch_size, init=act_scale_init, device=device, progress=False,
+                          seed=seed)
+    initial = _act_scales(start)
+    del start
+    check_seed = seed + _SEED_OFFSET
+
+    def images(unet: torch.nn.Module) -> np.ndarray:
+        return generate_images(unet, scheduler_config, config.images, steps, seed=check_seed,
+                               batch_size=config.images, device=device, progress=False).images
+
+    reference = images(fp_unet)
+    psnr_learned = mean_psnr(images(student), reference)
+    layers = quant_layers(student)
+    for name, scale in initial.items():
+        layers[name].input_quantizer.set_scale(scale)
+    psnr_initial = mean_psnr(images(student), reference)
+    kept = "initial" if psnr_initial > psnr_learned else "learned"
+    if kept == "learned":
+        for name, scale in learned.items():
+            layers[name].input_quantizer.set_scale(scale)
+    student.eval()
+    return {"config": asdict(config), "steps": steps, "seed": check_seed, "psnr_learned_db": psnr_learned,
+            "psnr_initial_db": psnr_initial, "initial": act_scale_init, "kept": kept}
