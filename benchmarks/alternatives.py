@@ -62,6 +62,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from pqcad_deploy.eval.psnr import mean_psnr as mean_psnr_db  # noqa: E402  (numpy only; the proxy's one definition)
+
 __all__ = [
     "ORT_CONFIGS",
     "OrtConfig",
@@ -415,13 +417,6 @@ def run_model(sess, inputs: dict[str, np.ndarray], batch_size: int = 64) -> np.n
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     ref, err = reference.astype(np.float64), test.astype(np.float64) - reference.astype(np.float64)
     return float(10 * np.log10(np.sum(ref ** 2) / max(np.sum(err ** 2), 1e-30)))
-
-
-def mean_psnr_db(images: np.ndarray, reference: np.ndarray) -> float:
-    """Mean over images of the PSNR (dB, uint8 range) of `images` against `reference` (as scripts/ do)."""
-    a, b = images.astype(np.float64), reference.astype(np.float64)
-    mse = ((a - b) ** 2).reshape(len(a), -1).mean(axis=1)
-    return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12))))
 
 
 def sample_onnx(onnx_path: str | os.PathLike, manifest, n: int = 64, seed: int = 0, steps: int = 100,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,19 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def timed(fn, reps: int) -> dict:
-    """Run fn once to warm up, then reps times; seconds per call as median/min/max."""
+    """benchmarks.speed.time_calls with the GPU synchronised after every call (one warm-up call)."""
     import torch
 
-    fn()
+    from benchmarks.speed import time_calls
+
     torch.cuda.synchronize()
-    seconds = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds), "reps": reps}
+    return time_calls(lambda: (fn(), torch.cuda.synchronize()), reps)
 
 
 def graphed(unet, x, t):

@@ -25,6 +25,7 @@ from converters.qdq import to_export_layer
 from engines.manifest import OnnxManifest, output_name_for, write_onnx_manifest
 from pqcad_deploy.artifact import CompressedArtifact, artifact_digest, load_artifact
 from pqcad_deploy.errors import ExportError, OutputPathError
+from pqcad_deploy.layer_precision import FIRST_LAYER, LAST_LAYER
 from pqcad_deploy.quant.replace import quant_layers
 
 __all__ = ["DEFAULT_OPSET", "SUPPORTED_OPSETS", "TARGETS", "WEIGHT_STORAGES", "ExportResult", "export_onnx",
@@ -76,7 +77,7 @@ def precision_name(artifact: CompressedArtifact, fp: bool) -> str:
     if fp:
         return "fp32"
     layers = artifact.manifest.layers
-    inner = [r for n, r in layers.items() if n not in ("conv_in", "conv_out")] or list(layers.values())
+    inner = [r for n, r in layers.items() if n not in (FIRST_LAYER, LAST_LAYER)] or list(layers.values())
     pairs = {(r.weight_bits, r.act_bits) for r in inner}
     if len(pairs) == 1:
         w, a = pairs.pop()

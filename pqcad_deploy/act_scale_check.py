@@ -14,7 +14,6 @@ Weights are not touched.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -22,9 +21,10 @@ import torch
 
 from pqcad_deploy.calibration.trajectories import CalibrationSet
 from pqcad_deploy.eval.generate import generate_images
+from pqcad_deploy.eval.psnr import mean_psnr
 from pqcad_deploy.quant.replace import quant_layers
 
-__all__ = ["ScaleCheckConfig", "PRESET_SCALE_CHECK", "mean_psnr", "keep_better_activation_scales"]
+__all__ = ["ScaleCheckConfig", "PRESET_SCALE_CHECK", "keep_better_activation_scales"]
 
 _SEED_OFFSET = 1_000_003
 """Check images are seeded away from the calibration noise (which uses seed, seed + 1, ...)."""
@@ -41,17 +41,16 @@ PRESET_SCALE_CHECK: dict[str, ScaleCheckConfig] = {"fast": ScaleCheckConfig(imag
                                                    "default": ScaleCheckConfig(images=16)}
 
 
-def mean_psnr(images: np.ndarray, reference: np.ndarray) -> float:
-    """Mean over images of the PSNR (dB, uint8 range) of `images` against `reference`."""
-    diff = images.astype(np.float64) - reference.astype(np.float64)
-    mse = (diff ** 2).reshape(len(images), -1).mean(axis=1)
-    return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12))))
-
-
 def _act_scales(student: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: layer.input_quantizer.scale.detach().clone()
             for name, layer in quant_layers(student).items()
             if layer.input_quantizer.quantizes and layer.input_quantizer.enabled}
+
+
+def _set_act_scales(student: torch.nn.Module, scales: dict[str, torch.Tensor]) -> None:
+    layers = quant_layers(student)
+    for name, scale in scales.items():
+        layers[name].input_quantizer.set_scale(scale)
 
 
 @torch.no_grad()
@@ -64,12 +63,6 @@ def keep_better_activation_scales(fp_unet: torch.nn.Module, student: torch.nn.Mo
     """
     from pqcad_deploy.methods.brecq import calibrate_activations
 
-    learned = _act_scales(student)
-    start = copy.deepcopy(student)
-    calibrate_activations(start, calibration, batch_size, init=act_scale_init, device=device, progress=False,
-                          seed=seed)
-    initial = _act_scales(start)
-    del start
     check_seed = seed + _SEED_OFFSET
 
     def images(unet: torch.nn.Module) -> np.ndarray:
@@ -77,15 +70,15 @@ def keep_better_activation_scales(fp_unet: torch.nn.Module, student: torch.nn.Mo
                                batch_size=config.images, device=device, progress=False).images
 
     reference = images(fp_unet)
+    learned = _act_scales(student)
     psnr_learned = mean_psnr(images(student), reference)
-    layers = quant_layers(student)
-    for name, scale in initial.items():
-        layers[name].input_quantizer.set_scale(scale)
+    # the weights are frozen in stage 2, so observing again gives exactly the scales it started from
+    calibrate_activations(student, calibration, batch_size, init=act_scale_init, device=device, progress=False,
+                          seed=seed)
     psnr_initial = mean_psnr(images(student), reference)
     kept = "initial" if psnr_initial > psnr_learned else "learned"
     if kept == "learned":
-        for name, scale in learned.items():
-            layers[name].input_quantizer.set_scale(scale)
+        _set_act_scales(student, learned)
     student.eval()
     return {"config": asdict(config), "steps": steps, "seed": check_seed, "psnr_learned_db": psnr_learned,
             "psnr_initial_db": psnr_initial, "initial": act_scale_init, "kept": kept}

@@ -232,6 +232,15 @@ class Checkpoint:
             f"the checkpoint at {self.path} cannot be used ({reason}); pass --overwrite without --resume "
             f"to discard it and start over.")
 
+    def _check_fingerprint(self, saved: dict | None, what: str) -> None:
+        """Refuse a saved state that another run made (other options, weights or versions)."""
+        differences = _fingerprint_differences(saved or {}, self.fingerprint)
+        if differences:
+            raise ConfigError(
+                f"the {what} at {self.path} belongs to another run (it differs in {', '.join(differences)}); "
+                f"rerun with what it was made with to resume, or pass --overwrite without --resume to "
+                f"discard it and start over.")
+
     def load(self) -> ResumePoint | None:
         """Read the manifest (None if there is none) and check that it belongs to this run.
 
@@ -251,12 +260,7 @@ class Checkpoint:
         if not isinstance(version, int) or version > CHECKPOINT_VERSION:
             raise self._unreadable(f"checkpoint version {version!r}; this pqcad-deploy reads up to "
                                    f"{CHECKPOINT_VERSION}")
-        differences = _fingerprint_differences(manifest.get("fingerprint") or {}, self.fingerprint)
-        if differences:
-            raise ConfigError(
-                f"the checkpoint at {self.path} belongs to another run (it differs in {', '.join(differences)}); "
-                f"rerun with what it was made with to resume, or pass --overwrite without --resume to "
-                f"discard it and start over.")
+        self._check_fingerprint(manifest.get("fingerprint"), "checkpoint")
         try:
             point = ResumePoint(stage=manifest["stage"], blocks_done=int(manifest["blocks_done"]),
                                 blocks_total=int(manifest["blocks_total"]), entries=dict(manifest["entries"]),
@@ -406,12 +410,7 @@ class Checkpoint:
             fingerprint = manifest["fingerprint"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise self._unreadable(f"{DISTILL_MANIFEST_FILE} is malformed ({type(exc).__name__}: {exc})") from None
-        differences = _fingerprint_differences(fingerprint or {}, self.fingerprint)
-        if differences:
-            raise ConfigError(
-                f"the distillation checkpoint at {self.path} belongs to another run (it differs in "
-                f"{', '.join(differences)}); rerun with what it was made with to resume, or pass --overwrite "
-                f"without --resume to discard it and start over.")
+        self._check_fingerprint(fingerprint, "distillation checkpoint")
         blob = self._read_tensors(entry)["distill_state"]
         return torch.load(io.BytesIO(blob.numpy().tobytes()), map_location="cpu", weights_only=True)
 

@@ -140,11 +140,14 @@ def _open_checkpoint(config: CompressConfig, fp_unet: torch.nn.Module, out: Path
 
 
 def _interrupted(checkpoint: Checkpoint) -> KeyboardInterrupt | None:
-    point = checkpoint.last_saved or checkpoint.resume
-    if point is None:
+    """The Ctrl-C note naming what the checkpoint holds (None when nothing was saved yet)."""
+    if checkpoint.last_distill_iteration is not None:
+        saved = f"distillation saved at iteration {checkpoint.last_distill_iteration} in {checkpoint.path}"
+    elif (point := checkpoint.last_saved or checkpoint.resume) is not None:
+        saved = f"{point.describe()}, saved in {checkpoint.path}"
+    else:
         return None
-    return KeyboardInterrupt(f"interrupted; {point.describe()}, saved in {checkpoint.path}: rerun the same "
-                             f"command with --resume to continue.")
+    return KeyboardInterrupt(f"interrupted; {saved}: rerun the same command with --resume to continue.")
 
 
 def compress(config: CompressConfig, out: Path, overwrite: bool = False, progress: bool = True,
@@ -227,11 +230,10 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
                                                                  image_shape, device, progress, checkpoint,
                                                                  resume, log)
         except KeyboardInterrupt as exc:
-            if checkpoint.last_distill_iteration is None:
+            note = _interrupted(checkpoint) if checkpoint.last_distill_iteration is not None else None
+            if note is None:
                 raise
-            raise KeyboardInterrupt(
-                f"interrupted; distillation saved at iteration {checkpoint.last_distill_iteration} in "
-                f"{checkpoint.path}: rerun the same command with --resume to continue.") from exc
+            raise note from exc
     layers = {name: LayerRecord(kind=r["kind"], weight_bits=r["weight_bits"], act_bits=r["act_bits"],
                                 weight_shape=list(quant_layers(student)[name].weight.shape))
               for name, r in report["layers"].items()}
@@ -287,11 +289,11 @@ def _distill(config: CompressConfig, student: torch.nn.Module, fp_unet: torch.nn
     from pqcad_deploy.distill.grid import distill_grid
 
     grid = distill_grid(scheduler_config, config.teacher_steps)
-    dcfg = dataclasses.replace(PRESET_DISTILL[config.preset], seed=config.seed)
+    dcfg = dataclasses.replace(PRESET_DISTILL[config.preset], seed=config.seed,
+                               checkpoint_every=DISTILL_CHECKPOINT_EVERY[config.preset])
     dc_set = collect_dc(fp_unet, scheduler_config, grid, image_shape,
                         dataclasses.replace(PRESET_DC[config.preset], seed=config.seed), device=device,
                         progress=progress)
-    dcfg = dataclasses.replace(dcfg, checkpoint_every=DISTILL_CHECKPOINT_EVERY[config.preset])
     state = checkpoint.load_distill() if resume else None
     if state is not None:
         log(f"resuming the distillation from iteration {state['iteration']} of {dcfg.iters}")

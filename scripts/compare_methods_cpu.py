@@ -33,7 +33,6 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    import numpy as np
     import torch
 
     from pqcad_deploy.artifact import load_artifact
@@ -41,6 +40,7 @@ def main() -> int:
     from pqcad_deploy.compress import compress
     from pqcad_deploy.config import CalibrationConfig, CompressConfig
     from pqcad_deploy.eval.generate import generate_images
+    from pqcad_deploy.eval.psnr import mean_psnr
     from pqcad_deploy.models import load_model
 
     fp = load_model("builtin")
@@ -48,7 +48,7 @@ def main() -> int:
         fp.unet, fp.scheduler_config, (1, 32, 32), args.steps,
         CalibrationConfig(num_trajectories=8, timesteps_kept=16, batch_size=8), seed=12345, progress=False)
     fp_images = generate_images(fp.unet, fp.scheduler_config, args.seeds, args.steps, seed=0,
-                                batch_size=args.seeds, progress=False).images.astype(np.float64)
+                                batch_size=args.seeds, progress=False).images
 
     def sqnr(student) -> float:
         with torch.no_grad():
@@ -72,9 +72,8 @@ def main() -> int:
             seconds = time.perf_counter() - t
             student = load_artifact(art).build_student()
             images = generate_images(student, fp.scheduler_config, args.seeds, args.steps, seed=0,
-                                     batch_size=args.seeds, progress=False).images.astype(np.float64)
-            mse = ((images - fp_images) ** 2).reshape(args.seeds, -1).mean(axis=1)
-            psnr = float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12))))
+                                     batch_size=args.seeds, progress=False).images
+            psnr = mean_psnr(images, fp_images)
             row = {"method": method, "weight_bits": wb, "act_bits": ab, "preset": args.preset,
                    "avg_weight_bits": avg, "calibration_selection": args.calibration_selection,
                    "compress_seconds": round(seconds, 1), "heldout_sqnr_db": round(sqnr(student), 2),

@@ -50,6 +50,7 @@ def main() -> int:
     from pqcad_deploy.eval.fid_sources import default_reference_path
     from pqcad_deploy.eval.generate import generate_images
     from pqcad_deploy.eval.inception import InceptionFeatures
+    from pqcad_deploy.eval.psnr import mean_psnr
     from pqcad_deploy.models import load_model
     from pqcad_deploy.schedule import ddim_timesteps
 
@@ -64,21 +65,23 @@ def main() -> int:
     fp = load_model("builtin")
     scheduler_config = fp.scheduler_config
 
-    def fid_of(unet, n: int, source: str, steps: int = args.steps) -> float:
+    def generate_and_score(unet, n: int, steps: int, source: str):
+        """(the n generated images, their FID)."""
         gen = generate_images(unet, scheduler_config, n, steps, seed=0, batch_size=1000, device="cuda",
                               progress=False)
-        return compute_statistics(gen.images, device="cuda", batch_size=500, progress=False, source=source,
-                                  extractor=extractor).frechet_distance(ref)
+        stats = compute_statistics(gen.images, device="cuda", batch_size=500, progress=False, source=source,
+                                   extractor=extractor)
+        return gen, stats.frechet_distance(ref)
+
+    def fid_of(unet, n: int, source: str) -> float:
+        return generate_and_score(unet, n, args.steps, source)[1]
 
     fp_images = generate_images(fp.unet, scheduler_config, args.psnr_seeds, args.steps, seed=0,
                                 batch_size=args.psnr_seeds, device="cuda", progress=False).images
 
     def sample_row(unet, steps: int, source: str) -> dict:
-        gen = generate_images(unet, scheduler_config, args.n, steps, seed=0, batch_size=1000, device="cuda",
-                              progress=False)
-        stats = compute_statistics(gen.images, device="cuda", batch_size=500, progress=False, source=source,
-                                   extractor=extractor)
-        return {"fid": stats.frechet_distance(ref), "sample_steps": steps, "generate_seconds": gen.seconds,
+        gen, fid = generate_and_score(unet, args.n, steps, source)
+        return {"fid": fid, "sample_steps": steps, "generate_seconds": gen.seconds,
                 "psnr_vs_fp_db": mean_psnr(gen.images[:args.psnr_seeds], fp_images)}
 
     for row in args.rows.split(","):
@@ -129,14 +132,6 @@ def main() -> int:
     results["total_seconds"] = time.perf_counter() - t0
     save()
     return 0
-
-
-def mean_psnr(images, reference) -> float:
-    """Mean over images of the PSNR (dB, uint8 range) of `images` against `reference`."""
-    import numpy as np
-
-    mse = ((images.astype(np.float64) - reference.astype(np.float64)) ** 2).reshape(len(images), -1).mean(axis=1)
-    return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12))))
 
 
 def diagnostics(artifact, fid_of, n: int, name: str) -> dict:

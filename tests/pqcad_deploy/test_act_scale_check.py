@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from pqcad_deploy.act_scale_check import ScaleCheckConfig, keep_better_activation_scales, mean_psnr
+from pqcad_deploy.act_scale_check import ScaleCheckConfig, keep_better_activation_scales
 from pqcad_deploy.calibration.trajectories import collect_trajectory_calibration
 from pqcad_deploy.config import CalibrationConfig
+from pqcad_deploy.eval.psnr import mean_psnr
 from pqcad_deploy.methods.minmax import minmax_quantize
 from pqcad_deploy.models import load_model
 from pqcad_deploy.quant.replace import LayerBits, quant_layers
