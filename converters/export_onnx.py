@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -36,8 +37,9 @@ DEFAULT_OPSET = 17
 SUPPORTED_OPSETS: tuple[int, ...] = tuple(range(13, 22))
 _TORCHSCRIPT_MAX_OPSET = 20
 # qdq: int8 symmetric Q/DQ around every quantized layer (TensorRT, and any QDQ reader). ort-x86: the
-# same values laid out for ONNX Runtime's x86 CPU integer kernels (converters.ort_x86).
-TARGETS: tuple[str, ...] = ("qdq", "ort-x86")
+# same values laid out for ONNX Runtime's x86 CPU integer kernels (converters.ort_x86). ort-qlinear: plus an
+# int8 rounding of every quantized Conv output, so ONNX Runtime fuses QLinearConv (converters.ort_qlinear).
+TARGETS: tuple[str, ...] = ("qdq", "ort-x86", "ort-qlinear")
 # How 4-bit weight codes are stored. int4: ONNX INT4 initializers, two codes a byte (opset >= 21).
 # int8: the codes in an INT8 container (any opset). auto: int4 where the target and opset allow it.
 WEIGHT_STORAGES: tuple[str, ...] = ("auto", "int4", "int8")
@@ -54,6 +56,7 @@ class ExportResult:
     size_bytes: int
     target: str = "qdq"
     int4_weight_layers: int = 0  # layers whose weight codes are INT4 initializers
+    calibration_seconds: float = 0.0  # ort-qlinear: time spent calibrating the Conv output scales
 
 
 class _UNetForExport(nn.Module):
@@ -120,6 +123,9 @@ def _weight_storage(storage: str, target: str, opset: int, fp: bool) -> str:
                               f"got {opset}.")
         if target == "ort-x86":
             raise ExportError("--target ort-x86 stores weights as uint8 (ConvInteger); use --weight-storage int8 "
+                              "or auto.")
+        if target == "ort-qlinear":
+            raise ExportError("--target ort-qlinear stores weights as int8 (QLinearConv); use --weight-storage int8 "
                               "or auto.")
     if storage == "auto":
         return "int4" if opset >= _INT4_MIN_OPSET and target == "qdq" and not fp else "int8"
@@ -244,11 +250,14 @@ def _set_opset(model, opset: int) -> None:
 
 def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = False,
                 opset: int = DEFAULT_OPSET, overwrite: bool = False, target: str = "qdq",
-                weight_storage: str = "auto") -> ExportResult:
+                weight_storage: str = "auto", output_statistic: str = "max") -> ExportResult:
     """Write the artifact's student (or, with fp=True, its FP teacher) as our ONNX at `out_path`.
 
-    target: "qdq" (int8 symmetric Q/DQ, TensorRT's form) or "ort-x86" (converters.ort_x86).
+    target: "qdq" (int8 symmetric Q/DQ, TensorRT's form), "ort-x86" (converters.ort_x86) or
+        "ort-qlinear" (converters.ort_qlinear).
     weight_storage: how 4-bit weight codes are stored, see WEIGHT_STORAGES.
+    output_statistic: ort-qlinear only, the Conv output range its scales come from
+        (converters.ort_qlinear.OUTPUT_STATISTICS; "max" measured best).
     """
     import onnx
 
@@ -269,8 +278,20 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
         from converters.ort_x86 import check_ort_x86
 
         check_ort_x86({name: r.act_bits for name, r in artifact.manifest.layers.items()})
+    if target == "ort-qlinear" and not fp:
+        from converters.ort_qlinear import check_ort_qlinear, check_output_statistic
+
+        check_ort_qlinear({name: r.act_bits for name, r in artifact.manifest.layers.items()})
+        check_output_statistic(output_statistic)
     m = artifact.manifest
     unet = artifact.build_teacher() if fp else artifact.build_student()
+    calibration_seconds = 0.0
+    if target == "ort-qlinear" and not fp:
+        from converters.ort_qlinear import calibrate_output_ranges, output_scales
+
+        started = time.perf_counter()
+        conv_output_scales = output_scales(calibrate_output_ranges(unet, m, output_statistic))
+        calibration_seconds = time.perf_counter() - started
     n_quant = 0 if fp else _swap_in_export_twins(unet)
     wrapper = _UNetForExport(unet).eval()
     output_name = output_name_for(m.prediction_type)
@@ -297,6 +318,10 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
             from converters.ort_x86 import to_ort_x86
 
             to_ort_x86(model, layer_act_bits)
+        elif not fp and target == "ort-qlinear":
+            from converters.ort_qlinear import to_ort_qlinear
+
+            to_ort_qlinear(model, layer_act_bits, conv_output_scales)
         elif not fp and storage == "int4":
             n_int4 = _store_int4_weights(model, {name: r.weight_bits for name, r in m.layers.items()})
         if opset > _TORCHSCRIPT_MAX_OPSET:
@@ -326,7 +351,8 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
             tmp.unlink()
     return ExportResult(path=out_path, precision=manifest.precision, opset=opset,
                         num_quantized_layers=n_quant, size_bytes=out_path.stat().st_size,
-                        target="qdq" if fp else target, int4_weight_layers=n_int4)
+                        target="qdq" if fp else target, int4_weight_layers=n_int4,
+                        calibration_seconds=calibration_seconds)
 
 
 def _teacher_timesteps(m) -> list[int]:

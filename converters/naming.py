@@ -59,6 +59,41 @@ class QdqNames:
         """act_scale * weight_scale per output channel, [out]: int32 accumulator -> float."""
         return f"{self.layer}.output_scale"
 
+    # ort-qlinear target (converters.ort_qlinear): int32 bias and a rounded Conv output.
+    @property
+    def bias_codes(self) -> str:
+        return f"{self.layer}.bias_codes"
+
+    @property
+    def bias_scale(self) -> str:
+        """act_scale * weight_scale per output channel, [out]: the int32 bias's scale."""
+        return f"{self.layer}.bias_scale"
+
+    @property
+    def bias_zero_point(self) -> str:
+        return f"{self.layer}.bias_zero_point"
+
+    @property
+    def bias_dequantize(self) -> str:
+        return f"{self.layer}/bias_dequantize"
+
+    @property
+    def output_quantize(self) -> str:
+        return f"{self.layer}/output_quantize"
+
+    @property
+    def output_dequantize(self) -> str:
+        return f"{self.layer}/output_dequantize"
+
+    @property
+    def output_act_scale(self) -> str:
+        """The calibrated per-tensor scale of the Conv output (amax / 127)."""
+        return f"{self.layer}.output_act_scale"
+
+    @property
+    def output_zero_point(self) -> str:
+        return f"{self.layer}.output_zero_point"
+
 
 def qdq_names(layer: str) -> QdqNames:
     return QdqNames(layer)

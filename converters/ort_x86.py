@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from converters.graph_index import index_graph, replace_nodes
 from converters.naming import qdq_names
 from pqcad_deploy.errors import ExportError
 from pqcad_deploy.quant.primitives import act_qrange
@@ -67,12 +68,8 @@ def to_ort_x86(model, layer_act_bits: dict[str, int | None]) -> dict[str, int]:
 
     check_ort_x86(layer_act_bits)
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    by_name = {n.name: n for n in graph.node}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    lookup = index_graph(graph)
+    inits, by_name, consumers = lookup.inits, lookup.by_name, lookup.consumers
 
     def set_init(name: str, array: np.ndarray) -> None:
         tensor = numpy_helper.from_array(array, name)
@@ -92,10 +89,7 @@ def to_ort_x86(model, layer_act_bits: dict[str, int | None]) -> dict[str, int]:
             continue  # float input (first/last conv with w8-fp-input): nothing to quantize
         names = qdq_names(layer)
         wdq = by_name[names.weight_dequantize]
-        users = consumers.get(wdq.output[0], [])
-        if len(users) != 1:
-            raise ExportError(f"{layer}: its weight DequantizeLinear feeds {len(users)} nodes, expected 1")
-        target = users[0]
+        target = lookup.weight_consumer(layer, names.weight_dequantize)
         if target.op_type == "MatMul":
             set_init(names.act_zero_point, np.array(UINT8_ZERO_POINT, dtype=np.uint8))
             counts["uint8_matmul"] += 1
@@ -138,10 +132,5 @@ def to_ort_x86(model, layer_act_bits: dict[str, int | None]) -> dict[str, int]:
         if i in drop:
             continue
         nodes.extend(replaced.get(i, [node]))
-    del graph.node[:]
-    graph.node.extend(nodes)
-    still_used = {name for node in graph.node for name in node.input}
-    keep = [i for i in graph.initializer if i.name not in dead_inits or i.name in still_used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    replace_nodes(graph, nodes, dead_inits)
     return counts

@@ -6,6 +6,12 @@ the flipped code then spreads through the remaining layers (random-weight test m
 strongly). The check therefore also compares the integer codes of every QuantizeLinear, in graph
 order, with the codes PyTorch computes: an export bug (wrong scale, axis, rounding or range) makes
 the first divergent layer differ in many places; a boundary flip makes it differ in a handful.
+
+The `ort-qlinear` target adds an int8 rounding of each quantized Conv's output (and an int32 bias),
+which the fake-quant model does not have; exact parity with the student then cannot hold. Its graph
+names those roundings (converters.ort_qlinear.output_rounding), and the PyTorch side applies the same
+ones through hooks (rounded_conv_outputs), so the check still compares like with like, at the same
+tolerances, and the output codes are compared as well.
 """
 
 from __future__ import annotations
@@ -52,8 +58,12 @@ class ParityReport:
         return max(errs) if errs else 0.0
 
 
-def _torch_codes(student: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> tuple[np.ndarray, dict]:
+def _torch_codes(student: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
+                 rounding: dict | None = None) -> tuple[np.ndarray, dict]:
+    from converters.ort_qlinear import rounded_conv_outputs
+
     codes: dict[str, np.ndarray] = {}
+    output_codes: dict[str, np.ndarray] = {}
     hooks = []
     for name, layer in quant_layers(student).items():
         if not layer.input_quantizer.quantizes:
@@ -65,12 +75,16 @@ def _torch_codes(student: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> 
             codes[name] = torch.clamp(torch.round(inputs[0] / q.scale), qmin, qmax).detach().numpy()
         hooks.append(layer.register_forward_pre_hook(hook))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), rounded_conv_outputs(student, rounding or {}, output_codes):
             out = student(x, t).sample.numpy()
     finally:
         for h in hooks:
             h.remove()
+    codes.update({f"{name}{_OUTPUT_SUFFIX}": c for name, c in output_codes.items()})
     return out, codes
+
+
+_OUTPUT_SUFFIX = ":output"  # key of a layer's output codes (ort-qlinear)
 
 
 _ORT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
@@ -87,8 +101,9 @@ def _onnx_codes(onnx_path: str, x: np.ndarray, t: np.ndarray,
     q_outputs: dict[str, str] = {}
     zero_points: dict[str, int] = {}
     for node in model.graph.node:
-        if node.op_type == "QuantizeLinear" and node.name.endswith("/input_quantize"):
-            name = node.name[: -len("/input_quantize")]
+        if node.op_type == "QuantizeLinear" and node.name.endswith(("/input_quantize", "/output_quantize")):
+            layer, _, role = node.name.rpartition("/")
+            name = layer if role == "input_quantize" else f"{layer}{_OUTPUT_SUFFIX}"
             q_outputs[name] = node.output[0]
             # Codes are compared on the symmetric grid: a uint8 code with zero-point 128 (ort-x86
             # target) is the int8 code + 128.
@@ -116,6 +131,10 @@ def parity_report(artifact_path, onnx_path, n: int = 8, seed: int = 0,
     optimization_level: ONNX Runtime's graph optimization for the ONNX side ("disabled" runs the
     graph as written; "extended" runs what an engine runs, with Q/DQ fused into integer kernels).
     """
+    import onnx
+
+    from converters.ort_qlinear import output_rounding
+
     artifact = load_artifact(artifact_path)
     student = artifact.build_student()
     c, h, w = artifact.manifest.image_shape
@@ -123,7 +142,8 @@ def parity_report(artifact_path, onnx_path, n: int = 8, seed: int = 0,
     x = torch.randn((n, c, h, w), generator=generator)
     steps = artifact.manifest.student_timesteps
     t = torch.tensor([float(steps[int(i)]) for i in np.linspace(0, len(steps) - 1, n)])
-    ref, t_codes = _torch_codes(student, x, t)
+    rounding = output_rounding(onnx.load(str(onnx_path)))
+    ref, t_codes = _torch_codes(student, x, t, rounding)
     out, o_codes, order = _onnx_codes(str(onnx_path), x.numpy(), t.numpy(), optimization_level)
     diff = (out - ref).reshape(n, -1)
     norm = np.maximum(np.linalg.norm(ref.reshape(n, -1), axis=1), 1e-12)

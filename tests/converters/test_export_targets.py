@@ -1,5 +1,6 @@
 """export targets and weight storage: --target ort-x86 (integer kernels on ONNX Runtime's x86 CPU
-provider) and INT4 weight initializers (--weight-storage), with parity and fused-graph checks."""
+provider), --target ort-qlinear (QLinearConv, one extra rounding per Conv) and INT4 weight initializers
+(--weight-storage), with parity and fused-graph checks."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from _unets import UNET_CONFIGS
 from converters.export_onnx import export_onnx, pack_int4
+from converters.ort_qlinear import calibrate_output_ranges, output_scales
 from converters.ort_x86 import UINT8_ZERO_POINT
 from converters.parity import parity_report
 from engines.build import ORT_MODEL_FILE, build_onnxruntime_engine
@@ -145,6 +147,103 @@ def test_ort_x86_refuses_four_bit_activations(unet_dirs, tmp_path):
     assert not (tmp_path / "a4.onnx").exists()
 
 
+# --- --target ort-qlinear -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qlinear(artifacts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx_qlinear")
+    return {key: export_onnx(art, root / f"{key[0]}_w{key[1]}_qlinear.onnx", target="ort-qlinear").path
+            for key, art in artifacts.items() if key[1] == 8}
+
+
+def _rounded_layers(model) -> list[str]:
+    return [n.name[: -len("/output_quantize")] for n in model.graph.node if n.name.endswith("/output_quantize")]
+
+
+@pytest.mark.parametrize("name", list(UNET_CONFIGS))
+def test_ort_qlinear_parity_with_rounded_fake_quant_model(artifacts, qlinear, name):
+    """Against the PyTorch model with the same output and bias roundings (hooks): the same
+    tolerances as the default target, for the graph as written and as ONNX Runtime fuses it."""
+    for level in ("disabled", "extended"):
+        _assert_parity(parity_report(artifacts[(name, 8)], qlinear[(name, 8)], n=8, seed=1,
+                                     optimization_level=level))
+
+
+@pytest.mark.parametrize("name", list(UNET_CONFIGS))
+def test_ort_qlinear_runs_qlinear_conv(artifacts, exported, qlinear, name, tmp_path):
+    """Every rewritten Conv is a QLinearConv after build-engine, none of them stays a float Conv; the
+    only quantized Convs left as in the default graph are those whose output fans out (downsamplers)."""
+    layers = load_artifact(artifacts[(name, 8)]).manifest.layers
+    convs = [n for n, r in layers.items() if r.kind != "linear"]
+    model = onnx.load(str(qlinear[(name, 8)]))
+    rounded = _rounded_layers(model)
+    assert rounded and set(rounded) <= set(convs)
+    consumers = Counter(i for n in model.graph.node for i in n.input)
+    for layer in set(convs) - set(rounded):  # kept as the default graph: its Conv output feeds several nodes
+        conv = next(n for n in model.graph.node if n.op_type == "Conv" and f"{layer}/weight_dequantize" in
+                    {p.name for p in model.graph.node if p.output[0] in n.input})
+        assert consumers[conv.output[0]] > 1, layer
+    build_onnxruntime_engine(qlinear[(name, 8)], tmp_path / "engine", optimization_level="extended")
+    optimized = onnx.load(str(tmp_path / "engine" / ORT_MODEL_FILE))
+    ops = Counter(n.op_type for n in optimized.graph.node)
+    assert ops["QLinearConv"] == len(rounded)
+    assert ops["Conv"] == len(convs) - len(rounded)
+    rewritten = {n.name for n in model.graph.node if n.op_type == "Conv" and n.output[0].endswith("/conv_output")}
+    assert len(rewritten) == len(rounded)
+    fused = {n.name for n in optimized.graph.node if n.op_type == "QLinearConv"}  # fusion keeps the Conv's name
+    assert fused == rewritten  # each rewritten Conv, none of them left float
+    default = _engine_ops(exported[(name, 8)], tmp_path / "qdq")
+    assert ops["MatMulIntegerToFloat"] == default["MatMulIntegerToFloat"] > 0  # MatMuls as the default graph
+
+
+def test_ort_qlinear_graph(artifacts, qlinear):
+    """Input Q/DQ and weight DQ as the default target; int32 bias with scale act_scale * weight_scale
+    (ONNX Runtime's quantizer layout); int8 output Q/DQ, zero-point 0, scale = calibrated amax / 127."""
+    name = "c1_32_attn1_default"
+    artifact = load_artifact(artifacts[(name, 8)])
+    model = onnx.load(str(qlinear[(name, 8)]))
+    onnx.checker.check_model(model, full_check=True)
+    nodes = {n.name: n for n in model.graph.node}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    expected = output_scales(calibrate_output_ranges(artifact.build_student(), artifact.manifest))
+    rounded = _rounded_layers(model)
+    assert rounded
+    for layer in rounded:
+        stored = artifact.student_tensors[f"{layer}.weight_codes"].numpy()
+        w_scale = artifact.student_tensors[f"{layer}.weight_scale"].numpy()
+        a_scale = artifact.student_tensors[f"{layer}.act_scale"].numpy()
+        bias = artifact.student_tensors[f"{layer}.bias"].numpy()
+        assert inits[f"{layer}.act_scale"] == a_scale
+        assert inits[f"{layer}.act_zero_point"].dtype == np.int8 and inits[f"{layer}.act_zero_point"] == 0
+        assert inits[f"{layer}.weight_codes"].dtype == np.int8
+        np.testing.assert_array_equal(inits[f"{layer}.weight_codes"], stored)
+        assert helper.get_attribute_value(nodes[f"{layer}/weight_dequantize"].attribute[0]) == 0  # axis
+        codes, scale = inits[f"{layer}.bias_codes"], inits[f"{layer}.bias_scale"]
+        assert codes.dtype == np.int32 and not inits[f"{layer}.bias_zero_point"].any()
+        np.testing.assert_array_equal(scale, (a_scale.astype(np.float64) * w_scale).astype(np.float32))
+        assert np.abs(codes * scale.astype(np.float64) - bias).max() <= 0.5 * scale.max() * (1 + 1e-6)
+        bias_dq = nodes[f"{layer}/bias_dequantize"]
+        assert bias_dq.input[0] == f"{layer}.bias_codes" and helper.get_attribute_value(bias_dq.attribute[0]) == 0
+        q, dq = nodes[f"{layer}/output_quantize"], nodes[f"{layer}/output_dequantize"]
+        assert inits[f"{layer}.output_zero_point"].dtype == np.int8 and inits[f"{layer}.output_zero_point"] == 0
+        assert inits[f"{layer}.output_act_scale"].shape == () and q.input[1] == dq.input[1]
+        assert inits[f"{layer}.output_act_scale"] == np.float32(expected[layer])  # deterministic calibration
+    assert read_onnx_manifest(qlinear[(name, 8)]).precision == "w8a8"
+
+
+def test_ort_qlinear_refusals(artifacts, unet_dirs, tmp_path):
+    art = _compress(unet_dirs["c1_32_attn1_default"], tmp_path / "w4a4", weight_bits=4, act_bits=4)
+    with pytest.raises(ExportError, match="ort-qlinear needs 8-bit activations"):
+        export_onnx(art, tmp_path / "a4.onnx", opset=21, target="ort-qlinear")
+    w4 = artifacts[("c1_32_attn1_default", 4)]
+    with pytest.raises(ExportError, match="--target ort-qlinear stores weights as int8"):
+        export_onnx(w4, tmp_path / "a4.onnx", opset=21, target="ort-qlinear", weight_storage="int4")
+    with pytest.raises(ExportError, match="output statistic must be one of max, p99.99"):
+        export_onnx(w4, tmp_path / "a4.onnx", target="ort-qlinear", output_statistic="p50")
+    assert not (tmp_path / "a4.onnx").exists()
+
+
 # --- INT4 weight storage ---------------------------------------------------------------------------
 
 
@@ -233,6 +332,16 @@ def test_cli_export_target_and_storage(artifacts, tmp_path, capsys):
         main(["export", str(art), "--onnx", str(tmp_path / "int4.onnx"), "--opset", "21", "--no-parity"])
     assert done.value.code == 0
     assert "with INT4 weights" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        main(["export", str(artifacts[("c1_32_attn1_default", 8)]), "--onnx", str(tmp_path / "ql.onnx"),
+              "--target", "ort-qlinear"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "target ort-qlinear, Conv output scales calibrated in" in out and "parity vs PyTorch" in out
+    with pytest.raises(SystemExit) as done:
+        main(["export", str(art), "--onnx", str(tmp_path / "bad.onnx"), "--target", "ort-qlinear", "--opset", "21",
+              "--weight-storage", "int4"])
+    assert done.value.code == 1 and "ort-qlinear stores weights as int8" in capsys.readouterr().err
     with pytest.raises(SystemExit) as done:
         main(["export", str(art), "--onnx", str(tmp_path / "bad.onnx"), "--target", "trt"])
     assert done.value.code == 2 and "--target" in capsys.readouterr().err
