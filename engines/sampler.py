@@ -18,7 +18,7 @@ from .images import nchw_to_nhwc, to_uint8
 from .manifest import EngineManifest, OnnxManifest
 from .runner import Runner
 
-__all__ = ["SampleResult", "initial_noise", "sampling_timesteps", "sample_images"]
+__all__ = ["SampleResult", "denoise", "initial_noise", "sampling_timesteps", "sample_images"]
 
 
 @dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous
@@ -90,11 +90,35 @@ def sample_images(
     for name, value in (("n", n), ("batch_size", batch_size)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
-    sampler = DDIMSampler(_ddim_config(onnx))
     timesteps = sampling_timesteps(onnx, steps)
+    noise = initial_noise(int(n), onnx.image_shape, seed)
+    start = time.perf_counter()
+    x_all, model_seconds = denoise(runner, onnx, noise, timesteps, batch_size=batch_size, progress=progress,
+                                   started=start)
+    seconds = time.perf_counter() - start
+    return SampleResult(images=nchw_to_nhwc(to_uint8(x_all)), timesteps=timesteps, seconds=seconds, model_seconds=model_seconds)
+
+
+def denoise(
+    runner: Runner,
+    manifest: OnnxManifest,
+    x_all: np.ndarray,
+    timesteps: tuple[int, ...],
+    batch_size: int = 16,
+    progress: bool = True,
+    started: float | None = None,
+) -> tuple[np.ndarray, float]:
+    """Run DDIM (eta 0) from the noise ``x_all`` over ``timesteps``; returns (x_0, seconds in the runner).
+
+    Split out of :func:`sample_images` so that a slice of :func:`initial_noise` can be denoised on
+    its own (several processes, each with a runner) and still give exactly the images of one
+    ``sample_images`` call: every image's trajectory depends only on its own noise. ``x_all`` is
+    overwritten with the result.
+    """
+    sampler = DDIMSampler(_ddim_config(manifest))
     pairs = list(zip(timesteps, [*timesteps[1:], -1]))
-    x_all = initial_noise(int(n), onnx.image_shape, seed)
-    out_name = onnx.output_name
+    out_name = manifest.output_name
+    n = x_all.shape[0]
 
     from tqdm import tqdm  # core dependency; imported here to keep `engines` import light
 
@@ -102,7 +126,7 @@ def sample_images(
     if started_here:
         runner.activate()
     model_seconds = 0.0
-    start = time.perf_counter()
+    start = time.perf_counter() if started is None else started
     try:
         n_batches = -(-n // batch_size)
         with tqdm(total=n_batches * len(pairs), disable=not progress, unit="step", desc="sampling", dynamic_ncols=True) as bar:
@@ -120,7 +144,6 @@ def sample_images(
     finally:
         if started_here:
             runner.deactivate()
-    seconds = time.perf_counter() - start
     if not np.isfinite(x_all).all():
         raise EngineError("Sampling produced NaN or infinite values; check the model and its scheduler config.")
-    return SampleResult(images=nchw_to_nhwc(to_uint8(x_all)), timesteps=timesteps, seconds=seconds, model_seconds=model_seconds)
+    return x_all, model_seconds
