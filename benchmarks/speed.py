@@ -13,8 +13,9 @@ table with one documented command, through the real user commands and the runtim
      ``export W/fp_art --fp --onnx W/fp32.onnx`` (the FP32 teacher as ONNX);
    - the half-step students ``compress --preset fast --out W/w8a8`` (default method: PQ + CAD) and
      the same with ``--weight-bits 4`` (``W/w4a8``);
-   - each student exported with the default target (``qdq``) and with ``--target ort-x86``, W4A8
-     also at ``--opset 21`` (INT4 weight storage);
+   - each student exported with the default target (``qdq``), ``--target ort-x86`` (exact integer
+     Convs) and ``--target ort-qlinear`` (QLinearConv, one extra rounding per Conv output), W4A8 also
+     at ``--opset 21`` (INT4 weight storage);
    - ``build-engine`` (default options) for every ONNX, the FP32 one included.
    An interrupted ``compress`` (its ``OUT.checkpoint/`` exists) is rerun with ``--resume``.
 2. UNet evaluation: latency (ms per call) and throughput (images/s) at batch 1, 8 and 64 for every
@@ -22,7 +23,8 @@ table with one documented command, through the real user commands and the runtim
    thread count (``--threads``, default: every core this process may use).
 3. Whole sampler, images/s at ``--sampler-batch`` (8) images in one batch: diffusers' PyTorch FP32
    ``DDIMPipeline`` at 100 steps (the baseline users run), the FP32 engine at 100 and 50 steps and
-   the ``ort-x86`` W8A8 / W4A8 engines at their manifest's (half-step student) timesteps, all through
+   the ``ort-x86`` and ``ort-qlinear`` W8A8 / W4A8 engines at their manifest's (half-step student)
+   timesteps, all through
    ``engines.sampler.sample_images`` except the diffusers row.
 4. Every row runs in its own child process; its peak resident memory is the child's ``ru_maxrss``
    (``os.wait4``) and its own ``VmHWM``. Sizes on disk of every artifact, ONNX and engine.
@@ -145,9 +147,11 @@ MODELS: tuple[Model, ...] = (
     Model("ORT FP32", "fp32.onnx", "eng_fp32", "fp_art"),
     Model("W8A8 qdq", "w8a8.onnx", "eng_w8a8", "w8a8"),
     Model("W8A8 ort-x86", "w8a8_ort-x86.onnx", "eng_w8a8_ort-x86", "w8a8"),
+    Model("W8A8 ort-qlinear", "w8a8_ort-qlinear.onnx", "eng_w8a8_ort-qlinear", "w8a8"),
     Model("W4A8 qdq", "w4a8.onnx", "eng_w4a8", "w4a8"),
     Model("W4A8 qdq INT4 (opset 21)", "w4a8_int4.onnx", "eng_w4a8_int4", "w4a8"),
     Model("W4A8 ort-x86", "w4a8_ort-x86.onnx", "eng_w4a8_ort-x86", "w4a8"),
+    Model("W4A8 ort-qlinear", "w4a8_ort-qlinear.onnx", "eng_w4a8_ort-qlinear", "w4a8"),
 )
 
 
@@ -167,9 +171,13 @@ def stages(include_w4a8: bool = True) -> list[Stage]:
               ("compress", "--preset", "fast", "--weight-bits", "4", "--out", "w4a8", "--quiet")),
         Stage("export W8A8 qdq", "w8a8.onnx", ("export", "w8a8", "--onnx", "w8a8.onnx")),
         Stage("export W8A8 ort-x86", "w8a8_ort-x86.onnx", ("export", "w8a8", "--onnx", "w8a8_ort-x86.onnx", "--target", "ort-x86")),
+        Stage("export W8A8 ort-qlinear", "w8a8_ort-qlinear.onnx",
+              ("export", "w8a8", "--onnx", "w8a8_ort-qlinear.onnx", "--target", "ort-qlinear")),
         Stage("export W4A8 qdq", "w4a8.onnx", ("export", "w4a8", "--onnx", "w4a8.onnx")),
         Stage("export W4A8 qdq INT4 (opset 21)", "w4a8_int4.onnx", ("export", "w4a8", "--onnx", "w4a8_int4.onnx", "--opset", "21")),
         Stage("export W4A8 ort-x86", "w4a8_ort-x86.onnx", ("export", "w4a8", "--onnx", "w4a8_ort-x86.onnx", "--target", "ort-x86")),
+        Stage("export W4A8 ort-qlinear", "w4a8_ort-qlinear.onnx",
+              ("export", "w4a8", "--onnx", "w4a8_ort-qlinear.onnx", "--target", "ort-qlinear")),
     ]
     if not include_w4a8:
         s = [st for st in s if not st.output.startswith("w4a8")]
@@ -464,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         ("ORT FP32", {"kind": "engine_sampler", "engine": "eng_fp32", "steps": 100}),
         ("ORT FP32", {"kind": "engine_sampler", "engine": "eng_fp32", "steps": 50}),
         ("W8A8 ort-x86 (student steps)", {"kind": "engine_sampler", "engine": "eng_w8a8_ort-x86", "steps": None}),
+        ("W8A8 ort-qlinear (student steps)", {"kind": "engine_sampler", "engine": "eng_w8a8_ort-qlinear", "steps": None}),
         ("W4A8 ort-x86 (student steps)", {"kind": "engine_sampler", "engine": "eng_w4a8_ort-x86", "steps": None}),
+        ("W4A8 ort-qlinear (student steps)", {"kind": "engine_sampler", "engine": "eng_w4a8_ort-qlinear", "steps": None}),
     ]
     if not include_w4a8:
         sampler_specs = [(label, spec) for label, spec in sampler_specs if "w4a8" not in spec.get("engine", "")]

@@ -70,10 +70,11 @@ def test_stages_cover_every_engine_and_resume(tmp_path):
     assert "--fp" in by_out["fp32.onnx"] and ("--weight-bits", "4") == by_out["w4a8"][3:5]
     assert by_out["w4a8_int4.onnx"][-2:] == ("--opset", "21")
     assert by_out["w8a8_ort-x86.onnx"][-2:] == ("--target", "ort-x86")
+    assert by_out["w4a8_ort-qlinear.onnx"][-2:] == ("--target", "ort-qlinear")
 
 
 def test_no_w4a8_leaves_out_its_stages_and_engines():
     outs = [s.output for s in stages(include_w4a8=False)]
     assert not [o for o in outs if "w4a8" in o]
-    assert {m.engine for m in models(False)} == {"eng_fp32", "eng_w8a8", "eng_w8a8_ort-x86"}
-    assert len(models()) == len(MODELS) == 6
+    assert {m.engine for m in models(False)} == {"eng_fp32", "eng_w8a8", "eng_w8a8_ort-x86", "eng_w8a8_ort-qlinear"}
+    assert len(models()) == len(MODELS) == 8
