@@ -21,8 +21,9 @@ weights, the shipped Fashion-MNIST reference statistics).
 ``NAME=PATH`` samples ``--steps`` uniform DDIM steps; ``NAME=PATH@own`` samples the timesteps in
 PATH's own manifest (a half-step student's). ``--fp32`` (an ONNX written by ``pqcad-deploy
 export``) gives the scheduler, image shape and I/O names for graphs without a manifest (the
-alternatives keep our input and output names). Rows already in ``--out``'s JSON are skipped, so a
-rerun resumes.
+alternatives keep our input and output names). Rows already sampled in ``--out`` are skipped and a
+row stopped midway keeps its finished chunks (``NAME.partial.npz``), so a rerun resumes: a row can
+take more than one device call.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 CHUNK = 125  # images per worker task: 80 tasks for 10k images keep 16 workers busy to the end
+PARTIAL_SAVE_S = 30.0  # how often finished chunks are written to NAME.partial.npz
 
 _worker: dict = {}
 
@@ -76,8 +78,12 @@ def _denoise_chunk(task: tuple[int, np.ndarray, tuple[int, ...]]) -> tuple[int, 
 
 
 def sample(onnx_path: str, manifest_path: str, timesteps: tuple[int, ...], n: int, seed: int, workers: int,
-           label: str, chunk: int = CHUNK) -> tuple[np.ndarray, float]:
-    """All ``n`` images of one model (uint8 NHWC) and the wall seconds, sampled by ``workers`` processes."""
+           label: str, chunk: int = CHUNK, partial: Path | None = None) -> tuple[np.ndarray, float]:
+    """All ``n`` images of one model (uint8 NHWC) and the wall seconds, sampled by ``workers`` processes.
+
+    partial: a file where finished chunks are kept (every PARTIAL_SAVE_S and at the end), so a run
+    stopped by a time limit resumes from them; the seconds then count this run only.
+    """
     from tqdm import tqdm
 
     from engines.manifest import read_onnx_manifest
@@ -85,15 +91,34 @@ def sample(onnx_path: str, manifest_path: str, timesteps: tuple[int, ...], n: in
 
     manifest = read_onnx_manifest(manifest_path)
     noise = initial_noise(n, manifest.image_shape, seed)
-    tasks = [(i, noise[i:i + chunk].copy(), timesteps) for i in range(0, n, chunk)]
     h, w, c = manifest.image_shape[1], manifest.image_shape[2], manifest.image_shape[0]
     images = np.zeros((n, h, w, c), dtype=np.uint8)
-    t0 = time.perf_counter()
+    done = np.zeros(n, dtype=bool)
+    if partial is not None and partial.exists():
+        kept = np.load(partial)
+        if kept["images"].shape == images.shape and int(kept["chunk"]) == chunk:
+            images, done = kept["images"], kept["done"]
+            print(f"{label}: resuming, {int(done.sum())} of {n} images kept in {partial}", flush=True)
+
+    def keep() -> None:
+        if partial is not None:
+            with open(partial.with_suffix(".tmp"), "wb") as f:
+                np.savez(f, images=images, done=done, chunk=chunk)
+            partial.with_suffix(".tmp").replace(partial)
+
+    tasks = [(i, noise[i:i + chunk].copy(), timesteps) for i in range(0, n, chunk) if not done[i]]
+    t0 = last_save = time.perf_counter()
     with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(onnx_path, manifest_path)) as pool:
-        with tqdm(total=n, unit="img", desc=f"sampling {label}", mininterval=10, file=sys.stdout) as bar:
-            for start, done in pool.imap_unordered(_denoise_chunk, tasks):
-                images[start:start + len(done)] = done
-                bar.update(len(done))
+        with tqdm(total=n, initial=int(done.sum()), unit="img", desc=f"sampling {label}", mininterval=10,
+                  file=sys.stdout) as bar:
+            for start, block in pool.imap_unordered(_denoise_chunk, tasks):
+                images[start:start + len(block)] = block
+                done[start:start + len(block)] = True
+                bar.update(len(block))
+                if time.perf_counter() - last_save > PARTIAL_SAVE_S:
+                    keep()
+                    last_save = time.perf_counter()
+    keep()
     return images, time.perf_counter() - t0
 
 
@@ -139,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         manifest_path = path if own else args.fp32
         timesteps = sampling_timesteps(read_onnx_manifest(path) if own else fp_manifest, None if own else args.steps)
-        images, seconds = sample(path, manifest_path, timesteps, args.n, args.seed, args.workers, name, args.chunk)
+        images, seconds = sample(path, manifest_path, timesteps, args.n, args.seed, args.workers, name, args.chunk,
+                                 partial=args.out / f"{name}.partial.npz")
         save_npz(images, args.out / f"{name}.npz")
         save_grid(images[:64], args.out / f"{name}_grid.png")
         results["rows"][name] = {"onnx": path, "sha256": file_sha256(Path(path)), "size_bytes": os.path.getsize(path),

@@ -192,6 +192,26 @@ def test_onnx_fid_workers_sample_the_images_of_sample(make_tiny_onnx, tmp_path: 
     assert (out / "tiny_grid.png").is_file()
 
 
+def test_onnx_fid_resumes_from_finished_chunks(make_tiny_onnx, tmp_path: Path) -> None:
+    """A row stopped by a time limit keeps its finished chunks: only the others are sampled again."""
+    from benchmarks.onnx_fid import sample
+
+    onnx_path = make_tiny_onnx()
+    m = read_onnx_manifest(onnx_path)
+    expected = sample_images(OnnxRuntimeRunner(onnx_path, m), m, 9, 0, progress=False).images
+    partial = tmp_path / "row.partial.npz"
+    kept = expected.copy()
+    kept[:4] = 255  # chunks 0 and 1 (chunk 2) marked finished with a sentinel: they must not be redone
+    done = np.zeros(9, dtype=bool)
+    done[:4] = True
+    np.savez(partial, images=kept, done=done, chunk=2)
+    images, _ = sample(str(onnx_path), str(onnx_path), tuple(m.student_timesteps), 9, 0, 1, "row", chunk=2,
+                       partial=partial)
+    assert (images[:4] == 255).all()
+    np.testing.assert_array_equal(images[4:], expected[4:])
+    assert np.load(partial)["done"].all()
+
+
 def test_sample_with_steps_uses_uniform_grid(engine_dir: Path) -> None:
     m = verify_engine(engine_dir)
     runner = OnnxRuntimeRunner(engine_dir / m.model_file, m.onnx)
