@@ -32,6 +32,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -108,18 +109,26 @@ def sample(onnx_path: str, manifest_path: str, timesteps: tuple[int, ...], n: in
 
     tasks = [(i, noise[i:i + chunk].copy(), timesteps) for i in range(0, n, chunk) if not done[i]]
     t0 = last_save = time.perf_counter()
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(onnx_path, manifest_path)) as pool:
-        with tqdm(total=n, initial=int(done.sum()), unit="img", desc=f"sampling {label}", mininterval=10,
-                  file=sys.stdout) as bar:
-            for start, block in pool.imap_unordered(_denoise_chunk, tasks):
-                images[start:start + len(block)] = block
-                done[start:start + len(block)] = True
-                bar.update(len(block))
-                if time.perf_counter() - last_save > PARTIAL_SAVE_S:
-                    keep()
-                    last_save = time.perf_counter()
-    keep()
+    previous = signal.signal(signal.SIGTERM, _terminate)  # `timeout` sends SIGTERM: keep what is done first
+    try:
+        with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(onnx_path, manifest_path)) as pool:
+            with tqdm(total=n, initial=int(done.sum()), unit="img", desc=f"sampling {label}", mininterval=10,
+                      file=sys.stdout) as bar:
+                for start, block in pool.imap_unordered(_denoise_chunk, tasks):
+                    images[start:start + len(block)] = block
+                    done[start:start + len(block)] = True
+                    bar.update(len(block))
+                    if time.perf_counter() - last_save > PARTIAL_SAVE_S:
+                        keep()
+                        last_save = time.perf_counter()
+    finally:
+        keep()
+        signal.signal(signal.SIGTERM, previous)
     return images, time.perf_counter() - t0
+
+
+def _terminate(signum, frame) -> None:
+    raise SystemExit(f"stopped by signal {signum}; finished chunks are kept for a rerun")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         images, seconds = sample(path, manifest_path, timesteps, args.n, args.seed, args.workers, name, args.chunk,
                                  partial=args.out / f"{name}.partial.npz")
         save_npz(images, args.out / f"{name}.npz")
+        (args.out / f"{name}.partial.npz").unlink(missing_ok=True)
         save_grid(images[:64], args.out / f"{name}_grid.png")
         results["rows"][name] = {"onnx": path, "sha256": file_sha256(Path(path)), "size_bytes": os.path.getsize(path),
                                  "steps": len(timesteps), "own_timesteps": own, "sampling_s": seconds}

@@ -38,6 +38,8 @@ FID_POINTS: tuple[tuple[str, str, str, str], ...] = (
     ("PQ + CAD (ours), 50 steps", "W8A8", "issue4_5_gpu_fid_pqcad_w8a8_scale_check.json", "pqcad_w8a8_ddim100_cad"),
     # through ONNX Runtime (numpy sampler, its own noise): the alternatives and ours in the same form
     ("ORT quantize_static (entropy), ONNX Runtime, 50 steps", "W8A8", "issue6_onnx_fid/results.json", "ort_entropy_cm_50"),
+    ("ORT quantize_static (entropy), ONNX Runtime, 100 steps", "W8A8", "issue6_onnx_fid/results_2.json", "ort_entropy_cm_100"),
+    ("NVIDIA ModelOpt INT8 (entropy), ONNX Runtime, 50 steps", "W8A8", "issue6_onnx_fid/results_2.json", "modelopt_entropy_50"),
     ("PQ (ours) ort-qlinear, ONNX Runtime, 50 steps", "W8A8", "issue6_onnx_fid/results.json", "ours_pq_w8a8_qlinear_50"),
     ("PQ + CAD (ours) ort-qlinear, ONNX Runtime, 50 steps", "W8A8", "issue6_onnx_fid/results.json", "ours_w8a8_qlinear"),
 )
@@ -59,13 +61,17 @@ def plot_fid(out: Path) -> Path:
         series.setdefault(label, {})[bits] = fid(file, row)
     fig, ax = plt.subplots(figsize=(8, 5))
     markers = "osD^vPX*"
+    singles = [label for label, points in series.items() if len(points) == 1]
     for i, (label, points) in enumerate(series.items()):
-        xs = [BITS.index(b) for b in BITS if b in points]
+        # single points (the ONNX Runtime rows, all W8A8) side by side to the right of the column
+        shift = 0.06 * (1 + singles.index(label)) if label in singles else 0.0
+        xs = [BITS.index(b) + shift for b in BITS if b in points]
         ax.plot(xs, [points[b] for b in BITS if b in points], marker=markers[i % len(markers)],
                 linestyle="-" if len(xs) > 1 else "none", markersize=8, label=label)
     for (label, row), style in zip(FP_LINES, ("--", ":")):
         ax.axhline(fid("issue3_gpu_fid.json", row), color="gray", linestyle=style, label=label)
     ax.set_xticks(range(len(BITS)), BITS)
+    ax.set_xlim(-0.2, len(BITS) - 1 + 0.06 * (len(singles) + 2))
     ax.set_yscale("log")
     ax.set_ylabel("FID, 10,000 samples (lower is better)")
     ax.set_xlabel("weight / activation bits")
