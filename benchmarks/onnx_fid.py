@@ -148,9 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from engines.images import save_grid, save_npz
-    from pqcad_deploy.provenance import file_sha256
     from engines.manifest import read_onnx_manifest
     from engines.sampler import sampling_timesteps
+    from pqcad_deploy.provenance import file_sha256
+
+    rows = [parse_model(spec) for spec in args.model]
+    for _, path, _ in [("fp32", args.fp32, False), *rows]:
+        if not Path(path).is_file():
+            raise SystemExit(f"error: {path} does not exist or is not a file; pass an ONNX file.")
+    for flag, value in (("--n", args.n), ("--workers", args.workers), ("--chunk", args.chunk)):
+        if value < 1:
+            raise SystemExit(f"error: {flag} must be a positive integer, got {value}.")
 
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
@@ -165,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fp_manifest = read_onnx_manifest(args.fp32)
     names = []
-    for spec in args.model:
-        name, path, own = parse_model(spec)
+    for name, path, own in rows:
         names.append(name)
         if name in results["rows"] and (args.out / f"{name}.npz").exists():
             print(f"{name}: already sampled in {args.out}, skipped", flush=True)
