@@ -19,14 +19,26 @@ class GraphIndex:
     by_name: dict
     consumers: dict[str, list]
 
-    def weight_consumer(self, layer: str, weight_dequantize: str):
-        """The one node that reads ``layer``'s weight DequantizeLinear (its Conv or MatMul)."""
+    def quantized_op(self, layer: str, names):
+        """The Conv or MatMul that reads ``layer``'s weight DequantizeLinear, checked for the default
+        target's layout (for a Conv: inputs DQ(activation), DQ(weight), the activation DQ read by it alone).
+
+        names: the layer's converters.naming.qdq_names.
+        """
         from pqcad_deploy.errors import ExportError
 
-        users = self.consumers.get(self.by_name[weight_dequantize].output[0], [])
+        wdq = self.by_name[names.weight_dequantize]
+        users = self.consumers.get(wdq.output[0], [])
         if len(users) != 1:
             raise ExportError(f"{layer}: its weight DequantizeLinear feeds {len(users)} nodes, expected 1")
-        return users[0]
+        op = users[0]
+        if op.op_type not in ("Conv", "MatMul"):
+            raise ExportError(f"{layer}: weight feeds {op.op_type}, expected Conv or MatMul")
+        if op.op_type == "Conv":
+            dq = self.by_name[names.input_dequantize]
+            if list(op.input[:2]) != [dq.output[0], wdq.output[0]] or len(self.consumers[dq.output[0]]) != 1:
+                raise ExportError(f"{layer}: unexpected Q/DQ layout around its Conv")
+        return op
 
 
 def index_graph(graph) -> GraphIndex:

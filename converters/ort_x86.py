@@ -88,17 +88,13 @@ def to_ort_x86(model, layer_act_bits: dict[str, int | None]) -> dict[str, int]:
         if bits is None:
             continue  # float input (first/last conv with w8-fp-input): nothing to quantize
         names = qdq_names(layer)
-        wdq = by_name[names.weight_dequantize]
-        target = lookup.weight_consumer(layer, names.weight_dequantize)
+        target = lookup.quantized_op(layer, names)
         if target.op_type == "MatMul":
             set_init(names.act_zero_point, np.array(UINT8_ZERO_POINT, dtype=np.uint8))
             counts["uint8_matmul"] += 1
             continue
-        if target.op_type != "Conv":
-            raise ExportError(f"{layer}: weight feeds {target.op_type}, expected Conv or MatMul")
+        wdq = by_name[names.weight_dequantize]
         q, dq = by_name[names.input_quantize], by_name[names.input_dequantize]
-        if list(target.input[:2]) != [dq.output[0], wdq.output[0]] or len(consumers[dq.output[0]]) != 1:
-            raise ExportError(f"{layer}: unexpected Q/DQ layout around its Conv")
         codes = numpy_helper.to_array(inits[names.weight_codes]).astype(np.int16)
         weight_scale = numpy_helper.to_array(inits[names.weight_scale]).astype(np.float64)
         act_scale = float(numpy_helper.to_array(inits[names.act_scale]))

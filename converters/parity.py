@@ -91,12 +91,12 @@ _ORT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "exte
                "all": "ORT_ENABLE_ALL"}
 
 
-def _onnx_codes(onnx_path: str, x: np.ndarray, t: np.ndarray,
+def _onnx_codes(model, x: np.ndarray, t: np.ndarray,
                 optimization_level: str = "disabled") -> tuple[np.ndarray, dict, list[str]]:
+    """Run the loaded ONNX `model` (probe outputs are appended to it in place) and read its codes."""
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(onnx_path)
     inits = {i.name: i for i in model.graph.initializer}
     q_outputs: dict[str, str] = {}
     zero_points: dict[str, int] = {}
@@ -142,9 +142,9 @@ def parity_report(artifact_path, onnx_path, n: int = 8, seed: int = 0,
     x = torch.randn((n, c, h, w), generator=generator)
     steps = artifact.manifest.student_timesteps
     t = torch.tensor([float(steps[int(i)]) for i in np.linspace(0, len(steps) - 1, n)])
-    rounding = output_rounding(onnx.load(str(onnx_path)))
-    ref, t_codes = _torch_codes(student, x, t, rounding)
-    out, o_codes, order = _onnx_codes(str(onnx_path), x.numpy(), t.numpy(), optimization_level)
+    model = onnx.load(str(onnx_path))
+    ref, t_codes = _torch_codes(student, x, t, output_rounding(model))
+    out, o_codes, order = _onnx_codes(model, x.numpy(), t.numpy(), optimization_level)
     diff = (out - ref).reshape(n, -1)
     norm = np.maximum(np.linalg.norm(ref.reshape(n, -1), axis=1), 1e-12)
     rel = (np.linalg.norm(diff, axis=1) / norm).tolist()

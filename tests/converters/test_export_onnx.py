@@ -26,14 +26,18 @@ FLIP_FRACTION_TOL = 1e-3
 CASES = [(name, wbits) for name in UNET_CONFIGS for wbits in (8, 4)]
 
 
-@pytest.mark.parametrize("name,wbits", CASES)
-def test_parity_with_fake_quant_model(artifacts, exported, name, wbits):
-    report = parity_report(artifacts[(name, wbits)], exported[(name, wbits)], n=8, seed=1)
+def assert_parity(report) -> None:
+    """The parity tolerances every export target is held to (also used by test_export_targets)."""
     assert report.samples_without_flips, f"every sample had rounding flips: {report}"
     assert report.max_rel_error_without_flips < EXACT_REL_TOL
     if report.first_divergence is not None:
         assert report.first_divergence.fraction <= FLIP_FRACTION_TOL, report.first_divergence
         assert report.first_divergence.max_code_difference == 1
+
+
+@pytest.mark.parametrize("name,wbits", CASES)
+def test_parity_with_fake_quant_model(artifacts, exported, name, wbits):
+    assert_parity(parity_report(artifacts[(name, wbits)], exported[(name, wbits)], n=8, seed=1))
 
 
 @pytest.mark.parametrize("name,wbits", [("c1_32_attn1_default", 8), ("c3_32_attn2_scaleshift", 4)])

@@ -20,17 +20,9 @@ from engines.build import ORT_MODEL_FILE, build_onnxruntime_engine
 from engines.manifest import read_onnx_manifest
 from pqcad_deploy.artifact import load_artifact
 from pqcad_deploy.errors import ExportError
-from test_export_onnx import EXACT_REL_TOL, FLIP_FRACTION_TOL  # the same tolerances as the default target
+from test_export_onnx import assert_parity  # the same tolerances as the default target
 
 CASES = [(name, wbits) for name in UNET_CONFIGS for wbits in (8, 4)]
-
-
-def _assert_parity(report) -> None:
-    assert report.samples_without_flips, f"every sample had rounding flips: {report}"
-    assert report.max_rel_error_without_flips < EXACT_REL_TOL
-    if report.first_divergence is not None:
-        assert report.first_divergence.fraction <= FLIP_FRACTION_TOL, report.first_divergence
-        assert report.first_divergence.max_code_difference == 1
 
 
 def _compress(unet_dir, out, **kw):
@@ -55,6 +47,14 @@ def _engine_ops(onnx_path, out_dir) -> Counter:
     return Counter(n.op_type for n in onnx.load(str(out_dir / ORT_MODEL_FILE)).graph.node)
 
 
+def _checked_graph(onnx_path):
+    """(model, {node name: node}, {initializer name: array}) of an ONNX that passes the full checker."""
+    model = onnx.load(str(onnx_path))
+    onnx.checker.check_model(model, full_check=True)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return model, {n.name: n for n in model.graph.node}, inits
+
+
 # --- --target ort-x86 ------------------------------------------------------------------------------
 
 
@@ -62,17 +62,14 @@ def _engine_ops(onnx_path, out_dir) -> Counter:
 def test_ort_x86_parity_with_fake_quant_model(artifacts, x86, name, wbits):
     """Same tolerances as the default target, for the graph as written and as ONNX Runtime fuses it."""
     for level in ("disabled", "extended"):
-        _assert_parity(parity_report(artifacts[(name, wbits)], x86[(name, wbits)], n=8, seed=1,
+        assert_parity(parity_report(artifacts[(name, wbits)], x86[(name, wbits)], n=8, seed=1,
                                      optimization_level=level))
 
 
 @pytest.mark.parametrize("name,wbits", [("c1_32_attn1_default", 8), ("c3_32_attn2_scaleshift", 4)])
 def test_ort_x86_graph(artifacts, x86, name, wbits):
     artifact = load_artifact(artifacts[(name, wbits)])
-    model = onnx.load(str(x86[(name, wbits)]))
-    onnx.checker.check_model(model, full_check=True)
-    nodes = {n.name: n for n in model.graph.node}
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    model, nodes, inits = _checked_graph(x86[(name, wbits)])
     assert not any(n.op_type == "Conv" for n in model.graph.node)  # every conv here has a quantized input
     for layer, record in artifact.manifest.layers.items():
         stored = artifact.student_tensors[f"{layer}.weight_codes"].numpy()
@@ -135,7 +132,7 @@ def test_ort_x86_float_input_layers_stay_float(unet_dirs, tmp_path):
     ops = _engine_ops(path, tmp_path / "engine")
     layers = load_artifact(art).manifest.layers
     assert ops["ConvInteger"] == sum(r.kind != "linear" for r in layers.values()) - 2 and ops["Conv"] == 2
-    _assert_parity(parity_report(art, path, n=8, seed=1, optimization_level="extended"))
+    assert_parity(parity_report(art, path, n=8, seed=1, optimization_level="extended"))
 
 
 def test_ort_x86_refuses_four_bit_activations(unet_dirs, tmp_path):
@@ -166,7 +163,7 @@ def test_ort_qlinear_parity_with_rounded_fake_quant_model(artifacts, qlinear, na
     """Against the PyTorch model with the same output and bias roundings (hooks): the same
     tolerances as the default target, for the graph as written and as ONNX Runtime fuses it."""
     for level in ("disabled", "extended"):
-        _assert_parity(parity_report(artifacts[(name, 8)], qlinear[(name, 8)], n=8, seed=1,
+        assert_parity(parity_report(artifacts[(name, 8)], qlinear[(name, 8)], n=8, seed=1,
                                      optimization_level=level))
 
 
@@ -202,10 +199,7 @@ def test_ort_qlinear_graph(artifacts, qlinear):
     (ONNX Runtime's quantizer layout); int8 output Q/DQ, zero-point 0, scale = calibrated amax / 127."""
     name = "c1_32_attn1_default"
     artifact = load_artifact(artifacts[(name, 8)])
-    model = onnx.load(str(qlinear[(name, 8)]))
-    onnx.checker.check_model(model, full_check=True)
-    nodes = {n.name: n for n in model.graph.node}
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    model, nodes, inits = _checked_graph(qlinear[(name, 8)])
     expected = output_scales(calibrate_output_ranges(artifact.build_student(), artifact.manifest))
     rounded = _rounded_layers(model)
     assert rounded
@@ -286,8 +280,8 @@ def test_int4_weights_at_opset_21(artifacts, name, tmp_path):
     saved = r8.size_bytes - r4.size_bytes
     slack = 4 * len(artifact.manifest.layers)
     assert n_codes / 2 - slack <= saved <= n_codes / 2 + slack
-    _assert_parity(parity_report(art, r4.path, n=8, seed=1))
-    _assert_parity(parity_report(art, r4.path, n=8, seed=1, optimization_level="extended"))
+    assert_parity(parity_report(art, r4.path, n=8, seed=1))
+    assert_parity(parity_report(art, r4.path, n=8, seed=1, optimization_level="extended"))
     # both storages compute the same thing
     import onnxruntime as ort
 
