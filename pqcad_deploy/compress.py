@@ -21,7 +21,7 @@ from pqcad_deploy.calibration.trajectories import CalibrationSet
 from pqcad_deploy.checkpoint import Checkpoint, check_checkpoint_dir, checkpoint_dir, run_fingerprint
 from pqcad_deploy.config import CompressConfig, config_to_dict
 from pqcad_deploy.errors import ConfigError
-from pqcad_deploy.fsutil import check_output_dir
+from pqcad_deploy.fsutil import check_output_dir, output_lock
 from pqcad_deploy.layer_precision import apply_first_last
 from pqcad_deploy.methods.minmax import minmax_quantize
 from pqcad_deploy.models import load_model
@@ -159,7 +159,8 @@ def compress(config: CompressConfig, out: Path, overwrite: bool = False, progres
     it and gives the same artifact as an uninterrupted run; without `resume` an existing checkpoint
     is refused unless `overwrite` (which discards it). `log` receives the one-line notes about it.
     """
-    with _exact_cuda_numerics(config.device):
+    check_output_dir(out, overwrite)  # before the lock: a refused output must not get a lock file beside it
+    with output_lock(out), _exact_cuda_numerics(config.device):
         return _compress(config, out, overwrite, progress, resume, log)
 
 

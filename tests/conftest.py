@@ -32,3 +32,25 @@ def unet_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def small_unet_dir(unet_dirs) -> Path:
     return unet_dirs["c1_32_attn1_default"]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs (root on Linux, as on this project's machines and CI), to fill a disk for real.
+
+    Skipped with the reason where mounting is refused.
+    """
+    import shutil
+    import subprocess
+
+    if sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root on Linux")
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
