@@ -12,6 +12,7 @@ build never leaves a valid-looking engine.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -21,7 +22,14 @@ from ._atomic import staged_directory
 from ._lazy import ORT_HINT, lazy_import
 from .ddim import DDIMConfig
 from .errors import BuildError, ConfigError
-from .manifest import EngineManifest, OnnxManifest, read_onnx_manifest, sha256_file, write_engine_manifest
+from .manifest import (
+    EngineManifest,
+    OnnxManifest,
+    check_graph_file,
+    read_onnx_manifest,
+    sha256_file,
+    write_engine_manifest,
+)
 
 __all__ = ["OptimizationLevel", "OPTIMIZATION_LEVELS", "ORT_MODEL_FILE", "build_onnxruntime_engine", "check_buildable"]
 
@@ -37,11 +45,15 @@ def check_buildable(onnx_path: str | os.PathLike[str]) -> OnnxManifest:
     Failing here (a foreign ONNX, an unsupported scheduler config) is cheaper than failing after a
     long build or at the first ``sample``.
 
+    The manifest is also checked against the graph it describes (input/output names, the sample's
+    C/H/W, fp32 vs quantized nodes): a manifest claiming w4a4 on a float graph is refused here.
+
     Raises:
-        ManifestError: not our ONNX, or an invalid manifest.
+        ManifestError: not our ONNX, an invalid manifest, or one that disagrees with its graph.
         BuildError: the scheduler config is one the numpy sampler refuses.
     """
     manifest = read_onnx_manifest(onnx_path)
+    check_graph_file(onnx_path, manifest)
     try:
         DDIMConfig.from_dict(manifest.scheduler_config)
     except ConfigError as exc:
@@ -80,7 +92,7 @@ def build_onnxruntime_engine(
     onnx_path = Path(onnx_path)
     manifest = check_buildable(onnx_path)
     ort = lazy_import("onnxruntime", ORT_HINT)
-    with staged_directory(out_dir, overwrite=overwrite, error=BuildError) as tmp:
+    with staged_directory(out_dir, overwrite=overwrite, error=BuildError, kind="engine") as tmp:
         model_path = tmp / ORT_MODEL_FILE
         options = ort.SessionOptions()
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[optimization_level])
@@ -88,11 +100,18 @@ def build_onnxruntime_engine(
         try:
             ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:
+            if _input_loads(ort, onnx_path):  # so it was saving the optimized model that failed
+                raise _write_failure(out_dir, tmp, exc) from exc
             raise BuildError(f"ONNX Runtime could not load {onnx_path} ({type(exc).__name__}: {exc}); check the export.") from exc
         if not model_path.is_file():
-            raise BuildError(f"ONNX Runtime did not write the optimized model for {onnx_path}; check the disk space of {tmp.parent}.")
+            raise _write_failure(out_dir, tmp, None)
         if smoke_test:
-            _smoke_test(ort, model_path, manifest)
+            try:
+                _smoke_test(ort, model_path, manifest)
+            except BuildError as exc:  # a truncated write reads as a broken model
+                if _disk_full(tmp):
+                    raise _write_failure(out_dir, tmp, exc) from exc
+                raise
         engine = EngineManifest(
             backend="onnxruntime",
             model_file=ORT_MODEL_FILE,
@@ -102,6 +121,41 @@ def build_onnxruntime_engine(
         )
         write_engine_manifest(tmp, engine)
     return engine
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _disk_full(path: Path, margin: int = 1 << 20) -> bool:
+    free = _free_bytes(path)
+    return free is not None and free < margin
+
+
+def _input_loads(ort: object, onnx_path: Path) -> bool:
+    """Whether ONNX Runtime loads the input when it writes nothing (tells a bad input from a bad output)."""
+    options = ort.SessionOptions()  # type: ignore[attr-defined]
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # type: ignore[attr-defined]
+    try:
+        ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])  # type: ignore[attr-defined]
+    except Exception:
+        return False
+    return True
+
+
+def _write_failure(out_dir: str | os.PathLike[str], tmp: Path, exc: BaseException | None) -> BuildError:
+    """The error for an optimized model that could not be written where the engine goes."""
+    free = _free_bytes(tmp)
+    where = f"the disk holding {Path(out_dir).resolve().parent}"
+    state = (f"{where} is full ({free} bytes free)" if free is not None and free < (1 << 20)
+             else f"{where} has {free} bytes free" if free is not None else f"{where} cannot be inspected")
+    detail = "" if exc is None else f" ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"
+    return BuildError(f"cannot write the engine to {out_dir}: ONNX Runtime failed to save the optimized model"
+                      f"{detail} although it loads the input ONNX fine, and {state}; free space or choose "
+                      "another -o location.")
 
 
 def _smoke_test(ort: object, model_path: Path, manifest: OnnxManifest) -> None:

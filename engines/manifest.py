@@ -44,6 +44,9 @@ __all__ = [
     "read_engine_manifest",
     "write_engine_manifest",
     "verify_engine",
+    "QUANTIZED_OP_TYPES",
+    "check_graph",
+    "check_graph_file",
 ]
 
 ONNX_FORMAT = "pqcad-onnx"
@@ -384,15 +387,88 @@ def write_engine_manifest(engine_dir: str | os.PathLike[str], manifest: EngineMa
     return path
 
 
+QUANTIZED_OP_TYPES: frozenset[str] = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+    "QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm", "QLinearAdd",
+    "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat", "QLinearAveragePool",
+    "QLinearGlobalAveragePool", "QAttention",
+})
+"""Node types that only a quantized graph holds: export's Q/DQ pairs, its ort-x86 / ort-qlinear
+lowerings, and what ONNX Runtime fuses them into when it optimizes an engine's model."""
+
+
+def _static_dims(value_info: Any) -> list[int | None]:
+    """The dims of a graph input/output (None where symbolic or unknown); [] when it has no shape."""
+    t = value_info.type
+    if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+        return []
+    return [d.dim_value if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim]
+
+
+def check_graph(model: Any, manifest: OnnxManifest, source: str, *, what: str = "its manifest") -> None:
+    """Check what a manifest claims about a graph against the graph itself.
+
+    The input names, the static C/H/W of ``sample`` against ``image_shape``, the output name, and the
+    precision: a quantized precision (w8a8, w4a8, w4a4, mixed) needs Q/DQ or integer nodes
+    (:data:`QUANTIZED_OP_TYPES`), fp32 must have none. A manifest that lies would sample with the
+    wrong shapes (a traceback deep in the runtime) or report a precision the engine does not have.
+
+    Raises:
+        ManifestError: one sentence naming ``source``, the claim and what the graph has.
+    """
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = {i.name: i for i in graph.input if i.name not in initializers}
+    outputs = [o.name for o in graph.output]
+    if sorted(inputs) != sorted(manifest.input_names):
+        raise ManifestError(f"{source}: the graph's inputs are {sorted(inputs)}, but {what} promises "
+                            f"{list(manifest.input_names)}; re-export the ONNX with pqcad-deploy export.")
+    if manifest.output_name not in outputs:
+        raise ManifestError(f"{source}: the graph's outputs are {outputs}, but {what} promises "
+                            f"{manifest.output_name!r}; re-export the ONNX with pqcad-deploy export.")
+    dims = _static_dims(inputs["sample"])
+    if dims:
+        claimed = list(manifest.image_shape)
+        if len(dims) != 4 or any(d is not None and d != c for d, c in zip(dims[1:], claimed)):
+            shown = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+            raise ManifestError(f"{source}: the graph's 'sample' input has shape {shown}, but {what} claims "
+                                f"image_shape {claimed} ([batch, C, H, W] = [?, {', '.join(map(str, claimed))}]); "
+                                "the manifest was edited or belongs to another model: rebuild it.")
+    quantized = sorted({n.op_type for n in graph.node if n.op_type in QUANTIZED_OP_TYPES})
+    if manifest.precision == "fp32" and quantized:
+        raise ManifestError(f"{source}: {what} claims precision fp32, but the graph holds quantized nodes "
+                            f"({', '.join(quantized)}); the manifest was edited or belongs to another model: "
+                            "re-export or rebuild it.")
+    if manifest.precision != "fp32" and not quantized:
+        raise ManifestError(f"{source}: {what} claims precision {manifest.precision}, but the graph has no "
+                            "QuantizeLinear / DequantizeLinear or integer nodes (it is a float graph); the "
+                            "manifest was edited or belongs to another model: re-export or rebuild it.")
+
+
+def check_graph_file(path: str | os.PathLike[str], manifest: OnnxManifest, *, what: str = "its manifest") -> None:
+    """:func:`check_graph` on an ONNX file (external weights are not read)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError, OSError, ...
+        raise ManifestError(f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc}); rebuild it.") from exc
+    check_graph(model, manifest, str(path), what=what)
+
+
 def verify_engine(engine_dir: str | os.PathLike[str]) -> EngineManifest:
     """Check that an engine directory is complete and unmodified; return its manifest.
 
     Sampling from an edited or half-copied engine would give silently wrong images, so ``sample``
     calls this first.
 
+    The model's checksum is checked first, then (ONNX Runtime engines) what engine.json claims
+    about it (:func:`check_graph`): engine.json itself is not checksummed, so an edited image_shape
+    or precision is caught here instead of as a shape error inside the runtime.
+
     Raises:
         EngineDirectoryError: missing directory, engine.json or model file, or a checksum mismatch.
-        ManifestError: engine.json is invalid, foreign or too new.
+        ManifestError: engine.json is invalid, foreign, too new, or disagrees with the model's graph.
     """
     manifest = read_engine_manifest(engine_dir)
     model = Path(engine_dir) / manifest.model_file
@@ -404,5 +480,7 @@ def verify_engine(engine_dir: str | os.PathLike[str]) -> EngineManifest:
             f"{model} does not match the checksum in {ENGINE_MANIFEST_FILE} (sha256 {actual[:12]}... != {manifest.model_sha256[:12]}...); "
             "the engine was modified or copied incompletely, rebuild it with pqcad-deploy build-engine."
         )
+    if manifest.backend == "onnxruntime":  # a TensorRT plan is not a graph we can read here
+        check_graph_file(model, manifest.onnx, what=ENGINE_MANIFEST_FILE)
     return manifest
 

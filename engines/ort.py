@@ -61,7 +61,13 @@ class OnnxRuntimeRunner(Runner):
         self._session = session
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        (out,) = self._session.run([self.manifest.output_name], feed)
+        try:
+            (out,) = self._session.run([self.manifest.output_name], feed)
+        except Exception as exc:  # shapes the graph refuses, out of memory, a broken kernel ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise RunnerError(f"ONNX Runtime failed to run {self.model_path} on a batch of shape "
+                              f"{list(feed['sample'].shape)} ({type(exc).__name__}: {first[:300]}); "
+                              "rebuild the engine with pqcad-deploy build-engine.") from exc
         return {self.manifest.output_name: out}
 
     def deactivate_impl(self) -> None:

@@ -4,10 +4,15 @@ It holds the student's integer weight codes, per-channel weight scales, per-tens
 scales, bits per layer and every unquantized parameter (`student.safetensors`), the untouched FP
 teacher (`teacher.safetensors`), the configs, the teacher/student step counts and the student's
 exact timestep list, calibration settings and provenance (`artifact.json`), and a report.
+
+Same seed, same inputs: the same bytes in every file. So nothing time-dependent is stored: no
+creation time in the provenance, and no wall-clock durations in the report (`seconds` entries of
+the methods' and the distillation's reports are dropped on save; compress prints its time).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -32,7 +37,10 @@ __all__ = [
 ]
 
 ARTIFACT_FORMAT = "pqcad-artifact"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
+"""2: artifact.json records the sha256 of every other file (`files`), and loading verifies them; no
+creation time in the provenance (same seed, same inputs: the same bytes). Version 1 (no `files`)
+is still read, without that check."""
 MANIFEST_FILE = "artifact.json"
 STUDENT_FILE = "student.safetensors"
 TEACHER_FILE = "teacher.safetensors"
@@ -68,6 +76,7 @@ class ArtifactManifest:
     layers: dict[str, LayerRecord]
     calibration: dict
     provenance: dict
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256, every file but artifact.json
     format: str = ARTIFACT_FORMAT
     version: int = ARTIFACT_VERSION
 
@@ -84,10 +93,21 @@ class ArtifactManifest:
                 f"{where} has artifact version {version!r}; this pqcad-deploy reads up to "
                 f"{ARTIFACT_VERSION}: upgrade pqcad-deploy."
             )
+        if version >= 2:
+            files = data.get("files")
+            if (not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) and len(v) == 64
+                                                       for k, v in files.items())
+                    or not {STUDENT_FILE, TEACHER_FILE} <= files.keys()
+                    or any(k != Path(k).name or k == MANIFEST_FILE for k in files)):
+                raise ArtifactError(f"{where} has a malformed {MANIFEST_FILE}: its 'files' entry must map every file "
+                                    f"of the artifact (at least {STUDENT_FILE} and {TEACHER_FILE}) to its sha256; "
+                                    "recompress it.")
+        elif "files" in data:
+            raise ArtifactError(f"{where} has a malformed {MANIFEST_FILE} (version 1 has no 'files' entry).")
         try:
             layers = {k: LayerRecord(**v) for k, v in data["layers"].items()}
             return cls(**{**data, "layers": layers})
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise ArtifactError(f"{where} has a malformed {MANIFEST_FILE} ({exc}).") from None
 
 
@@ -127,10 +147,90 @@ def _digest_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+def _recorded_files(path: Path) -> list[str]:
+    """The files artifact.json records (version 2), sorted; [] for version 1 or an unreadable manifest."""
+    try:
+        data = json.loads((path / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    files = data.get("files") if isinstance(data, dict) else None
+    return sorted(files) if isinstance(files, dict) else []
+
+
 def artifact_digest(path: Path) -> str:
-    """sha256 over artifact.json and student.safetensors: identifies what an export was made from."""
+    """sha256 identifying what an export was made from: artifact.json, then every file it records
+    (version 2: student, teacher, report, plot; sorted by name). Version 1: artifact.json and
+    student.safetensors, as it always was."""
     path = Path(path)
-    return _digest_files([path / MANIFEST_FILE, path / STUDENT_FILE])
+    files = _recorded_files(path) or [STUDENT_FILE]
+    return _digest_files([path / MANIFEST_FILE, *(path / name for name in files)])
+
+
+def _verify_files(path: Path, manifest: "ArtifactManifest") -> None:
+    """Every file recorded in artifact.json exists and has its recorded sha256 (version 2)."""
+    for name, expected in sorted(manifest.files.items()):
+        f = path / name
+        if not f.is_file():
+            raise ArtifactError(f"{path} is incomplete: {name} is missing.")
+        try:
+            actual = _digest_files([f])
+        except OSError as exc:
+            raise ArtifactError(f"{f} cannot be read ({exc.strerror}); the artifact is corrupt.") from None
+        if actual != expected:
+            raise ArtifactError(
+                f"{f} does not match the sha256 recorded in {MANIFEST_FILE} ({actual[:12]}... != {expected[:12]}...): "
+                "the file was changed or replaced after compress; restore it or recompress the artifact.")
+
+
+def _check_student_values(path: Path, manifest: "ArtifactManifest", tensors: dict[str, torch.Tensor]) -> None:
+    """Scales finite and > 0, codes integers inside their layer's range, no NaN/Inf anywhere.
+
+    Missing or unexpected tensors are left to build_student, which names them.
+    """
+    where = path / STUDENT_FILE
+    for name, rec in sorted(manifest.layers.items()):
+        for key in (f"{name}.weight_scale", f"{name}.act_scale"):
+            scale = tensors.get(key)
+            if scale is None:
+                continue
+            if not scale.is_floating_point() or scale.numel() == 0:
+                raise ArtifactError(f"{where}: {key} must be a non-empty float tensor, got {scale.dtype}; "
+                                    "the artifact is corrupt, recompress it.")
+            bad = ~torch.isfinite(scale) | (scale <= 0)
+            if bool(bad.any()):
+                first = float(scale.flatten()[bad.flatten()][0])
+                raise ArtifactError(f"{where}: {key} has {int(bad.sum())} scale(s) that are not finite and > 0 "
+                                    f"(first: {first!r}); the artifact is corrupt, recompress it.")
+        codes = tensors.get(f"{name}.weight_codes")
+        if codes is None:
+            continue
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise ArtifactError(f"{where}: {name}.weight_codes must hold integers, got {codes.dtype}; "
+                                "the artifact is corrupt, recompress it.")
+        if not isinstance(rec.weight_bits, int) or rec.weight_bits not in (4, 6, 8):
+            raise ArtifactError(f"{path / MANIFEST_FILE}: layer {name} has weight_bits {rec.weight_bits!r}, "
+                                "not 8, 6 or 4; recompress the artifact.")
+        qmax = 2 ** (rec.weight_bits - 1) - 1
+        if codes.numel() and (int(codes.min()) < -qmax - 1 or int(codes.max()) > qmax):
+            raise ArtifactError(f"{where}: {name}.weight_codes lie in [{int(codes.min())}, {int(codes.max())}], "
+                                f"outside the {rec.weight_bits}-bit range [{-qmax - 1}, {qmax}]; the artifact is "
+                                "corrupt, recompress it.")
+    non_finite = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if non_finite:
+        raise ArtifactError(f"{where} holds NaN or Inf in {len(non_finite)} tensor(s) (first: {non_finite[0]}); "
+                            "the artifact is corrupt, recompress it.")
+
+
+TIMING_KEYS = frozenset({"seconds"})
+"""Report keys holding wall-clock durations: not written (they would make two identical runs differ)."""
+
+
+def _without_timings(value):
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
 
 
 def save_artifact(
@@ -149,11 +249,16 @@ def save_artifact(
         save_file(student_tensors, str(tmp / STUDENT_FILE), metadata={"format": ARTIFACT_FORMAT})
         teacher = {k: v.detach().cpu().contiguous() for k, v in teacher_state.items()}
         save_file(teacher, str(tmp / TEACHER_FILE), metadata={"format": ARTIFACT_FORMAT})
+        report = _without_timings(report)
         (tmp / REPORT_FILE).write_text(json.dumps(report, sort_keys=True, indent=1))
         from pqcad_deploy.report_plot import has_curves, plot_reconstruction_report
 
+        written = [STUDENT_FILE, TEACHER_FILE, REPORT_FILE]
         if has_curves(report):
             plot_reconstruction_report(report, tmp / REPORT_PLOT_FILE)
+            written.append(REPORT_PLOT_FILE)
+        files = {name: _digest_files([tmp / name]) for name in sorted(written)}
+        manifest = dataclasses.replace(manifest, files=files, version=ARTIFACT_VERSION)
         (tmp / MANIFEST_FILE).write_text(manifest.to_json())
     return out
 
@@ -240,10 +345,12 @@ def load_artifact(path: Path | str) -> CompressedArtifact:
     for name in (STUDENT_FILE, TEACHER_FILE):
         if not (path / name).is_file():
             raise ArtifactError(f"{path} is incomplete: {name} is missing.")
+    _verify_files(path, manifest)  # version 2: every file as compress wrote it
     try:
         tensors = load_file(str(path / STUDENT_FILE))
     except Exception as exc:
         raise ArtifactError(f"{path / STUDENT_FILE} cannot be read ({exc}); the artifact is corrupt.") from None
+    _check_student_values(path, manifest, tensors)
     report = {}
     if (path / REPORT_FILE).is_file():
         try:

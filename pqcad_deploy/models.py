@@ -6,6 +6,11 @@ Accepted layouts:
 - a pipeline folder: `model_index.json` with `unet/` and `scheduler/` subfolders;
 - a hub id (`owner/name`), only where the model hub is reachable.
 The schedule is always returned as a DDIMScheduler config, the sampler every stage uses.
+
+Every loaded model is checked before any slow work (`check_model`): finite weights, a sample_size
+the UNet's downsampling can run, and one dry forward pass on a single sample (a few milliseconds on
+the embedded model), so a model that cannot work fails at load time with one sentence instead of
+minutes later with a traceback or garbage.
 """
 
 from __future__ import annotations
@@ -18,9 +23,22 @@ from pathlib import Path
 
 from pqcad_deploy.errors import ModelLoadError
 
-__all__ = ["BUILTIN_MODEL_DIR", "LoadedModel", "resolve_model_dir", "load_model", "ddim_config"]
+__all__ = ["BUILTIN_MODEL_DIR", "BUILTIN_MODELS", "LoadedModel", "is_builtin", "resolve_model_dir", "load_model", "ddim_config", "check_model",
+           "size_multiple"]
 
-BUILTIN_MODEL_DIR = Path(__file__).resolve().parent / "builtin" / "fashion_mnist_ddpm"
+_BUILTIN_ROOT = Path(__file__).resolve().parent / "builtin"
+BUILTIN_MODELS: dict[str, Path] = {
+    "builtin": _BUILTIN_ROOT / "fashion_mnist_ddpm",  # the default: 1 channel, 32 px (padded Fashion-MNIST)
+    "builtin:fashion-mnist": _BUILTIN_ROOT / "fashion_mnist_ddpm",
+    "builtin:cifar10": _BUILTIN_ROOT / "cifar10_ddpm",  # 3 channels, 32 px (MODEL_CARD.md beside it)
+}
+"""The models that ship with the package, by the name --model takes."""
+BUILTIN_MODEL_DIR = BUILTIN_MODELS["builtin"]
+
+
+def is_builtin(model: str) -> bool:
+    """`builtin` or `builtin:NAME` (a name that is not in BUILTIN_MODELS is refused by the loader)."""
+    return model == "builtin" or model.startswith("builtin:")
 
 _SUPPORTED_CLASS = "UNet2DModel"
 
@@ -60,9 +78,12 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
 
 def resolve_model_dir(model: str) -> tuple[Path, Path]:
     """(unet_dir, scheduler_dir) for a local model; raises ModelLoadError for anything else."""
-    path = BUILTIN_MODEL_DIR if model == "builtin" else Path(model).expanduser()
-    if model == "builtin" and not (path / "config.json").is_file():
-        raise ModelLoadError(f"the embedded default model is missing from {path}; reinstall pqcad-deploy.")
+    if is_builtin(model) and model not in BUILTIN_MODELS:
+        raise ModelLoadError(f"unknown builtin model {model!r}; the builtin models are "
+                             f"{', '.join(sorted(BUILTIN_MODELS))}.")
+    path = BUILTIN_MODELS[model] if is_builtin(model) else Path(model).expanduser()
+    if is_builtin(model) and not (path / "config.json").is_file():
+        raise ModelLoadError(f"the embedded model {model!r} is missing from {path}; reinstall pqcad-deploy.")
     if not path.is_dir():
         raise ModelLoadError(f"model directory {model!r} does not exist.")
     if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
@@ -99,6 +120,80 @@ def _quiet_diffusers() -> None:
     diffusers_logging.set_verbosity_error()
 
 
+def size_multiple(unet) -> int:
+    """What every image side must be divisible by: 2 ** (number of down blocks that downsample).
+
+    Each downsampling halves the feature map (a stride-2 conv or pool rounds an odd side up), and
+    the up path doubles it again and concatenates it with the skip connection of the same level, so
+    an odd side anywhere on the way down ends in a size mismatch.
+    """
+    down = sum(1 for block in getattr(unet, "down_blocks", []) if getattr(block, "downsamplers", None))
+    return 2 ** down
+
+
+def _sides(sample_size) -> tuple[int, int] | None:
+    if isinstance(sample_size, int) and not isinstance(sample_size, bool):
+        return sample_size, sample_size
+    if (isinstance(sample_size, (list, tuple)) and len(sample_size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in sample_size)):
+        return int(sample_size[0]), int(sample_size[1])
+    return None
+
+
+def check_model(unet, where: str, config_path: str | None = None) -> None:
+    """Refuse a UNet that cannot work before any slow step; every failure is one ModelLoadError.
+
+    Checks, cheapest first: every floating-point weight finite (NaN / Inf would compress into an
+    artifact that samples noise, or fail deep inside calibration); `sample_size` positive and
+    divisible by :func:`size_multiple` (names the sizes that work); one dry forward pass of a single
+    zero sample at the model's own device and dtype, whose output must have the input's shape and be
+    finite (the catch-all for any other config the UNet cannot run).
+    """
+    import torch
+
+    config_path = config_path or "the UNet's config.json"
+    bad = [name for name, t in unet.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ModelLoadError(f"{where} has NaN or Inf in {len(bad)} weight tensor(s) (first: {bad[0]}); such a "
+                             "model cannot be compressed or sampled: use a finite checkpoint (retrain or restore it).")
+    cfg = unet.config
+    sides = _sides(cfg.get("sample_size"))
+    if sides is None or min(sides) <= 0:
+        raise ModelLoadError(f"{where}: sample_size {cfg.get('sample_size')!r} in {config_path} is not a positive "
+                             "integer (or a pair of them); set it to the image size the model was trained on.")
+    multiple = size_multiple(unet)
+    for side in sides:
+        if side % multiple:
+            lower, upper = side - side % multiple, side - side % multiple + multiple
+            near = f"{lower} or {upper}" if lower > 0 else f"{upper}"
+            down = multiple.bit_length() - 1
+            raise ModelLoadError(
+                f"{where}: sample_size {cfg.get('sample_size')!r} in {config_path} cannot run through this UNet: "
+                f"its {down} downsampling block(s) need every side to be a multiple of {multiple} "
+                f"(e.g. {near}); set sample_size to the size the model was trained on.")
+    channels = int(cfg.get("in_channels", 0) or 0)
+    param = next(iter(unet.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.zeros((1, channels, *sides), device=device, dtype=dtype)
+    t = torch.zeros((1,), device=device, dtype=torch.long)
+    try:
+        with torch.no_grad():
+            out = unet(x, t).sample
+    except Exception as exc:  # any shape / config error deep inside diffusers
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelLoadError(f"{where}: a test forward pass of one {channels}x{sides[0]}x{sides[1]} sample fails "
+                             f"({type(exc).__name__}: {first[:300]}); check {config_path} against the weights.") from None
+    if tuple(out.shape) != tuple(x.shape):
+        raise ModelLoadError(f"{where}: the UNet maps a {list(x.shape)} sample to {list(out.shape)}; a diffusion "
+                             "UNet must predict the sample's own shape (in_channels == out_channels), fix "
+                             f"{config_path}.")
+    if not bool(torch.isfinite(out).all()):
+        raise ModelLoadError(f"{where}: a test forward pass of one zero sample gives NaN or Inf although the weights "
+                             "are finite (they overflow); the model cannot be compressed: check its weights.")
+
+
 def _load_local(model: str) -> LoadedModel:
     from diffusers import UNet2DModel
 
@@ -122,8 +217,11 @@ def _load_local(model: str) -> LoadedModel:
         config = ddim_config(scheduler_config)
     except Exception as exc:
         raise ModelLoadError(f"cannot read the scheduler config in {scheduler_dir}: {exc}") from None
-    source = "builtin" if model == "builtin" else str(Path(model).resolve())
-    return LoadedModel(unet=unet.eval(), scheduler_config=config, source=source, unet_dir=unet_dir)
+    source = model if is_builtin(model) else str(Path(model).resolve())
+    unet = unet.eval()
+    check_model(unet, f"the embedded model {model!r}" if is_builtin(model) else f"model {model!r}",
+                str(unet_dir / "config.json"))
+    return LoadedModel(unet=unet, scheduler_config=config, source=source, unet_dir=unet_dir)
 
 
 def _load_hub(model: str) -> LoadedModel:
@@ -144,7 +242,9 @@ def _load_hub(model: str) -> LoadedModel:
             scheduler = DDIMScheduler.from_pretrained(model)
     except Exception as exc:
         raise ModelLoadError(f"cannot load {model!r} from the model hub: {exc}") from None
-    return LoadedModel(unet=unet.eval(), scheduler_config=ddim_config(dict(scheduler.config)),
+    unet = unet.eval()
+    check_model(unet, f"model {model!r}")
+    return LoadedModel(unet=unet, scheduler_config=ddim_config(dict(scheduler.config)),
                        source=model, unet_dir=None)
 
 
@@ -156,6 +256,6 @@ def _looks_like_hub_id(model: str) -> bool:
 
 def load_model(model: str = "builtin") -> LoadedModel:
     """Load a UNet2DModel + DDIM schedule; every failure is one ModelLoadError sentence."""
-    if model != "builtin" and _looks_like_hub_id(model):
+    if not is_builtin(model) and _looks_like_hub_id(model):
         return _load_hub(model)
     return _load_local(model)

@@ -1,8 +1,11 @@
-"""Provenance recorded in every artifact: package versions, time, source model and its checksum."""
+"""Provenance recorded in every artifact: package versions, source model and its checksum.
+
+No creation time: the same seed and the same inputs give a byte-identical artifact (and so the same
+artifact digest in every ONNX exported from it); the directory's own mtime says when it was written.
+"""
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import importlib.metadata
 import platform
@@ -42,5 +45,4 @@ def provenance(seed: int, source: str, unet_dir: Path | None) -> dict:
         "source_model": source,
         "source_weights_sha256": weights,
         "versions": package_versions(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -114,7 +114,6 @@ def main() -> int:
             if "act_scale_check" in report:
                 row_out["act_scale_check"] = report["act_scale_check"]
             if "distillation" in report:
-                row_out["distill_seconds"] = report["distillation"]["seconds"]
                 row_out["distill_final_loss"] = sum(report["distillation"]["losses"][-100:]) / 100
             results["rows"][name] = row_out
             print(name, json.dumps(row_out), flush=True)

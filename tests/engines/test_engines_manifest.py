@@ -121,10 +121,32 @@ def test_invalid_fields(change: dict, message: str, make_manifest) -> None:
         make_manifest(**change)
 
 
+def _float_graph(shape: tuple[int, int, int] = (3, 8, 8), output: str = "noise_pred",
+                 quantized: bool = False) -> onnx.ModelProto:
+    """sample -> (QuantizeLinear -> DequantizeLinear ->) Identity -> output; timestep an unused input."""
+    from onnx import TensorProto, helper
+
+    nodes, inits, x = [], [], "sample"
+    if quantized:
+        inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", TensorProto.INT8, [], [0])]
+        nodes = [helper.make_node("QuantizeLinear", ["sample", "s", "z"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"])]
+        x = "dq"
+    nodes.append(helper.make_node("Identity", [x], [output]))
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["batch", *shape]),
+         helper.make_tensor_value_info("timestep", TensorProto.FLOAT, ["batch"])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", *shape])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
 def _engine(tmp_path: Path, make_manifest) -> tuple[Path, EngineManifest]:
     d = tmp_path / "engine"
     d.mkdir()
-    (d / "model.onnx").write_bytes(b"model bytes")
+    onnx.save(_float_graph(), str(d / "model.onnx"))
     m = EngineManifest(backend="onnxruntime", model_file="model.onnx", model_sha256=sha256_file(d / "model.onnx"),
                        source_onnx_sha256="cd" * 32, onnx=make_manifest())
     write_engine_manifest(d, m)
@@ -189,3 +211,75 @@ def test_engine_format_and_version_refused(tmp_path: Path, make_manifest) -> Non
     (d / "engine.json").write_text("[1, 2")
     with pytest.raises(ManifestError, match="is not valid JSON"):
         verify_engine(d)
+
+
+# ----------------------------------------------------------------------------- manifest vs graph
+def _engine_with(tmp_path: Path, make_manifest, model: onnx.ModelProto, **manifest_kw) -> Path:
+    d = tmp_path / "engine"
+    d.mkdir()
+    onnx.save(model, str(d / "model.onnx"))
+    m = EngineManifest(backend="onnxruntime", model_file="model.onnx", model_sha256=sha256_file(d / "model.onnx"),
+                       source_onnx_sha256="cd" * 32, onnx=make_manifest(**manifest_kw))
+    write_engine_manifest(d, m)
+    return d
+
+
+def _edit_engine_json(d: Path, **changes) -> None:
+    data = json.loads((d / "engine.json").read_text())
+    data.update(changes)
+    (d / "engine.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"image_shape": [3, 16, 16]}, "the graph's 'sample' input has shape ['batch', 3, 8, 8]"
+                                   .replace("'batch'", "?") + ", but engine.json claims image_shape [3, 16, 16]"),
+    ({"image_shape": [1, 8, 8]}, "claims image_shape [1, 8, 8]"),
+    ({"precision": "w4a4"}, "engine.json claims precision w4a4, but the graph has no QuantizeLinear / DequantizeLinear"),
+    ({"precision": "mixed"}, "engine.json claims precision mixed, but the graph has no QuantizeLinear"),
+    ({"prediction_type": "sample", "output_name": "sample_pred",
+      "scheduler_config": None}, "the graph's outputs are ['noise_pred'], but engine.json promises 'sample_pred'"),
+])
+def test_engine_json_that_disagrees_with_its_model_is_refused(tmp_path: Path, make_manifest, change, fragment) -> None:
+    d = _engine_with(tmp_path, make_manifest, _float_graph())
+    assert verify_engine(d).onnx.precision == "fp32"
+    if change.get("scheduler_config", 0) is None:
+        data = json.loads((d / "engine.json").read_text())
+        change["scheduler_config"] = {**data["scheduler_config"], "prediction_type": "sample"}
+    _edit_engine_json(d, **change)
+    with pytest.raises(ManifestError) as info:
+        verify_engine(d)
+    msg = str(info.value)
+    assert fragment in msg and str(d / "model.onnx") in msg and "\n" not in msg
+
+
+def test_fp32_claim_on_a_quantized_graph_is_refused(tmp_path: Path, make_manifest) -> None:
+    d = _engine_with(tmp_path, make_manifest, _float_graph(quantized=True), precision="w8a8")
+    assert verify_engine(d).onnx.precision == "w8a8"
+    _edit_engine_json(d, precision="fp32")
+    with pytest.raises(ManifestError, match=re.escape("claims precision fp32, but the graph holds quantized nodes "
+                                                      "(DequantizeLinear, QuantizeLinear)")):
+        verify_engine(d)
+
+
+def test_graph_inputs_must_be_the_manifests(tmp_path: Path, make_manifest) -> None:
+    from engines.manifest import check_graph
+
+    model = _float_graph()
+    model.graph.input[1].name = "t"
+    with pytest.raises(ManifestError, match=re.escape("the graph's inputs are ['sample', 't'], but its manifest "
+                                                      "promises ['sample', 'timestep']")):
+        check_graph(model, make_manifest(), "x.onnx")
+
+
+def test_build_engine_checks_the_onnx_manifest_against_its_graph(make_tiny_onnx, tmp_path: Path) -> None:
+    """A manifest claiming w4a4 on the float tiny graph (or another image shape) is refused before any build."""
+    from engines.build import build_onnxruntime_engine
+
+    for kw, fragment in (({"precision": "w4a4"}, "its manifest claims precision w4a4, but the graph has no"),
+                         ({"image_shape": (3, 16, 16)}, "but its manifest claims image_shape [3, 16, 16]")):
+        onnx_path = make_tiny_onnx(name=f"{kw}.onnx".replace(" ", ""), **kw)
+        with pytest.raises(ManifestError) as info:
+            build_onnxruntime_engine(onnx_path, tmp_path / "engine")
+        assert fragment in str(info.value) and str(onnx_path) in str(info.value)
+        assert not (tmp_path / "engine").exists()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".engine")] == []

@@ -92,12 +92,15 @@ def test_manifest(compressed, bits, small_unet_dir, float_layers, fp):
 
     config, result = compressed[bits]
     path = result.artifact
-    assert sorted(p.name for p in path.iterdir()) == ["artifact.json", "report.json", "student.safetensors",
-                                                       "teacher.safetensors"]
+    assert sorted(p.name for p in path.iterdir() if p.name != ".pqcad-deploy.json") == [
+        "artifact.json", "report.json", "student.safetensors", "teacher.safetensors"]
     text = (path / "artifact.json").read_text()
     m = json.loads(text)
     assert text == json.dumps(m, sort_keys=True, indent=1)  # sorted JSON
-    assert (m["format"], m["version"]) == ("pqcad-artifact", 1) == (ARTIFACT_FORMAT, ARTIFACT_VERSION)
+    assert (m["format"], m["version"]) == ("pqcad-artifact", 2) == (ARTIFACT_FORMAT, ARTIFACT_VERSION)
+    # every other file of the artifact, with its sha256
+    assert m["files"] == {name: hashlib.sha256((path / name).read_bytes()).hexdigest()
+                          for name in ("report.json", "student.safetensors", "teacher.safetensors")}
     assert m["method"] == "minmax" and m["options"] == config_to_dict(config)
     assert m["options"]["_type"] == "CompressConfig" and m["options"]["weight_bits"] == bits
     assert m["unet_class"] == "UNet2DModel" and m["prediction_type"] == "epsilon"
@@ -129,7 +132,7 @@ def test_manifest(compressed, bits, small_unet_dir, float_layers, fp):
     assert prov["versions"]["numpy"] == np.__version__
     weights = small_unet_dir / "diffusion_pytorch_model.safetensors"
     assert prov["source_weights_sha256"] == {weights.name: hashlib.sha256(weights.read_bytes()).hexdigest()}
-    assert prov["created"].endswith("+00:00")
+    assert "created" not in prov  # no timestamp: same seed, same bytes
 
 
 def test_artifact_files_get_the_usual_modes(compressed):
@@ -238,18 +241,41 @@ def test_build_teacher_equals_original(compressed, fp):
 def test_same_seed_gives_identical_artifact(compressed, small_unet_dir, work):
     config, first = compressed[8]
     second = compress(config, work / "w8a8_again", progress=False)
-    for name in ("student.safetensors", "teacher.safetensors", "report.json"):
+    names = sorted(p.name for p in first.artifact.iterdir())
+    assert names == sorted(p.name for p in second.artifact.iterdir())
+    for name in names:  # artifact.json included: byte for byte
         assert (first.artifact / name).read_bytes() == (second.artifact / name).read_bytes(), name
-    a, b = _manifest(first.artifact), _manifest(second.artifact)
-    del a["provenance"]["created"], b["provenance"]["created"]
-    assert a == b
+    assert artifact_digest(first.artifact) == artifact_digest(second.artifact)
     assert second.noise_pred_sqnr_db == first.noise_pred_sqnr_db
 
 
+def test_report_timings_are_not_stored(compressed, tmp_path):
+    """Wall-clock durations would make two identical runs differ: save_artifact drops every `seconds`."""
+    src = compressed[8][1].artifact
+    art = load_artifact(src)
+    report = {**art.report, "pq": {"seconds": {"weights": 1.5, "total": 2.5}, "weights": [{"name": "b", "seconds": 3}]},
+              "distillation": {"seconds": 4.0, "losses": []}}
+    out = save_artifact(tmp_path / "x", art.manifest, art.student_tensors, _safetensors(src / "teacher.safetensors"),
+                        report)
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["pq"] == {"weights": [{"name": "b"}]} and saved["distillation"] == {"losses": []}
+    assert "seconds" not in (out / "report.json").read_text()
+    load_artifact(out)  # the recorded hashes are those of the files as written
+
+
 def test_artifact_digest(compressed):
+    """artifact.json, then every file it records, in name order: the digest covers every file."""
     path = compressed[8][1].artifact
-    h = hashlib.sha256((path / "artifact.json").read_bytes() + (path / "student.safetensors").read_bytes())
+    h = hashlib.sha256((path / "artifact.json").read_bytes() + (path / "report.json").read_bytes()
+                       + (path / "student.safetensors").read_bytes() + (path / "teacher.safetensors").read_bytes())
     assert artifact_digest(path) == h.hexdigest()
+
+
+def test_artifact_digest_changes_with_the_teacher(art_copy, unet_dirs):
+    before = artifact_digest(art_copy)
+    shutil.copyfile(unet_dirs["c1_32_attn1_default"] / "diffusion_pytorch_model.safetensors",
+                    art_copy / "teacher.safetensors")
+    assert artifact_digest(art_copy) != before
 
 
 # ----------------------------------------------------------------------------- corrupt artifacts
@@ -295,10 +321,69 @@ def test_load_wrong_format(art_copy, fmt):
     _load_fails(art_copy, "is not a pqcad-deploy artifact", f"(format {fmt!r})")
 
 
-@pytest.mark.parametrize("version", [2, 99, "1", None])
+@pytest.mark.parametrize("version", [3, 99, "1", None])
 def test_load_newer_or_bad_version(art_copy, version):
     _edit_manifest(art_copy, version=version)
-    _load_fails(art_copy, f"has artifact version {version!r}", "reads up to 1", "upgrade pqcad-deploy")
+    _load_fails(art_copy, f"has artifact version {version!r}", "reads up to 2", "upgrade pqcad-deploy")
+
+
+def _as_version_1(path: Path) -> None:
+    m = _manifest(path)
+    del m["files"]
+    m["version"] = 1
+    (path / "artifact.json").write_text(json.dumps(m, sort_keys=True, indent=1))
+
+
+def test_version_1_artifacts_are_still_read(art_copy, compressed):
+    """Version 1 (no recorded file hashes) loads as before; its digest is the old one."""
+    _as_version_1(art_copy)
+    art = load_artifact(art_copy)
+    assert art.manifest.version == 1 and art.manifest.files == {}
+    h = hashlib.sha256((art_copy / "artifact.json").read_bytes() + (art_copy / "student.safetensors").read_bytes())
+    assert artifact_digest(art_copy) == h.hexdigest()
+    reference = load_artifact(compressed[8][1].artifact).build_student().state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in art.build_student().state_dict().items())
+
+
+@pytest.mark.parametrize("files", ["drop", {}, {"student.safetensors": "0" * 64}, ["x"],
+                                   "path", "short"])
+def test_load_malformed_file_list(art_copy, files):
+    m = _manifest(art_copy)
+    if files == "drop":
+        del m["files"]
+    elif files == "path":
+        m["files"]["../teacher.safetensors"] = m["files"]["teacher.safetensors"]
+    elif files == "short":
+        m["files"]["report.json"] = "abc"
+    else:
+        m["files"] = files
+    (art_copy / "artifact.json").write_text(json.dumps(m))
+    _load_fails(art_copy, "malformed artifact.json", "'files'", "recompress it")
+
+
+@pytest.mark.parametrize("name", ["teacher.safetensors", "student.safetensors", "report.json"])
+def test_changed_file_is_refused_naming_it(art_copy, unet_dirs, name):
+    """E.g. a teacher.safetensors swapped for another model's: refused at load (so at export)."""
+    if name == "teacher.safetensors":
+        shutil.copyfile(unet_dirs["c1_32_attn1_default"] / "diffusion_pytorch_model.safetensors", art_copy / name)
+    else:
+        with open(art_copy / name, "ab") as f:
+            f.write(b" ")
+    msg = _load_fails(art_copy, f"{art_copy / name} does not match the sha256 recorded in artifact.json",
+                      "changed or replaced after compress", "recompress")
+    assert "\n" not in msg
+
+
+def test_recorded_report_missing_is_refused(art_copy):
+    (art_copy / "report.json").unlink()
+    _load_fails(art_copy, "is incomplete", "report.json is missing")
+
+
+def _rerecord(path: Path) -> None:
+    """Record the current hashes, as if compress had written these files (to reach the later checks)."""
+    m = _manifest(path)
+    m["files"] = {name: hashlib.sha256((path / name).read_bytes()).hexdigest() for name in m["files"]}
+    (path / "artifact.json").write_text(json.dumps(m, sort_keys=True, indent=1))
 
 
 @pytest.mark.parametrize("change", ["drop_layers", "extra_key", "bad_layer"])
@@ -320,6 +405,8 @@ def test_load_truncated_student(art_copy, keep):
     f = art_copy / "student.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])
+    _load_fails(art_copy, "student.safetensors does not match the sha256 recorded")
+    _rerecord(art_copy)  # a damaged file whose hash was recorded: safetensors itself refuses it
     _load_fails(art_copy, "student.safetensors cannot be read", "the artifact is corrupt")
 
 
@@ -332,6 +419,8 @@ def test_load_missing_tensor_file(art_copy, name):
 def test_truncated_teacher_fails_when_built(art_copy):
     f = art_copy / "teacher.safetensors"
     f.write_bytes(f.read_bytes()[:1000])
+    _load_fails(art_copy, "teacher.safetensors does not match the sha256 recorded")
+    _rerecord(art_copy)
     art = load_artifact(art_copy)  # the teacher is only read on demand
     with pytest.raises(ArtifactError, match="cannot load the teacher weights"):
         art.build_teacher()
@@ -343,6 +432,50 @@ def _rewrite_student(path: Path, edit) -> None:
     tensors = _safetensors(path / "student.safetensors")
     edit(tensors)
     save_file(tensors, str(path / "student.safetensors"))
+    _rerecord(path)
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("conv_in.weight_scale", -1.0, "conv_in.weight_scale has 1 scale(s) that are not finite and > 0 (first: -1.0)"),
+    ("conv_in.weight_scale", 0.0, "conv_in.weight_scale has 1 scale(s) that are not finite and > 0 (first: 0.0)"),
+    ("conv_in.weight_scale", float("nan"), "conv_in.weight_scale has 1 scale(s) that are not finite and > 0 (first: nan)"),
+    ("conv_out.act_scale", -0.5, "conv_out.act_scale has 1 scale(s) that are not finite and > 0 (first: -0.5)"),
+    ("conv_out.act_scale", float("inf"), "conv_out.act_scale has 1 scale(s) that are not finite and > 0 (first: inf)"),
+    ("conv_in.bias", float("nan"), "holds NaN or Inf in 1 tensor(s) (first: conv_in.bias)"),
+])
+def test_bad_scales_and_values_are_refused_at_load(art_copy, key, value, fragment):
+    def edit(t):
+        t[key] = t[key].clone()
+        t[key].view(-1)[0] = value
+
+    _rewrite_student(art_copy, edit)
+    msg = _load_fails(art_copy, fragment, "recompress it")
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("code", [-128, 127, 100])
+def test_out_of_range_codes_are_refused_at_load(art_copy, code):
+    """8-bit codes lie in [-128, 127] (the narrow range uses [-127, 127]); 4-bit ones in [-8, 7]."""
+    m = _manifest(art_copy)
+    layer = sorted(m["layers"])[1]
+    if code == 100:
+        m["layers"][layer]["weight_bits"] = 4
+        (art_copy / "artifact.json").write_text(json.dumps(m, sort_keys=True, indent=1))
+    else:
+        def edit(t):
+            t[f"{layer}.weight_codes"] = t[f"{layer}.weight_codes"].clone()
+            t[f"{layer}.weight_codes"].view(-1)[0] = code
+
+        _rewrite_student(art_copy, edit)
+    if code == 100:  # the 8-bit codes of the layer now claimed to hold 4 bits
+        _load_fails(art_copy, f"{layer}.weight_codes lie in [", "outside the 4-bit range [-8, 7]")
+    else:
+        load_artifact(art_copy)  # inside the int8 container's range: accepted
+
+
+def test_float_codes_are_refused_at_load(art_copy):
+    _rewrite_student(art_copy, lambda t: t.__setitem__("conv_in.weight_codes", t["conv_in.weight_codes"].float()))
+    _load_fails(art_copy, "conv_in.weight_codes must hold integers, got torch.float32")
 
 
 def test_student_missing_codes(art_copy):
@@ -421,12 +554,10 @@ def test_overwrite_replaces_the_directory(compressed, tmp_path):
     src = compressed[8][1].artifact
     art = load_artifact(src)
     teacher = _safetensors(src / "teacher.safetensors")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    out = Path(shutil.copytree(compressed[4][1].artifact, tmp_path / "out"))  # an artifact of ours: replaced
     save_artifact(out, art.manifest, art.student_tensors, teacher, art.report, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["artifact.json", "report.json", "student.safetensors",
-                                                      "teacher.safetensors"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".pqcad-deploy.json") == [
+        "artifact.json", "report.json", "student.safetensors", "teacher.safetensors"]
     for name in ("artifact.json", "student.safetensors", "teacher.safetensors"):
         assert (out / name).read_bytes() == (src / name).read_bytes(), name
     _no_tmp_leftovers(tmp_path)

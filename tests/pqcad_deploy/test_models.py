@@ -164,3 +164,118 @@ def test_relative_local_path_is_not_taken_for_a_hub_id(small_unet_dir, tmp_path,
     monkeypatch.chdir(tmp_path)
     loaded = load_model("someone/model")
     assert loaded.source == str((tmp_path / "someone" / "model").resolve())
+
+
+# ----------------------------------------------------------------------------- models that cannot work
+def _edit_weights(d: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(d / WEIGHTS))
+    edit(state)
+    save_file(state, str(d / WEIGHTS))
+
+
+@pytest.mark.parametrize("value, count", [(float("inf"), 1), (float("nan"), 2)])
+def test_non_finite_weights_are_refused_at_load(small_unet_dir, tmp_path, value, count):
+    d = _copy(small_unet_dir, tmp_path / "m")
+
+    def poison(state):
+        for key in sorted(state)[:count]:
+            state[key].view(-1)[0] = value
+
+    _edit_weights(d, poison)
+    first = sorted(load_model(str(small_unet_dir)).unet.state_dict())  # state-dict order, first poisoned
+    msg = _raises(d, f"model {str(d)!r} has NaN or Inf in {count} weight tensor(s) (first: ",
+                  "use a finite checkpoint")
+    assert len(msg.splitlines()) == 1
+    assert any(f"(first: {k})" in msg for k in first)
+
+
+@pytest.mark.parametrize("config_name, size, fragments", [
+    ("c3_32_attn2_scaleshift", 30, ("sample_size 30", "2 downsampling block(s)", "multiple of 4", "e.g. 28 or 32")),
+    ("c1_32_attn1_default", 7, ("sample_size 7", "1 downsampling block(s)", "multiple of 2", "e.g. 6 or 8")),
+    ("c1_32_attn1_default", [32, 31], ("sample_size [32, 31]", "multiple of 2", "e.g. 30 or 32")),
+    ("c1_32_attn1_default", 0, ("sample_size 0", "is not a positive integer")),
+    ("c1_32_attn1_default", None, ("sample_size None", "is not a positive integer")),
+])
+def test_sample_size_the_unet_cannot_run_is_refused(unet_dirs, tmp_path, config_name, size, fragments):
+    d = _copy(unet_dirs[config_name], tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["sample_size"] = size
+    (d / "config.json").write_text(json.dumps(cfg))
+    msg = _raises(d, *fragments, str(d / "config.json"))
+    assert len(msg.splitlines()) == 1
+
+
+def test_sample_sizes_that_the_unet_can_run_load(unet_dirs, tmp_path):
+    """A multiple of 2 ** downsamplings other than the trained size still loads (and runs)."""
+    d = _copy(unet_dirs["c3_32_attn2_scaleshift"], tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["sample_size"] = 24
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert load_model(str(d)).unet.config.sample_size == 24
+
+
+def test_builtin_size_multiple_and_dry_forward_cost():
+    """The embedded model: 2 downsamplings (multiple of 4); the load-time dry forward costs milliseconds."""
+    from pqcad_deploy.models import check_model, size_multiple
+
+    loaded = load_model("builtin")
+    assert size_multiple(loaded.unet) == 4
+    started = time.perf_counter()
+    check_model(loaded.unet, "the embedded model")
+    assert time.perf_counter() - started < 2.0  # measured: 0.04-0.06 s on one CPU thread
+
+
+def test_dry_forward_failure_is_one_line(small_unet_dir):
+    from pqcad_deploy.models import check_model
+
+    unet = load_model(str(small_unet_dir)).unet
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Sizes of tensors must match except in dimension 1.\nExpected size 8 but got 7")
+
+    unet.forward = broken
+    with pytest.raises(ModelLoadError) as exc:
+        check_model(unet, "model 'x'", "x/config.json")
+    msg = str(exc.value)
+    assert len(msg.splitlines()) == 1
+    assert "a test forward pass of one 1x32x32 sample fails (RuntimeError: Sizes of tensors must match" in msg
+    assert "check x/config.json against the weights" in msg
+
+
+def test_dry_forward_output_must_be_finite_and_the_samples_shape(small_unet_dir):
+    from types import SimpleNamespace
+
+    from pqcad_deploy.models import check_model
+
+    unet = load_model(str(small_unet_dir)).unet
+    real = unet.forward
+    unet.forward = lambda x, t: SimpleNamespace(sample=real(x, t).sample * float("inf"))
+    with pytest.raises(ModelLoadError, match="gives NaN or Inf although the weights are finite"):
+        check_model(unet, "model 'x'")
+    unet.forward = lambda x, t: SimpleNamespace(sample=real(x, t).sample[:, :0])
+    with pytest.raises(ModelLoadError, match=r"maps a \[1, 1, 32, 32\] sample to \[1, 0, 32, 32\]"):
+        check_model(unet, "model 'x'")
+
+
+def test_the_builtin_colour_model_loads_by_name() -> None:
+    """builtin:cifar10: the second reference model (3 channels, 32 px, under 16 MiB of fp32 weights)."""
+    from pqcad_deploy.models import BUILTIN_MODELS, load_model
+
+    loaded = load_model("builtin:cifar10")
+    config = loaded.unet.config
+    assert (config.in_channels, config.out_channels, config.sample_size) == (3, 3, 32)
+    assert sum(p.numel() for p in loaded.unet.parameters()) * 4 <= 16 * 2**20
+    assert loaded.source == "builtin:cifar10" and loaded.scheduler_config["prediction_type"] == "epsilon"
+    assert load_model("builtin").unet.config.in_channels == 1 == load_model("builtin:fashion-mnist").unet.config.in_channels
+    assert BUILTIN_MODELS["builtin"] == BUILTIN_MODELS["builtin:fashion-mnist"]
+
+
+def test_an_unknown_builtin_name_lists_the_builtin_models() -> None:
+    from pqcad_deploy.errors import ModelLoadError
+    from pqcad_deploy.models import load_model
+
+    with pytest.raises(ModelLoadError, match=r"unknown builtin model 'builtin:imagenet'; the builtin models are "
+                                             r"builtin, builtin:cifar10, builtin:fashion-mnist\."):
+        load_model("builtin:imagenet")

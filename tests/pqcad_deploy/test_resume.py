@@ -89,14 +89,16 @@ def _without_timings(value):
     return value
 
 
-def assert_same_artifact(expected: Path, actual: Path) -> None:
+def assert_same_artifact(expected: Path, actual: Path, report_edited: bool = False) -> None:
+    """Same weights, same report; artifact.json identical (but for report.json's digest if the test edited it)."""
     for name in ("student.safetensors", "teacher.safetensors"):
         assert (expected / name).read_bytes() == (actual / name).read_bytes(), name
     a, b = (json.loads((p / "report.json").read_text()) for p in (expected, actual))
     assert _without_timings(a) == _without_timings(b)
     a, b = (json.loads((p / "artifact.json").read_text()) for p in (expected, actual))
-    del a["provenance"]["created"], b["provenance"]["created"]
-    assert a == b
+    if report_edited:
+        del a["files"]["report.json"], b["files"]["report.json"]
+    assert a == b  # no timestamps or timings: byte-identical runs (issue 12)
 
 
 def assert_no_artifact(out: Path) -> None:
@@ -174,7 +176,7 @@ def test_resume_equals_an_uninterrupted_run(method, weights_call, after, blocks_
     assert_same_artifact(reference(method), out)
     report = json.loads((out / "report.json").read_text())
     stages = report["pq" if method == "pqcad" else "reconstruction"]
-    assert len(stages["activations"]) == total and stages["seconds"]["total"] > 0
+    assert len(stages["activations"]) == total and "seconds" not in stages
 
 
 def test_interrupt_before_the_first_block_leaves_nothing(small_unet_dir, tmp_path):
@@ -361,7 +363,7 @@ def test_distillation_resume_equals_an_uninterrupted_run(method, small_unet_dir,
     # the one honest difference: the resumed report says where it resumed from
     report["distillation"]["resumed_from"] = None
     (out / "report.json").write_text(json.dumps(report))
-    assert_same_artifact(reference_art, out)
+    assert_same_artifact(reference_art, out, report_edited=True)
 
 
 def test_distillation_checkpoint_of_another_run_is_refused(small_unet_dir, tmp_path, tiny_distill):
