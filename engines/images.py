@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,8 @@ import numpy as np
 from ._atomic import atomic_file, ensure_writable_dir
 from .errors import OutputError
 
-__all__ = ["NPZ_KEY", "to_uint8", "nchw_to_nhwc", "save_pngs", "save_grid", "save_npz"]
+__all__ = ["NPZ_KEY", "to_uint8", "nchw_to_nhwc", "save_pngs", "save_grid", "save_npz", "load_png",
+           "save_npz_from_pngs", "is_images_npz"]
 
 NPZ_KEY = "images"
 
@@ -104,3 +107,62 @@ def save_npz(images: np.ndarray, path: str | os.PathLike[str]) -> Path:
         except OSError as exc:
             raise OutputError(f"Cannot write {path} ({exc}); check free space and permissions.") from exc
     return path
+
+
+def load_png(path: str | os.PathLike[str], channels: int) -> np.ndarray:
+    """Read one PNG written by :func:`save_pngs` back as uint8 ``[H, W, channels]``.
+
+    Raises:
+        OutputError: the file is missing or unreadable, or has another channel count.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im, dtype=np.uint8)
+    except OSError as exc:
+        raise OutputError(f"Cannot read {path} ({exc}); delete it and rerun with --resume.") from exc
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape[-1] != channels:
+        raise OutputError(f"{path} has {arr.shape[-1]} channels, expected {channels}; delete it and rerun with --resume.")
+    return arr
+
+
+def save_npz_from_pngs(pngs: Sequence[str | os.PathLike[str]], path: str | os.PathLike[str],
+                       image_shape: tuple[int, int, int]) -> Path:
+    """Write the PNGs as one ``.npz`` (key ``"images"``, uint8 ``[N, H, W, C]``), one image in memory at a time.
+
+    The file is what ``np.savez`` writes (a stored zip with ``images.npy``), built by streaming the npy
+    header and then each image's bytes into the zip entry (zip64, so any size works); ``np.load(path)
+    ["images"]`` reads it. ``image_shape`` is ``(H, W, C)``.
+
+    Raises:
+        OutputError: an unreadable PNG, one of another shape, or an unwritable location.
+    """
+    h, w, c = (int(v) for v in image_shape)
+    path = Path(path)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (len(pngs), h, w, c)}
+    with atomic_file(path) as tmp:
+        try:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+                with zf.open(f"{NPZ_KEY}.npy", "w", force_zip64=True) as entry:
+                    np.lib.format.write_array_header_1_0(entry, header)
+                    for png in pngs:
+                        image = load_png(png, c)
+                        if image.shape != (h, w, c):
+                            raise OutputError(f"{png} has shape {image.shape}, expected {(h, w, c)}.")
+                        entry.write(np.ascontiguousarray(image).tobytes())
+        except OSError as exc:
+            raise OutputError(f"Cannot write {path} ({exc}); check free space and permissions.") from exc
+    return path
+
+
+def is_images_npz(path: str | os.PathLike[str]) -> bool:
+    """True for an .npz holding only the key ``"images"`` (what ``sample --npz`` writes), read lazily."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return list(data.files) == [NPZ_KEY]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return False

@@ -1,13 +1,23 @@
 """The sampling loop: initial noise -> DDIM over the student's timesteps -> uint8 images.
 
-Backend-agnostic: it drives any :class:`~engines.runner.Runner`. The initial noise for all ``n``
-images is drawn at once from ``numpy.random.default_rng(seed)`` (docs/CONTRACTS.md 4), so image ``i``
-is the same whatever the batch size, and a seed means the same images on every machine.
+Backend-agnostic: it drives any :class:`~engines.runner.Runner`. The initial noise of the contract
+(docs/CONTRACTS.md 4) is ``numpy.random.default_rng(seed).standard_normal((n, C, H, W), float32)``;
+:class:`NoiseStream` draws it chunk by chunk from that one generator, which gives exactly the same
+numbers (a tested property of numpy's float32 normals), so memory does not grow with ``n`` and image
+``i`` is the same for any ``n``.
+
+Batch size: ONNX Runtime's CPU kernels sum in another order at some batch shapes (measured on the
+builtin W8A8 engine, 64 images: batch 7 changed 1 image by up to 6 levels against batch 16, batch 1
+changed 53; batches 8, 16, 24, 40, 48, 64 gave identical images). Every model call is therefore
+padded with zero images to a multiple of :data:`MODEL_BATCH_MULTIPLE`; with that, every batch size
+gave byte-identical images (1 and 2 threads), at the cost of the padded slots.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +28,13 @@ from .images import nchw_to_nhwc, to_uint8
 from .manifest import EngineManifest, OnnxManifest
 from .runner import Runner
 
-__all__ = ["SampleResult", "denoise", "initial_noise", "sampling_timesteps", "sample_images"]
+__all__ = ["MODEL_BATCH_MULTIPLE", "NoiseStream", "SampleResult", "SampledBatch", "denoise", "initial_noise",
+           "iter_sample_batches", "sampling_timesteps", "sample_images"]
+
+MODEL_BATCH_MULTIPLE = 8
+"""Every model call runs a multiple of this many images (zero images pad the rest), so the batch
+size never changes the images (see the module docstring)."""
+_SKIP_CHUNK = 256
 
 
 @dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous
@@ -47,6 +63,31 @@ def initial_noise(n: int, image_shape: tuple[int, int, int], seed: int) -> np.nd
     return np.random.default_rng(seed).standard_normal((n, *image_shape), dtype=np.float32)
 
 
+class NoiseStream:
+    """The noise of :func:`initial_noise`, drawn in chunks from one ``default_rng(seed)``.
+
+    ``draw(a)`` then ``draw(b)`` equals ``initial_noise(a + b, ...)`` split at ``a``; :meth:`skip`
+    draws and discards (in bounded chunks), so a resumed run keeps image ``i`` unchanged.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], seed: int) -> None:
+        self.image_shape = tuple(int(v) for v in image_shape)
+        self._rng = np.random.default_rng(seed)
+        self.position = 0
+
+    def draw(self, k: int) -> np.ndarray:
+        out = self._rng.standard_normal((int(k), *self.image_shape), dtype=np.float32)
+        self.position += int(k)
+        return out
+
+    def skip(self, k: int) -> None:
+        k = int(k)
+        while k > 0:
+            step = min(k, _SKIP_CHUNK)
+            self.draw(step)
+            k -= step
+
+
 def sampling_timesteps(manifest: OnnxManifest, steps: int | None = None) -> tuple[int, ...]:
     """The student's timesteps, or diffusers' uniform grid of ``steps`` for the manifest's config."""
     if steps is None:
@@ -58,6 +99,70 @@ def _ddim_config(manifest: OnnxManifest) -> DDIMConfig:
     return DDIMConfig.from_dict({**manifest.scheduler_config, "prediction_type": manifest.prediction_type})
 
 
+@dataclass(frozen=True, eq=False)
+class SampledBatch:
+    """One finished batch of :func:`iter_sample_batches`: images ``start .. start + len(images) - 1``."""
+
+    start: int
+    images: np.ndarray
+    model_seconds: float
+
+
+def _check_counts(n: int, batch_size: int, start: int = 0) -> None:
+    for name, value in (("n", n), ("batch_size", batch_size)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+    if not isinstance(start, (int, np.integer)) or isinstance(start, bool) or not 0 <= start <= n:
+        raise ConfigError(f"start must be an integer between 0 and n={n}, got {start!r}.")
+
+
+def iter_sample_batches(
+    runner: Runner,
+    manifest: OnnxManifest | EngineManifest,
+    n: int,
+    seed: int,
+    steps: int | None = None,
+    batch_size: int = 16,
+    start: int = 0,
+    progress: bool = True,
+) -> Iterator[SampledBatch]:
+    """Generate images ``start .. n - 1`` batch by batch (uint8 ``[k, H, W, C]``), holding one batch.
+
+    The noise of the first ``start`` images is drawn and discarded, so every image equals the one a
+    single :func:`sample_images` call of ``n`` images makes. The runner is activated here if it is
+    not active yet, and released when the generator finishes or is closed.
+
+    Raises:
+        ConfigError: ``n``, ``batch_size``, ``start`` or ``steps`` out of range.
+        RunnerError, EngineError: from the runner, or non-finite samples.
+    """
+    onnx = manifest.onnx if isinstance(manifest, EngineManifest) else manifest
+    _check_counts(n, batch_size, start)
+    timesteps = sampling_timesteps(onnx, steps)
+    noise = NoiseStream(onnx.image_shape, seed)
+    noise.skip(start)
+
+    from tqdm import tqdm  # core dependency; imported here to keep `engines` import light
+
+    started_here = not runner.is_active
+    if started_here:
+        runner.activate()
+    t0 = time.perf_counter()
+    try:
+        with tqdm(total=(-(-(n - start) // batch_size)) * len(timesteps), disable=not progress, unit="step",
+                  desc="sampling", dynamic_ncols=True) as bar:
+            for b0 in range(start, n, batch_size):
+                x = noise.draw(min(batch_size, n - b0))
+                x, model_seconds = denoise(runner, onnx, x, timesteps, batch_size=batch_size, progress=False,
+                                           bar=bar)
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(img_per_s=f"{(b0 + len(x) - start) / elapsed:.2f}" if elapsed > 0 else "inf")
+                yield SampledBatch(b0, nchw_to_nhwc(to_uint8(x)), model_seconds)
+    finally:
+        if started_here:
+            runner.deactivate()
+
+
 def sample_images(
     runner: Runner,
     manifest: OnnxManifest | EngineManifest,
@@ -67,7 +172,7 @@ def sample_images(
     batch_size: int = 16,
     progress: bool = True,
 ) -> SampleResult:
-    """Generate ``n`` images with DDIM (eta 0).
+    """Generate ``n`` images with DDIM (eta 0), all in memory (see :func:`iter_sample_batches` to stream).
 
     Args:
         runner: any backend runner; activated (and deactivated) here if it is not active yet.
@@ -76,7 +181,8 @@ def sample_images(
         seed: seed of the initial noise.
         steps: None for the student's own timesteps (what it was calibrated / distilled for), or a
             number of uniformly spaced steps from the scheduler config.
-        batch_size: images per model call; does not change the images.
+        batch_size: images per model call; does not change the images (calls are padded to a
+            multiple of :data:`MODEL_BATCH_MULTIPLE`).
         progress: show a tqdm bar over batches x steps on stderr.
 
     Returns:
@@ -87,16 +193,17 @@ def sample_images(
         RunnerError: the runner rejects the inputs.
     """
     onnx = manifest.onnx if isinstance(manifest, EngineManifest) else manifest
-    for name, value in (("n", n), ("batch_size", batch_size)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+    _check_counts(n, batch_size)
     timesteps = sampling_timesteps(onnx, steps)
-    noise = initial_noise(int(n), onnx.image_shape, seed)
+    c, h, w = onnx.image_shape
+    images = np.empty((int(n), h, w, c), dtype=np.uint8)
+    model_seconds = 0.0
     start = time.perf_counter()
-    x_all, model_seconds = denoise(runner, onnx, noise, timesteps, batch_size=batch_size, progress=progress,
-                                   started=start)
+    for batch in iter_sample_batches(runner, manifest, n, seed, steps=steps, batch_size=batch_size, progress=progress):
+        images[batch.start:batch.start + len(batch.images)] = batch.images
+        model_seconds += batch.model_seconds
     seconds = time.perf_counter() - start
-    return SampleResult(images=nchw_to_nhwc(to_uint8(x_all)), timesteps=timesteps, seconds=seconds, model_seconds=model_seconds)
+    return SampleResult(images=images, timesteps=timesteps, seconds=seconds, model_seconds=model_seconds)
 
 
 def denoise(
@@ -107,13 +214,16 @@ def denoise(
     batch_size: int = 16,
     progress: bool = True,
     started: float | None = None,
+    bar=None,
 ) -> tuple[np.ndarray, float]:
     """Run DDIM (eta 0) from the noise ``x_all`` over ``timesteps``; returns (x_0, seconds in the runner).
 
     Split out of :func:`sample_images` so that a slice of :func:`initial_noise` can be denoised on
     its own (several processes, each with a runner) and still give exactly the images of one
     ``sample_images`` call: every image's trajectory depends only on its own noise. ``x_all`` is
-    overwritten with the result.
+    overwritten with the result. Each model call is padded with zero images to a multiple of
+    :data:`MODEL_BATCH_MULTIPLE` (the padding is discarded), so the result does not depend on the
+    batch size. ``bar``: an open tqdm bar to advance instead of a new one.
     """
     sampler = DDIMSampler(_ddim_config(manifest))
     pairs = list(zip(timesteps, [*timesteps[1:], -1]))
@@ -129,18 +239,29 @@ def denoise(
     start = time.perf_counter() if started is None else started
     try:
         n_batches = -(-n // batch_size)
-        with tqdm(total=n_batches * len(pairs), disable=not progress, unit="step", desc="sampling", dynamic_ncols=True) as bar:
+        own_bar = bar is None
+        with contextlib.ExitStack() as stack:
+            if own_bar:
+                bar = stack.enter_context(tqdm(total=n_batches * len(pairs), disable=not progress, unit="step",
+                                               desc="sampling", dynamic_ncols=True))
             for b0 in range(0, n, batch_size):
                 x = x_all[b0:b0 + batch_size]
+                k = x.shape[0]
+                rows = -(-k // MODEL_BATCH_MULTIPLE) * MODEL_BATCH_MULTIPLE
+                padded = np.zeros((rows, *x.shape[1:]), dtype=np.float32) if rows != k else None
                 for t, prev_t in pairs:
-                    feed = {"sample": x, "timestep": np.full((x.shape[0],), t, dtype=np.float32)}
-                    out = runner.infer(feed)[out_name]
+                    if padded is not None:
+                        padded[:k] = x
+                    feed = {"sample": x if padded is None else padded,
+                            "timestep": np.full((rows,), t, dtype=np.float32)}
+                    out = runner.infer(feed)[out_name][:k]
                     model_seconds += runner.last_inference_time or 0.0
                     x = sampler.step(out, t, prev_t, x)
                     bar.update(1)
                 x_all[b0:b0 + batch_size] = x
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(img_per_s=f"{(b0 + x.shape[0]) / elapsed:.2f}" if elapsed > 0 else "inf")
+                if own_bar:
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix(img_per_s=f"{(b0 + k) / elapsed:.2f}" if elapsed > 0 else "inf")
     finally:
         if started_here:
             runner.deactivate()

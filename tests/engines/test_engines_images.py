@@ -92,3 +92,21 @@ def test_unwritable_output(tmp_path: Path) -> None:
         save_grid(_images(), target / "grid.png")
     with pytest.raises(OutputError, match=re.escape(f"Cannot create the output directory {target}")):
         save_npz(_images(), target / "x.npz")
+
+
+def test_save_npz_from_pngs_streams_a_loadable_npz(tmp_path: Path) -> None:
+    from engines.images import is_images_npz, save_npz_from_pngs
+
+    imgs = _images(5, c=1)
+    paths = save_pngs(imgs, tmp_path / "pngs")
+    path = save_npz_from_pngs(paths, tmp_path / "s.npz", imgs.shape[1:])
+    with np.load(path) as data:
+        assert data.files == [NPZ_KEY]
+        np.testing.assert_array_equal(data[NPZ_KEY], imgs)
+    assert is_images_npz(path)
+    np.savez(tmp_path / "other.npz", images=imgs, extra=imgs)
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    assert not is_images_npz(tmp_path / "other.npz") and not is_images_npz(tmp_path / "junk.npz")
+    with pytest.raises(OutputError, match="expected"):
+        save_npz_from_pngs(paths, tmp_path / "bad.npz", (9, 9, imgs.shape[-1]))
+    assert not (tmp_path / "bad.npz").exists()

@@ -121,3 +121,43 @@ def test_fashion_mnist_errors(tmp_path):
 def test_real_fashion_mnist(fmnist_test_images):
     assert fmnist_test_images.shape == (10_000, 32, 32, 1)
     assert fmnist_test_images[:, :2].max() == 0 and fmnist_test_images.max() == 255
+
+
+def _sample_folder(folder, n, *, published=True):
+    """A folder as `pqcad-deploy sample` leaves it: NNNNN.png, samples.json, grid.png and (published) the marker."""
+    import json
+
+    folder.mkdir()
+    images = np.random.default_rng(2).integers(0, 256, size=(n + 1, 4, 4), dtype=np.uint8)
+    for i in range(n + 1):  # one image more than samples.json lists: it must not be read
+        Image.fromarray(images[i], mode="L").save(folder / f"{i:05d}.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(folder / "grid.png")
+    (folder / "samples.json").write_text(json.dumps({"tool": "pqcad-deploy", "format": "pqcad-samples", "n": n}))
+    if published:
+        (folder / ".pqcad-deploy.json").write_text(json.dumps({"tool": "pqcad-deploy", "kind": "samples", "files": []}))
+    return images[:n, ..., None]
+
+
+def test_sample_folder_reads_exactly_its_listed_images(tmp_path):
+    expected = _sample_folder(tmp_path / "imgs", 3)
+    np.testing.assert_array_equal(load_images(tmp_path / "imgs"), expected)
+    (tmp_path / "imgs" / "00001.png").unlink()
+    with pytest.raises(ImageInputError, match="lacks 1 of the 3 images"):
+        load_images(tmp_path / "imgs")
+
+
+@pytest.mark.parametrize("name, published", [("imgs.partial", False), ("imgs.partial", True), ("imgs", False)])
+def test_unfinished_sample_folder_is_refused(tmp_path, name, published):
+    _sample_folder(tmp_path / name, 2, published=published)
+    with pytest.raises(ImageInputError, match=r"unfinished `pqcad-deploy sample` output .*--resume"):
+        load_images(tmp_path / name)
+
+
+def test_plain_folder_skips_grid_png(tmp_path):
+    Image.fromarray(np.full((4, 4), 7, np.uint8), mode="L").save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(tmp_path / "grid.png")  # another size: not read
+    images = load_images(tmp_path)
+    assert images.shape == (1, 4, 4, 1) and (images == 7).all()
+    (tmp_path / "a.png").unlink()
+    with pytest.raises(ImageInputError, match="no .png files other than grid.png"):
+        load_images(tmp_path)

