@@ -4,7 +4,10 @@ The student's integer codes and learned scales are written into the graph as the
 re-calibrated): the fake-quant layers are swapped for export twins (converters.qdq) and the model is
 traced by PyTorch's TorchScript exporter, which honours the twins' `symbolic` methods. The result is
 then tidied (names from converters.naming, INT4 zero-points where needed), stamped with the manifest
-that engines read, checked with `onnx.checker.check_model(full_check=True)` and moved into place.
+that engines read, checked with `onnx.checker.check_model(full_check=True)`, optionally held to the
+parity gate (converters.parity.parity_verdict, on the temporary file) and only then moved into place.
+The bytes depend only on the artifact and the options (no timestamps; the ort-qlinear calibration is
+seeded), so the same artifact exported twice gives the same file.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 
 from converters.naming import qdq_names
+from converters.parity import ParityVerdict
 from converters.qdq import to_export_layer
 from engines.manifest import OnnxManifest, output_name_for, write_onnx_manifest
 from pqcad_deploy.artifact import CompressedArtifact, artifact_digest, load_artifact
@@ -29,8 +33,8 @@ from pqcad_deploy.errors import ExportError, OutputPathError
 from pqcad_deploy.layer_precision import FIRST_LAYER, LAST_LAYER
 from pqcad_deploy.quant.replace import quant_layers
 
-__all__ = ["DEFAULT_OPSET", "SUPPORTED_OPSETS", "TARGETS", "WEIGHT_STORAGES", "ExportResult", "export_onnx",
-           "precision_name"]
+__all__ = ["DEFAULT_OPSET", "DEFAULT_TARGET", "SUPPORTED_OPSETS", "TARGETS", "WEIGHT_STORAGES", "ExportResult",
+           "ParityGateError", "export_onnx", "precision_name", "resolve_target"]
 
 DEFAULT_OPSET = 17
 # 13: per-axis QuantizeLinear/DequantizeLinear. 21: INT4 Q/DQ (4-bit activations).
@@ -39,7 +43,10 @@ _TORCHSCRIPT_MAX_OPSET = 20
 # qdq: int8 symmetric Q/DQ around every quantized layer (TensorRT, and any QDQ reader). ort-x86: the
 # same values laid out for ONNX Runtime's x86 CPU integer kernels (converters.ort_x86). ort-qlinear: plus an
 # int8 rounding of every quantized Conv output, so ONNX Runtime fuses QLinearConv (converters.ort_qlinear).
-TARGETS: tuple[str, ...] = ("qdq", "ort-x86", "ort-qlinear")
+# onnxruntime: whichever of these ONNX Runtime runs fastest for the artifact (resolve_target):
+# ort-qlinear when every quantized layer has 8-bit activations, else qdq (ONNX Runtime has no 4-bit kernels).
+TARGETS: tuple[str, ...] = ("onnxruntime", "qdq", "ort-x86", "ort-qlinear")
+DEFAULT_TARGET = "onnxruntime"  # the CLI's default; export_onnx's own default stays "qdq"
 # How 4-bit weight codes are stored. int4: ONNX INT4 initializers, two codes a byte (opset >= 21).
 # int8: the codes in an INT8 container (any opset). auto: int4 where the target and opset allow it.
 WEIGHT_STORAGES: tuple[str, ...] = ("auto", "int4", "int8")
@@ -57,6 +64,13 @@ class ExportResult:
     target: str = "qdq"
     int4_weight_layers: int = 0  # layers whose weight codes are INT4 initializers
     calibration_seconds: float = 0.0  # ort-qlinear: time spent calibrating the Conv output scales
+    requested_target: str = "qdq"  # what was asked for ("onnxruntime" resolves to `target`)
+    target_reason: str = ""  # why "onnxruntime" resolved to `target`
+    parity: ParityVerdict | None = None  # None when parity was not checked
+
+
+class ParityGateError(ExportError):
+    """The exported graph failed the parity gate; nothing was written."""
 
 
 class _UNetForExport(nn.Module):
@@ -111,6 +125,28 @@ def _check_opset(opset: int, artifact: CompressedArtifact, fp: bool) -> None:
             "this artifact has 4-bit activations, which need INT4 QuantizeLinear: pass --opset 21 "
             "(ONNX Runtime only; TensorRT has no 4-bit activations)."
         )
+
+
+def resolve_target(target: str, layer_act_bits: dict[str, int | None], weight_storage: str = "auto",
+                   fp: bool = False) -> tuple[str, str]:
+    """(concrete target, reason): "onnxruntime" becomes the target ONNX Runtime runs fastest.
+
+    ort-qlinear (QLinearConv) when every quantized layer has 8-bit (or float) inputs and the weights
+    may be stored as int8; otherwise qdq (ONNX Runtime has no 4-bit kernels; INT4 initializers are a
+    qdq layout). Other targets are returned as they are, with an empty reason.
+    """
+    if target not in TARGETS:
+        raise ExportError(f"--target must be one of {', '.join(TARGETS)}; got {target!r}.")
+    if target != "onnxruntime":
+        return target, ""
+    if fp:
+        return "qdq", "the FP model has no quantized layers"
+    four = sorted(name for name, bits in layer_act_bits.items() if bits == 4)
+    if four:
+        return "qdq", f"{len(four)} layers have 4-bit activations, which ONNX Runtime has no integer kernels for"
+    if weight_storage == "int4":
+        return "qdq", "--weight-storage int4 is a qdq layout"
+    return "ort-qlinear", "every quantized layer has 8-bit activations: QLinearConv kernels"
 
 
 def _weight_storage(storage: str, target: str, opset: int, fp: bool) -> str:
@@ -250,29 +286,39 @@ def _set_opset(model, opset: int) -> None:
 
 def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = False,
                 opset: int = DEFAULT_OPSET, overwrite: bool = False, target: str = "qdq",
-                weight_storage: str = "auto", output_statistic: str = "max") -> ExportResult:
+                weight_storage: str = "auto", output_statistic: str = "max", parity: bool = False,
+                parity_gate: bool = True, parity_samples: int = 4) -> ExportResult:
     """Write the artifact's student (or, with fp=True, its FP teacher) as our ONNX at `out_path`.
 
-    target: "qdq" (int8 symmetric Q/DQ, TensorRT's form), "ort-x86" (converters.ort_x86) or
-        "ort-qlinear" (converters.ort_qlinear).
+    target: "qdq" (int8 symmetric Q/DQ, TensorRT's form), "ort-x86" (converters.ort_x86),
+        "ort-qlinear" (converters.ort_qlinear), or "onnxruntime" (the fastest of these on ONNX
+        Runtime for this artifact, resolve_target; the CLI's default).
     weight_storage: how 4-bit weight codes are stored, see WEIGHT_STORAGES.
     output_statistic: ort-qlinear only, the Conv output range its scales come from
         (converters.ort_qlinear.OUTPUT_STATISTICS; "max" measured best).
+    parity: compare the written graph with the PyTorch fake-quant model on `parity_samples` seeded
+        inputs before it is moved into place (converters.parity; not for fp). The verdict is in the
+        result. parity_gate: a failed verdict raises ParityGateError and nothing is written;
+        without the gate the ONNX is written anyway.
     """
     import onnx
 
-    out_path = Path(out_path)
-    if out_path.exists() and not overwrite:
-        raise OutputPathError(f"{out_path} already exists; pass --overwrite to replace it.")
-    if out_path.is_dir():
-        raise OutputPathError(f"{out_path} is a directory; give a file path ending in .onnx.")
+    from engines._atomic import check_output_file
+
+    out_path = check_output_file(out_path, overwrite=overwrite, error=OutputPathError, is_ours=_is_our_onnx,
+                                 what="pqcad-deploy ONNX")
     parent = out_path.resolve().parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise OutputPathError(f"cannot write {out_path}: {parent} is not a writable directory.")
     if target not in TARGETS:
         raise ExportError(f"--target must be one of {', '.join(TARGETS)}; got {target!r}.")
-    storage = _weight_storage(weight_storage, target, opset, fp)
+    if weight_storage not in WEIGHT_STORAGES:
+        raise ExportError(f"--weight-storage must be one of {', '.join(WEIGHT_STORAGES)}; got {weight_storage!r}.")
     artifact = load_artifact(artifact_path)
+    requested_target = target
+    target, target_reason = resolve_target(target, {n: r.act_bits for n, r in artifact.manifest.layers.items()},
+                                           weight_storage, fp)
+    storage = _weight_storage(weight_storage, target, opset, fp)
     _check_opset(opset, artifact, fp)
     if target == "ort-x86" and not fp:
         from converters.ort_x86 import check_ort_x86
@@ -302,6 +348,7 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", suffix=".onnx", dir=parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    verdict = None
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -343,6 +390,15 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
         write_onnx_manifest(model, manifest)
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(tmp))
+        if parity and not fp:
+            verdict = _check_parity(artifact.path, tmp, target, parity_samples)
+            if not verdict.passed and parity_gate:
+                raise ParityGateError(f"parity vs PyTorch failed: {verdict.reason}; {out_path} was not written "
+                                      "(an export bug, or an artifact that does not compute finite values; "
+                                      "--no-parity-gate writes it anyway).")
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 would otherwise reach the output
         os.replace(tmp, out_path)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"the exported graph failed onnx.checker: {str(exc).splitlines()[0]}") from None
@@ -352,7 +408,28 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
     return ExportResult(path=out_path, precision=manifest.precision, opset=opset,
                         num_quantized_layers=n_quant, size_bytes=out_path.stat().st_size,
                         target="qdq" if fp else target, int4_weight_layers=n_int4,
-                        calibration_seconds=calibration_seconds)
+                        calibration_seconds=calibration_seconds, requested_target=requested_target,
+                        target_reason=target_reason, parity=verdict)
+
+
+def _is_our_onnx(path: Path) -> bool:
+    """An existing file --overwrite may replace: an ONNX carrying our manifest."""
+    from engines.manifest import read_onnx_manifest
+
+    try:
+        read_onnx_manifest(path)
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+    return True
+
+
+def _check_parity(artifact_path: Path, onnx_path: Path, target: str, n: int) -> ParityVerdict:
+    """The parity verdict of the graph at `onnx_path`: as written for qdq, as ONNX Runtime optimizes
+    it (what an engine runs) for the ONNX Runtime targets."""
+    from converters.parity import parity_report, parity_verdict
+
+    level = "disabled" if target == "qdq" else "extended"
+    return parity_verdict(parity_report(artifact_path, onnx_path, n=n, optimization_level=level))
 
 
 def _teacher_timesteps(m) -> list[int]:

@@ -25,9 +25,43 @@ from .build import check_buildable
 from .errors import BackendUnavailableError, BuildError
 from .manifest import EngineManifest, OnnxManifest, sha256_file, write_engine_manifest
 
-__all__ = ["TRT_MODEL_FILE", "import_tensorrt", "parse_onnx", "build_plan", "build_tensorrt_engine"]
+__all__ = ["TRT_MODEL_FILE", "check_tensorrt_target", "import_tensorrt", "parse_onnx", "build_plan",
+           "build_tensorrt_engine"]
 
 TRT_MODEL_FILE = "model.plan"
+
+# What export's ONNX Runtime targets (converters/ort_x86.py, converters/ort_qlinear.py) write and TensorRT
+# does not take: integer-kernel ops, uint8 Q/DQ (TensorRT's Q/DQ are signed and symmetric) and int32 bias
+# DequantizeLinear (QLinearConv's bias layout).
+_ORT_ONLY_OPS = {"ConvInteger": "ort-x86", "MatMulInteger": "ort-x86", "QLinearConv": "ort-qlinear",
+                 "QLinearMatMul": "ort-qlinear", "MatMulIntegerToFloat": "ort-x86"}
+
+
+def check_tensorrt_target(onnx_path: str | os.PathLike[str]) -> None:
+    """Refuse an ONNX exported for an ONNX Runtime target (ort-x86, ort-qlinear), read from its graph.
+
+    Raises:
+        BuildError: one sentence naming the target and saying to export with --target qdq.
+    """
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    found = None
+    for node in model.graph.node:
+        if node.op_type in _ORT_ONLY_OPS:
+            found = (_ORT_ONLY_OPS[node.op_type], f"{node.op_type} nodes")
+        elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            if len(node.input) > 2 and inits.get(node.input[2]) == onnx.TensorProto.UINT8:
+                found = ("ort-x86", "uint8 Q/DQ")
+            elif node.op_type == "DequantizeLinear" and inits.get(node.input[0]) == onnx.TensorProto.INT32:
+                found = ("ort-qlinear", "int32 bias DequantizeLinear")
+        if found:
+            break
+    if found:
+        raise BuildError(f"{onnx_path} was exported for ONNX Runtime (--target {found[0]}: {found[1]}), which "
+                         "TensorRT does not take; export it again with --target qdq for --backend tensorrt, or "
+                         "build this one with --backend onnxruntime.")
 
 
 def import_tensorrt() -> ModuleType:
@@ -55,7 +89,8 @@ def parse_onnx(trt: ModuleType, onnx_path: Path, logger: Any, *, strongly_typed:
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # reads external data next to the file
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BuildError(f"TensorRT cannot parse {onnx_path}: {errors or 'no details'}; run converters' TensorRT check on the ONNX.")
+        raise BuildError(f"TensorRT cannot parse {onnx_path}: {errors or 'no details'}; export it again with "
+                         "--target qdq and --weight-storage int8 (TensorRT's form), or build with --backend onnxruntime.")
     return builder, network, parser
 
 
@@ -91,7 +126,9 @@ def build_plan(
     config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise BuildError("TensorRT could not build the engine (see its log above); check the ONNX with converters' TensorRT check.")
+        raise BuildError("TensorRT could not build the engine (see its log above for the layer it stopped at); "
+                         "export the ONNX with --target qdq (at --opset 17, 8-bit activations), raise workspace_gb "
+                         "if the log reports too little memory, or build with --backend onnxruntime.")
     return bytes(memoryview(plan))
 
 
@@ -127,7 +164,8 @@ def build_tensorrt_engine(
     Raises:
         ManifestError: ``onnx_path`` is not written by pqcad-deploy export.
         BackendUnavailableError: TensorRT 10 is not importable here.
-        BuildError: bad arguments, an existing ``out_dir``, parse or build failure.
+        BuildError: bad arguments, an ONNX exported for ONNX Runtime (check_tensorrt_target), an existing
+            ``out_dir``, parse or build failure.
     """
     if not 1 <= opt_batch <= max_batch:
         raise BuildError(f"Batch sizes must satisfy 1 <= opt_batch <= max_batch, got opt_batch={opt_batch}, max_batch={max_batch}.")
@@ -135,12 +173,13 @@ def build_tensorrt_engine(
         raise BuildError(f"workspace_gb must be positive, got {workspace_gb}.")
     onnx_path = Path(onnx_path)
     manifest = check_buildable(onnx_path)
+    check_tensorrt_target(onnx_path)
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder, network, _parser = parse_onnx(trt, onnx_path, logger, strongly_typed=strongly_typed)
     plan = build_plan(trt, builder, network, manifest, int8=int8, fp16=fp16, strongly_typed=strongly_typed,
                       workspace_gb=workspace_gb, opt_batch=opt_batch, max_batch=max_batch)
-    with staged_directory(out_dir, overwrite=overwrite, error=BuildError) as tmp:
+    with staged_directory(out_dir, overwrite=overwrite, error=BuildError, kind="engine") as tmp:
         with atomic_file(tmp / TRT_MODEL_FILE) as model_tmp:
             model_tmp.write_bytes(plan)
         engine = EngineManifest(

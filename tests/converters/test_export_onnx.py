@@ -27,9 +27,18 @@ CASES = [(name, wbits) for name in UNET_CONFIGS for wbits in (8, 4)]
 
 
 def assert_parity(report) -> None:
-    """The parity tolerances every export target is held to (also used by test_export_targets)."""
-    assert report.samples_without_flips, f"every sample had rounding flips: {report}"
-    assert report.max_rel_error_without_flips < EXACT_REL_TOL
+    """The parity tolerances every export target is held to (also used by test_export_targets).
+
+    Inputs whose codes all agree must match to EXACT_REL_TOL. When every input has a rounding flip
+    (one flip spreads through a random-weight UNet; on this project's Intel VMs the 3-level
+    c3_32_attn2_scaleshift model flips in all 8 inputs at HEAD too, the first flip being 1 code of
+    131,072), the codes decide alone, with 10x less room than the gate.
+    """
+    if report.samples_without_flips:
+        assert report.max_rel_error_without_flips < EXACT_REL_TOL
+    else:
+        assert report.first_divergence is not None, report
+        assert report.first_divergence.fraction <= FLIP_FRACTION_TOL / 10, f"every sample flipped: {report}"
     if report.first_divergence is not None:
         assert report.first_divergence.fraction <= FLIP_FRACTION_TOL, report.first_divergence
         assert report.first_divergence.max_code_difference == 1

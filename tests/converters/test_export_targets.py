@@ -139,7 +139,7 @@ def test_ort_x86_refuses_four_bit_activations(unet_dirs, tmp_path):
     art = _compress(unet_dirs["c1_32_attn1_default"], tmp_path / "w4a4", weight_bits=4, act_bits=4)
     with pytest.raises(ExportError, match="8-bit activations"):
         export_onnx(art, tmp_path / "a4.onnx", opset=21, target="ort-x86")
-    with pytest.raises(ExportError, match="--target must be one of qdq, ort-x86"):
+    with pytest.raises(ExportError, match="--target must be one of onnxruntime, qdq, ort-x86, ort-qlinear"):
         export_onnx(art, tmp_path / "a4.onnx", opset=21, target="tensorrt-int8")
     assert not (tmp_path / "a4.onnx").exists()
 
@@ -282,12 +282,15 @@ def test_int4_weights_at_opset_21(artifacts, name, tmp_path):
     assert n_codes / 2 - slack <= saved <= n_codes / 2 + slack
     assert_parity(parity_report(art, r4.path, n=8, seed=1))
     assert_parity(parity_report(art, r4.path, n=8, seed=1, optimization_level="extended"))
-    # both storages compute the same thing
+    # both storages compute the same thing: the graphs as written (ONNX Runtime's optimized kernels
+    # may take other summation orders for INT4 and INT8 weights, and one flipped rounding spreads)
     import onnxruntime as ort
 
     x = np.random.default_rng(0).standard_normal((2, *artifact.manifest.image_shape)).astype(np.float32)
     feed = {"sample": x, "timestep": np.array([500.0, 20.0], np.float32)}
-    outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    outs = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]).run(None, feed)[0]
             for p in (r4.path, r8.path)]
     np.testing.assert_array_equal(outs[0], outs[1])
 
@@ -323,7 +326,8 @@ def test_cli_export_target_and_storage(artifacts, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "target ort-x86" in out and "parity vs PyTorch" in out
     with pytest.raises(SystemExit) as done:
-        main(["export", str(art), "--onnx", str(tmp_path / "int4.onnx"), "--opset", "21", "--no-parity"])
+        main(["export", str(art), "--onnx", str(tmp_path / "int4.onnx"), "--opset", "21", "--no-parity",
+              "--target", "qdq"])
     assert done.value.code == 0
     assert "with INT4 weights" in capsys.readouterr().out
     with pytest.raises(SystemExit) as done:
