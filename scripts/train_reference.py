@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train the embedded reference DDPM of pqcad-deploy on Fashion-MNIST.
+"""Train the reference DDPMs of pqcad-deploy: Fashion-MNIST (default) or CIFAR-10 (``--dataset cifar10``).
 
 A small diffusers ``UNet2DModel`` (epsilon prediction, 1000-step linear-beta DDPM schedule) is
 trained on the 60k Fashion-MNIST training images, padded from 28x28 to 32x32 with the background
@@ -23,11 +23,25 @@ Retrain the shipped pqcad_deploy/builtin/fashion_mnist_ddpm (GPU; see its MODEL_
 ``--steps auto`` times a few steps of a throw-away model first and fixes the step count so that
 training fits into ``--max-minutes``; the chosen number is printed and stored in train_log.json
 (``steps_requested``), so passing it back as ``--steps N`` reproduces the run.
+
+``--dataset cifar10`` trains the colour reference model (pqcad_deploy/builtin/cifar10_ddpm) on the
+50,000 CIFAR-10 training images, 32x32 RGB, no padding, the same schedule and random horizontal
+flips, with the larger ``CIFAR10_MODEL_CONFIG``. Data: ``train_jpg.npz`` of ../shared/data/cifar10
+(JPEG bytes + offsets, decoded with Pillow), or the same file xz-compressed as ``train_jpg.npz.xz``
+(lossless, 15 MB instead of 47 MB, so it travels to a GPU machine with room to spare):
+    mkdir -p .data/cifar10 && xz -9 -k -c ../shared/data/cifar10/train_jpg.npz > .data/cifar10/train_jpg.npz.xz
+    PYTHONUNBUFFERED=1 python3 scripts/train_reference.py --dataset cifar10 --data-dir .data/cifar10 \
+        --out out/cifar10_ddpm --seed 0 --steps auto --batch-size 256 --lr 8e-4 --max-minutes 9 \
+        --channels-last auto --log-every 500
+(see pqcad_deploy/builtin/cifar10_ddpm/MODEL_CARD.md for the shipped run's exact command).
+Without ``--dataset`` everything (model, data, random streams, outputs) is as it was for Fashion-MNIST.
 """
 from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
+import io
 import json
 import math
 import os
@@ -58,11 +72,36 @@ MODEL_CONFIG = dict(
     attention_head_dim=32,
 )
 
+CIFAR10_MODEL_CONFIG = dict(
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(64, 96, 128),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=16,
+    attention_head_dim=32,
+)
+
+DATASET_DEFAULTS = {
+    "fashion-mnist": {"data_dir": ".data/fashion-mnist", "out": "out/fashion_mnist_ddpm",
+                      "model_config": MODEL_CONFIG},
+    "cifar10": {"data_dir": ".data/cifar10", "out": "out/cifar10_ddpm", "model_config": CIFAR10_MODEL_CONFIG},
+}
+# options added with --dataset; left out of a Fashion-MNIST run's train_log.json, which stays as before
+_CIFAR_ERA_ARGS = ("dataset", "channels_last")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=".data/fashion-mnist", help="folder with train-images-idx3-ubyte.gz")
-    p.add_argument("--out", default="out/fashion_mnist_ddpm", help="output folder (diffusers layout)")
+    p.add_argument("--dataset", choices=tuple(DATASET_DEFAULTS), default="fashion-mnist",
+                   help="fashion-mnist (the embedded default model) or cifar10 (the colour reference model)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with train-images-idx3-ubyte.gz (fashion-mnist; default .data/fashion-mnist) "
+                        "or train_jpg.npz / train_jpg.npz.xz (cifar10; default .data/cifar10)")
+    p.add_argument("--out", default=None,
+                   help="output folder (diffusers layout; default out/fashion_mnist_ddpm or out/cifar10_ddpm)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", default="12000", help="optimizer steps (int) or 'auto' (fit into --max-minutes)")
     p.add_argument("--stop-at", type=int, default=0,
@@ -83,7 +122,25 @@ def parse_args(argv=None):
     p.add_argument("--sample-steps", type=int, default=100, help="DDIM steps for the grid (eta=0)")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")
     p.add_argument("--limit-train", type=int, default=0, help="use only the first N images (smoke tests)")
-    return p.parse_args(argv)
+    p.add_argument("--channels-last", choices=("off", "on", "auto"), default="off",
+                   help="train in channels_last memory format; auto times both formats on a throw-away "
+                        "model (CUDA) and keeps the faster; the saved weights are the same either way")
+    args = p.parse_args(argv)
+    defaults = DATASET_DEFAULTS[args.dataset]
+    if args.data_dir is None:
+        args.data_dir = defaults["data_dir"]
+    if args.out is None:
+        args.out = defaults["out"]
+    return args
+
+
+def logged_args(args) -> dict:
+    """vars(args) as train_log.json stores it (a Fashion-MNIST run logs the options it always had)."""
+    d = dict(vars(args))
+    if args.dataset == "fashion-mnist" and args.channels_last == "off":
+        for k in _CIFAR_ERA_ARGS:
+            d.pop(k, None)
+    return d
 
 
 def log(msg: str):
@@ -99,6 +156,45 @@ def read_idx_images(path: Path) -> np.ndarray:
     n, rows, cols = (int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(3))
     arr = np.frombuffer(data, dtype=np.uint8, offset=16)
     return arr.reshape(n, rows, cols)
+
+
+def read_cifar10_images(data_dir: Path, limit: int = 0):
+    """CIFAR-10 training images as uint8 N x 32 x 32 x 3 (RGB), from train_jpg.npz or train_jpg.npz.xz.
+
+    Returns (images, info) where info holds the npz file's sha256 (of the uncompressed .npz, the
+    checksum the shared README gives) and the decoder used.
+    """
+    import lzma
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image, features
+
+    plain, packed = data_dir / "train_jpg.npz", data_dir / "train_jpg.npz.xz"
+    if plain.is_file():
+        raw = plain.read_bytes()
+        src = plain
+    elif packed.is_file():
+        raw = lzma.decompress(packed.read_bytes())
+        src = packed
+    else:
+        raise SystemExit(f"no train_jpg.npz or train_jpg.npz.xz in {data_dir}")
+    sha = hashlib.sha256(raw).hexdigest()
+    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+        data, offsets = z["data"], z["offsets"]
+    n = len(offsets) - 1 if limit <= 0 else min(limit, len(offsets) - 1)
+
+    def dec(i):
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        return np.asarray(Image.open(io.BytesIO(data[a:b].tobytes())).convert("RGB"))
+
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as ex:
+        images = np.stack(list(ex.map(dec, range(n), chunksize=512)))
+    if images.shape[1:] != (32, 32, 3):
+        raise SystemExit(f"unexpected CIFAR-10 image shape {images.shape}")
+    info = {"file": str(src), "npz_sha256": sha, "decoder": "PIL Image.open(JPEG).convert('RGB')",
+            "pillow": __import__("PIL").__version__, "libjpeg_turbo": features.version("libjpeg_turbo"),
+            "decoded_uint8_sha256": hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()}
+    return images, info
 
 
 def make_scheduler_config():
@@ -118,10 +214,10 @@ def make_scheduler_config():
     )
 
 
-def build_model():
+def build_model(config=None):
     from diffusers import UNet2DModel
 
-    return UNet2DModel(**MODEL_CONFIG)
+    return UNet2DModel(**(MODEL_CONFIG if config is None else config))
 
 
 def lr_lambda_factory(warmup: int, total: int):
@@ -135,11 +231,13 @@ def lr_lambda_factory(warmup: int, total: int):
 
 
 class Trainer:
-    def __init__(self, model, images_u8, args, device, alphas_cumprod, seed):
+    def __init__(self, model, images_u8, args, device, alphas_cumprod, seed, rgb=False, channels_last=False):
         self.model = model
         self.args = args
         self.device = device
-        self.images = images_u8  # N x 28 x 28 uint8, on device
+        self.images = images_u8  # N x 28 x 28 uint8 (Fashion-MNIST) or N x 3 x 32 x 32 (rgb), on device
+        self.rgb = rgb
+        self.channels_last = channels_last
         self.ac = alphas_cumprod.to(device=device, dtype=torch.float32)
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(seed + 1)
@@ -151,14 +249,19 @@ class Trainer:
     def batch(self, bs):
         n = self.images.shape[0]
         idx = torch.randint(0, n, (bs,), device=self.device, generator=self.gen)
-        x = self.images[idx].unsqueeze(1).float().div_(127.5).sub_(1.0)  # [-1, 1]
-        x = F.pad(x, (2, 2, 2, 2), value=-1.0)  # background value
+        if self.rgb:
+            x = self.images[idx].float().div_(127.5).sub_(1.0)  # [-1, 1], N x 3 x 32 x 32, no padding
+        else:
+            x = self.images[idx].unsqueeze(1).float().div_(127.5).sub_(1.0)  # [-1, 1]
+            x = F.pad(x, (2, 2, 2, 2), value=-1.0)  # background value
         flip = torch.rand(bs, device=self.device, generator=self.gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (bs,), device=self.device, generator=self.gen)
         noise = torch.randn(x.shape, device=self.device, generator=self.gen)
         a = self.ac[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x + (1.0 - a).sqrt() * noise
+        if self.channels_last:
+            xt = xt.contiguous(memory_format=torch.channels_last)
         return xt, t, noise
 
     def step(self, bs):
@@ -175,15 +278,15 @@ class Trainer:
 
 
 @torch.no_grad()
-def ddim_sample(model, scheduler, n, steps, device, seed, batch=64):
-    """DDIM eta=0 sampling with diffusers' DDIMScheduler; returns N x 1 x 32 x 32 in [-1, 1]."""
+def ddim_sample(model, scheduler, n, steps, device, seed, batch=64, channels=1):
+    """DDIM eta=0 sampling with diffusers' DDIMScheduler; returns N x C x 32 x 32 in [-1, 1]."""
     model.eval()
     scheduler.set_timesteps(steps)
     g = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for s in range(0, n, batch):
         m = min(batch, n - s)
-        x = torch.randn((m, 1, 32, 32), generator=g).to(device)
+        x = torch.randn((m, channels, 32, 32), generator=g).to(device)
         for t in scheduler.timesteps:
             tt = torch.full((m,), int(t), device=device, dtype=torch.long)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -209,6 +312,23 @@ def save_grid(x, path, nrow=8):
     img.save(path)
 
 
+def save_grid_rgb(x, path, nrow=8):
+    """Like save_grid, for N x 3 x H x W samples in [-1, 1] (grey 128 borders, shown at 2x)."""
+    from PIL import Image
+
+    x = ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # NHWC
+    n, h, w, _ = x.shape
+    rows = math.ceil(n / nrow)
+    pad = 2
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 128, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = x[i]
+    img = Image.fromarray(grid, mode="RGB")
+    img = img.resize((img.width * 2, img.height * 2), Image.NEAREST)
+    img.save(path)
+
+
 def main(argv=None):
     args = parse_args(argv)
     import diffusers
@@ -228,11 +348,20 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    images = read_idx_images(Path(args.data_dir) / "train-images-idx3-ubyte.gz")
-    if args.limit_train > 0:
-        images = images[: args.limit_train]
-    log(f"train images: {images.shape}")
-    images_t = torch.from_numpy(images.copy()).to(device)
+    rgb = args.dataset == "cifar10"
+    model_config = DATASET_DEFAULTS[args.dataset]["model_config"]
+    data_info = None
+    if rgb:
+        images, data_info = read_cifar10_images(Path(args.data_dir), args.limit_train)
+        log(f"train images: {images.shape} (npz sha256 {data_info['npz_sha256'][:16]}..., "
+            f"decoded sha256 {data_info['decoded_uint8_sha256'][:16]}...)")
+        images_t = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+    else:
+        images = read_idx_images(Path(args.data_dir) / "train-images-idx3-ubyte.gz")
+        if args.limit_train > 0:
+            images = images[: args.limit_train]
+        log(f"train images: {images.shape}")
+        images_t = torch.from_numpy(images.copy()).to(device)
 
     scheduler = make_scheduler_config()
     alphas_cumprod = scheduler.alphas_cumprod.clone()
@@ -240,12 +369,15 @@ def main(argv=None):
     # ---- optional throughput calibration on a throw-away model ----
     steps_auto = str(args.steps).lower() == "auto"
     calib = None
-    if steps_auto:
-        if not math.isfinite(budget_s):
-            raise SystemExit("--steps auto needs --max-minutes")
+    formats = {"off": [False], "on": [True], "auto": [False, True]}[args.channels_last]
+    format_timings = {}
+
+    def time_format(cl):
         torch.manual_seed(12345)
-        tmp = build_model().to(device).train()
-        tr = Trainer(tmp, images_t, args, device, alphas_cumprod, 12345)
+        tmp = build_model(model_config).to(device).train()
+        if cl:
+            tmp = tmp.to(memory_format=torch.channels_last)
+        tr = Trainer(tmp, images_t, args, device, alphas_cumprod, 12345, rgb=rgb, channels_last=cl)
         for _ in range(15):
             tr.step(args.batch_size)
         if device.type == "cuda":
@@ -256,11 +388,35 @@ def main(argv=None):
             tr.step(args.batch_size)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        sec_per_step = (time.time() - tc) / n_cal * 1.04  # + EMA update and logging
+        sec = (time.time() - tc) / n_cal * 1.04  # + EMA update and logging
         del tr, tmp
+        return sec
+
+    channels_last = formats[0]
+    if steps_auto or len(formats) > 1:
+        if steps_auto and not math.isfinite(budget_s):
+            raise SystemExit("--steps auto needs --max-minutes")
+        for cl in formats:
+            name = "channels_last" if cl else "contiguous"
+            if len(formats) == 1:
+                format_timings[name] = time_format(cl)
+                continue
+            try:
+                format_timings[name] = time_format(cl)
+                log(f"calibration {name}: {format_timings[name] * 1000:.2f} ms/step")
+            except RuntimeError as exc:  # a layer that refuses the format: keep the other one
+                log(f"calibration {name} failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); skipped")
+        if not format_timings:
+            raise SystemExit("no memory format could be timed")
+        best = min(format_timings, key=format_timings.get)
+        channels_last = best == "channels_last"
+        sec_per_step = format_timings[best]
+    if steps_auto:
         avail = budget_s - (time.time() - T0) - args.reserve_seconds
         total_steps = max(100, int(0.95 * avail / sec_per_step) // 100 * 100)
         calib = {"sec_per_step": sec_per_step, "available_s": avail}
+        if args.channels_last != "off":
+            calib["memory_format_sec_per_step"] = format_timings
         log(f"calibration: {sec_per_step * 1000:.2f} ms/step -> --steps {total_steps}")
     else:
         total_steps = int(args.steps)
@@ -268,15 +424,19 @@ def main(argv=None):
     # ---- model, EMA, optimizer ----
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    model = build_model()
+    model = build_model(model_config)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"UNet2DModel parameters: {n_params:,} ({n_params / 1e6:.3f} M)")
     model = model.to(device).train()
-    ema = build_model().to(device)
+    ema = build_model(model_config).to(device)
     ema.load_state_dict(model.state_dict())
+    if channels_last:
+        log("training in channels_last memory format")
+        model = model.to(memory_format=torch.channels_last)
+        ema = ema.to(memory_format=torch.channels_last)
     ema.eval().requires_grad_(False)
     ema_params = list(ema.parameters())
-    trainer = Trainer(model, images_t, args, device, alphas_cumprod, args.seed)
+    trainer = Trainer(model, images_t, args, device, alphas_cumprod, args.seed, rgb=rgb, channels_last=channels_last)
     model_params = list(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(trainer.opt, lr_lambda_factory(args.warmup, total_steps))
 
@@ -321,7 +481,7 @@ def main(argv=None):
         b_ema.copy_(b)
 
     # ---- save (EMA weights, fp32) ----
-    ema_cpu = build_model()
+    ema_cpu = build_model(model_config)
     ema_cpu.load_state_dict({k: v.detach().float().cpu() for k, v in ema.state_dict().items()})
     ema_cpu.save_pretrained(out, safe_serialization=True)
     scheduler.save_pretrained(out)
@@ -329,15 +489,19 @@ def main(argv=None):
 
     # ---- samples ----
     ts = time.time()
-    samples = ddim_sample(ema, make_scheduler_config(), args.num_samples, args.sample_steps, device, args.seed)
-    save_grid(samples, out / "sample_grid.png")
+    samples = ddim_sample(ema, make_scheduler_config(), args.num_samples, args.sample_steps, device, args.seed,
+                          channels=model_config["in_channels"])
+    if rgb:
+        save_grid_rgb(samples, out / "sample_grid.png")
+    else:
+        save_grid(samples, out / "sample_grid.png")
     sample_wall = time.time() - ts
     log(f"sample grid ({args.num_samples} x DDIM-{args.sample_steps}) in {sample_wall:.1f}s")
 
     train_log = {
         "script": "scripts/train_reference.py",
         "argv": sys.argv[1:] if argv is None else list(argv),
-        "args": vars(args),
+        "args": logged_args(args),
         "seed": args.seed,
         "steps_requested": total_steps,
         "steps_auto_calibration": calib,
@@ -352,7 +516,7 @@ def main(argv=None):
         "sample_wall_s": round(sample_wall, 2),
         "total_wall_s": round(time.time() - T0, 2),
         "parameters": n_params,
-        "model_config": MODEL_CONFIG,
+        "model_config": model_config,
         "ema_decay": args.ema_decay,
         "weights_saved": "EMA",
         "precision": "bf16 autocast (CUDA)" if device.type == "cuda" else "fp32 (CPU)",
@@ -362,8 +526,12 @@ def main(argv=None):
         "cuda_version": torch.version.cuda,
         "diffusers_version": diffusers.__version__,
         "python_version": platform.python_version(),
-        "data": {"dataset": "Fashion-MNIST train (idx, gzip)", "n_images": int(images.shape[0]),
-                 "preprocess": "uint8/127.5-1, pad 28->32 with -1, random horizontal flip"},
+        "data": ({"dataset": "CIFAR-10 train (train_jpg.npz: JPEG bytes, Pillow-decoded)",
+                  "n_images": int(images.shape[0]),
+                  "preprocess": "uint8/127.5-1, 32x32 RGB (no padding), random horizontal flip", **data_info}
+                 if rgb else
+                 {"dataset": "Fashion-MNIST train (idx, gzip)", "n_images": int(images.shape[0]),
+                  "preprocess": "uint8/127.5-1, pad 28->32 with -1, random horizontal flip"}),
         "noise_schedule": {"num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_schedule": "linear",
                            "beta_start": BETA_START, "beta_end": BETA_END, "prediction_type": "epsilon"},
     }
