@@ -24,7 +24,45 @@ def _quiet_option(f):
 
 
 def _overwrite_option(f):
-    return click.option("--overwrite", is_flag=True, help="Replace an existing output instead of refusing.")(f)
+    return click.option("--overwrite", is_flag=True,
+                        help="Replace an existing output that pqcad-deploy wrote (recognised by its marker file); "
+                             "anything else is refused.")(f)
+
+
+SEED_MAX = 2**32 - 1
+SEED = click.IntRange(0, SEED_MAX)
+"""Every verb's --seed: numpy's and torch's generators both take this range, and one range means one
+seed works the same in every command."""
+POSITIVE = click.IntRange(min=1)
+"""Counts, steps, batch sizes, thread counts."""
+
+
+class _StageChoice(click.Choice):
+    """A click.Choice over one tuple of :mod:`pqcad_deploy.choices`, read when first needed.
+
+    Validation, ``--help`` and the message all use that tuple (no second list to keep in step), and
+    defining compress's options imports nothing: ``sample`` and ``build-engine`` stay free of
+    pqcad_deploy. A bad value is a usage error (exit 2) worded like the library's own check:
+    ``--method must be one of minmax, brecq, pqcad; got 'x'.``
+    """
+
+    def __init__(self, name: str) -> None:  # click.Choice.__init__ would read the tuple now
+        self._name = name
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        try:
+            from pqcad_deploy import choices  # torch-free: present in every install, runtime-only too
+        except ImportError:  # only where the package itself is missing: --help still works
+            return ()
+        return tuple(getattr(choices, self._name))
+
+    def convert(self, value, param, ctx):
+        if value in self.choices:
+            return value
+        flag = param.opts[0] if param is not None and param.opts else self._name.lower()
+        raise click.UsageError(f"{flag} must be one of {', '.join(self.choices)}; got {value!r}.", ctx)
 
 
 @click.group(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,7 +76,7 @@ def cli() -> None:
       pqcad-deploy export art --onnx model.onnx  # artifact -> QDQ ONNX
       pqcad-deploy build-engine model.onnx -o engine
       pqcad-deploy sample engine -n 64 -o images
-      pqcad-deploy eval fid engine               # FID vs Fashion-MNIST train
+      pqcad-deploy eval fid images               # FID of those 64 images (seconds; 10,000 for a real score)
     """
 
 
@@ -46,22 +84,25 @@ def cli() -> None:
 @click.option("--model", default="builtin", show_default=True,
               help="A local diffusers UNet2DModel directory (config.json + weights + scheduler_config.json, "
                    "or a pipeline folder with unet/ and scheduler/), a hub id where a hub is reachable, "
-                   "or 'builtin' for the embedded Fashion-MNIST model.")
+                   "'builtin' for the embedded Fashion-MNIST model, or 'builtin:cifar10' for the embedded "
+                   "colour CIFAR-10 model.")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Artifact directory to write (created atomically).")
-@click.option("--method", default="pqcad", show_default=True,
+@click.option("--method", default="pqcad", show_default=True, type=_StageChoice("METHODS"),
               help="Compression method. pqcad: PQ, block reconstruction down a bit ladder (8 -> 6 -> 4) with "
                    "momentum-based transitions, first/last conv at 8-bit weights, then CAD (see --distill). "
                    "Baselines: minmax, fixed-bit symmetric PTQ (per-channel weights, per-tensor activations); "
                    "brecq, block reconstruction at fixed bits (AdaRound rounding, learned scales).")
 @click.option("--weight-bits", default=8, show_default=True, type=int, help="Weight bits of every quantized layer: 8 or 4.")
 @click.option("--act-bits", default=8, show_default=True, type=int, help="Activation bits of every quantized layer: 8 or 4.")
-@click.option("--teacher-steps", default=100, show_default=True, type=int,
-              help="DDIM steps of the FP teacher; the calibration trajectories use this grid.")
-@click.option("--preset", default="default", show_default=True,
+@click.option("--teacher-steps", default=100, show_default=True, type=POSITIVE,
+              help="DDIM steps of the FP teacher, 2-1000; the calibration trajectories use this grid.")
+@click.option("--preset", default="default", show_default=True, type=_StageChoice("PRESETS"),
               help="fast: a tiny calibration set (tests, demos; under a minute on a CPU). default: the full one.")
-@click.option("--device", default="cpu", show_default=True, help="Where the PyTorch work runs: cpu or cuda.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration noise; same seed, same artifact.")
+@click.option("--device", default="cpu", show_default=True, type=_StageChoice("DEVICES"),
+              help="Where the PyTorch work runs: cpu or cuda.")
+@click.option("--seed", default=0, show_default=True, type=SEED,
+              help=f"Seed of the calibration noise, 0 to {SEED_MAX}; same seed, same artifact (byte for byte).")
 @click.option("--distill/--no-distill", default=True, show_default=True,
               help="CAD: after quantization, distil the student against the FP teacher to sample in half "
                    "the teacher's steps (needs an even --teacher-steps); the artifact records the student's "
@@ -76,12 +117,12 @@ def cli() -> None:
                    "layers with the most outlier-heavy weight channels (kurtosis, MPQ-DM) are raised to 8 "
                    "bits while the parameter-weighted average weight bits stay <= this budget (a number in "
                    "(4, 8], e.g. 4.5). Same plan for every method. Default: off (uniform bits).")
-@click.option("--first-last", default=None,
+@click.option("--first-last", default=None, type=_StageChoice("FIRST_LAST_POLICIES"),
               help="Precision of the first and last conv (conv_in, conv_out). w8-fp-input: 8-bit weights, "
                    "input left in float (no Q/DQ; costs no speed, these layers have 1 input or 1 output "
                    "channel). w8a8: 8-bit weights and inputs. target: the same bits as every other layer. "
                    "Default: target for minmax (the plain baseline), w8-fp-input for brecq and pqcad.")
-@click.option("--act-scale-init", default="minmax", show_default=True,
+@click.option("--act-scale-init", default="minmax", show_default=True, type=_StageChoice("ACT_SCALE_INITS"),
               help="brecq / pqcad stage 2: how activation scales start before they are learned: minmax "
                    "(largest |x| seen), percentile (99.99th of |x|) or mse (clipping with the least "
                    "quantization error).")
@@ -92,7 +133,7 @@ def cli() -> None:
 @click.option("--layer-loss", is_flag=True,
               help="brecq / pqcad: add the per-layer output errors inside each block to the block "
                    "reconstruction loss (EDA-DM).")
-@click.option("--timestep-sampling", default=None,
+@click.option("--timestep-sampling", default=None, type=_StageChoice("TIMESTEP_SAMPLINGS"),
               help="Calibration timesteps: uniform (evenly spread steps of every trajectory) or normal "
                    "(drawn from Normal(mean*T, std*T), snapped to the grid; PTQ4DM). Default: normal for "
                    "pqcad (its C_QC), uniform otherwise.")
@@ -101,10 +142,11 @@ def cli() -> None:
 @click.option("--timestep-std", default=None, type=float,
               help="With normal timestep sampling: the spread as a fraction of T, > 0 (default 0.3).")
 @click.option("--calibration-selection", default="none", show_default=True,
+              type=_StageChoice("CALIBRATION_SELECTIONS"),
               help="none: keep every drawn calibration pair. density_diversity: draw "
                    "--calibration-oversample times as many FP trajectories and keep as many pairs as "
                    "without it, picked by density and diversity of their mid-block features (EDA-DM).")
-@click.option("--calibration-oversample", default=None, type=int,
+@click.option("--calibration-oversample", default=None, type=POSITIVE,
               help="With --calibration-selection density_diversity: candidates per kept pair, an integer "
                    ">= 2 (default 4; costs that many times the FP trajectories).")
 @_overwrite_option
@@ -119,30 +161,35 @@ def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, d
     if calibration_oversample is not None and calibration_selection == "none":
         raise click.BadParameter("only applies with --calibration-selection density_diversity.",
                                  param_hint="--calibration-oversample")
-    config = CompressConfig(model=model, method=method, weight_bits=weight_bits, act_bits=act_bits,
-                            teacher_steps=teacher_steps, preset=preset, device=device, seed=seed,
-                            distill=distill, avg_weight_bits=avg_weight_bits, first_last=first_last,
-                            act_scale_init=act_scale_init, layer_loss=layer_loss, act_scale_check=act_scale_check)
-    overrides: dict = {}
-    if calibration_selection != "none":
-        overrides["selection"] = calibration_selection
-        if calibration_oversample is not None:
-            overrides["selection_oversample"] = calibration_oversample
-    if timestep_sampling is not None:
-        overrides["timestep_sampling"] = timestep_sampling
-    sampling = timestep_sampling or config.calibration_config.timestep_sampling
-    for flag, name, value in (("--timestep-mean", "timestep_mean", timestep_mean),
-                              ("--timestep-std", "timestep_std", timestep_std)):
-        if value is not None:
-            if sampling != "normal":
-                raise click.BadParameter("only applies with normal timestep sampling (pqcad's default, or "
-                                         "--timestep-sampling normal).", param_hint=flag)
-            overrides[name] = value
-    if overrides:
-        import dataclasses
+    from pqcad_deploy.errors import ConfigError
 
-        config = dataclasses.replace(config, calibration=dataclasses.replace(config.calibration_config,
-                                                                             **overrides))
+    try:  # an option value or combination the config refuses is a usage error (exit 2), before any work
+        config = CompressConfig(model=model, method=method, weight_bits=weight_bits, act_bits=act_bits,
+                                teacher_steps=teacher_steps, preset=preset, device=device, seed=seed,
+                                distill=distill, avg_weight_bits=avg_weight_bits, first_last=first_last,
+                                act_scale_init=act_scale_init, layer_loss=layer_loss, act_scale_check=act_scale_check)
+        overrides: dict = {}
+        if calibration_selection != "none":
+            overrides["selection"] = calibration_selection
+            if calibration_oversample is not None:
+                overrides["selection_oversample"] = calibration_oversample
+        if timestep_sampling is not None:
+            overrides["timestep_sampling"] = timestep_sampling
+        sampling = timestep_sampling or config.calibration_config.timestep_sampling
+        for flag, name, value in (("--timestep-mean", "timestep_mean", timestep_mean),
+                                  ("--timestep-std", "timestep_std", timestep_std)):
+            if value is not None:
+                if sampling != "normal":
+                    raise click.BadParameter("only applies with normal timestep sampling (pqcad's default, or "
+                                             "--timestep-sampling normal).", param_hint=flag)
+                overrides[name] = value
+        if overrides:
+            import dataclasses
+
+            config = dataclasses.replace(config, calibration=dataclasses.replace(config.calibration_config,
+                                                                                 **overrides))
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
     result = run_compress(config, out, overwrite=overwrite, progress=not quiet, resume=resume, log=click.echo)
     mixed = "" if avg_weight_bits is None else f" mixed to <= {avg_weight_bits:g} average weight bits"
     steps = (f"distilled to {result.student_steps} steps" if result.distilled
@@ -152,15 +199,30 @@ def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, d
                f"{' before distillation' if result.distilled else ''}, {result.seconds:.1f} s)")
 
 
+# export / build-engine choices. The export tuples are converters.export_onnx's TARGETS and
+# WEIGHT_STORAGES, written out because converters imports torch and build-engine / sample must not
+# (tests/test_cli.py checks that they stay equal); the others come from torch-free engines modules.
+_EXPORT_TARGETS: tuple[str, ...] = ("onnxruntime", "qdq", "ort-x86", "ort-qlinear")
+_WEIGHT_STORAGES: tuple[str, ...] = ("auto", "int4", "int8")
+from engines.manifest import BACKENDS as _BACKENDS  # noqa: E402  (torch-free, a few ms)
+
+_PORTABLE_LEVELS: tuple[str, ...] = ("basic", "extended")
+"""build-engine's levels: engines.build's OPTIMIZATION_LEVELS less 'disabled' (nothing saved worth an engine)
+and 'all' (layouts specific to the building CPU)."""
+
+
 @cli.command(epilog=_EPILOG)
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(path_type=Path), help="ONNX file to write.")
 @click.option("--fp", is_flag=True, help="Export the artifact's full-precision teacher instead of the quantized student.")
-@click.option("--opset", default=17, show_default=True, type=int,
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21),
               help="ONNX opset, 13-21. 17 suits TensorRT 10 and ONNX Runtime; 4-bit activations need 21.")
-@click.option("--target", default="qdq", show_default=True, type=click.Choice(["qdq", "ort-x86", "ort-qlinear"]),
-              help="qdq: int8 symmetric Q/DQ on every quantized layer (TensorRT's form; ONNX Runtime runs its "
-                   "Conv layers in float). ort-x86: the same values for ONNX Runtime's x86 CPU integer kernels: "
+@click.option("--target", default="onnxruntime", show_default=True, type=click.Choice(_EXPORT_TARGETS),
+              help="onnxruntime: the fastest form for build-engine's default backend, chosen per artifact and "
+                   "printed: ort-qlinear when every quantized layer has 8-bit activations, else qdq (ONNX "
+                   "Runtime has no 4-bit kernels). qdq: int8 symmetric Q/DQ on every quantized layer, "
+                   "TensorRT's form (use it for --backend tensorrt; ONNX Runtime runs its Conv layers in "
+                   "float). ort-x86: the same values for ONNX Runtime's x86 CPU integer kernels: "
                    "each quantized Conv as ConvInteger (int8 activations, uint8 weights + 128) and MatMul inputs "
                    "as uint8 with zero-point 128 (fused to MatMulIntegerToFloat); 8-bit activations only. Exact "
                    "on CPUs with VNNI; parity is then checked on the optimized graph. ort-qlinear: faster on "
@@ -168,50 +230,54 @@ def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, d
                    "(scale calibrated at export on the student's own DDIM trajectories) and its bias to int32, "
                    "so ONNX Runtime fuses QLinearConv; 8-bit activations only; parity is checked against the "
                    "PyTorch model with the same roundings, on the optimized graph.")
-@click.option("--weight-storage", default="auto", show_default=True, type=click.Choice(["auto", "int4", "int8"]),
+@click.option("--weight-storage", default="auto", show_default=True, type=click.Choice(_WEIGHT_STORAGES),
               help="How 4-bit weight codes are stored. int4: ONNX INT4 initializers, two codes a byte (needs "
-                   "--opset 21; TensorRT takes INT4 only for MatMul weights, so use int8 for TensorRT). int8: an "
-                   "INT8 container (any opset). auto: int4 for --target qdq at --opset 21, else int8.")
+                   "--opset 21 and --target qdq; TensorRT takes INT4 only for MatMul weights, so use int8 for "
+                   "TensorRT). int8: an INT8 container (any opset). auto: int4 for --target qdq at --opset 21, "
+                   "else int8.")
 @click.option("--parity/--no-parity", default=True, show_default=True,
-              help="After export, compare ONNX Runtime with the PyTorch fake-quant model on 4 inputs.")
+              help="Before the ONNX is moved into place, compare ONNX Runtime with the PyTorch fake-quant model "
+                   "on 4 inputs and print pass or fail. It fails on any nan/inf; on an input whose codes all "
+                   "agree, a relative L2 error above 1e-5; in the first layer whose codes differ, more than "
+                   "1e-3 of its codes differing or any by more than one step. --no-parity: skip the check.")
+@click.option("--parity-gate/--no-parity-gate", default=True, show_default=True,
+              help="A failed parity check writes nothing and exits 1. --no-parity-gate: write the ONNX anyway "
+                   "and print a warning.")
 @_overwrite_option
-def export(artifact, onnx_path, fp, opset, target, weight_storage, parity, overwrite) -> None:
+def export(artifact, onnx_path, fp, opset, target, weight_storage, parity, parity_gate, overwrite) -> None:
     """Write an artifact as QDQ ONNX, with the learned codes and scales as they are."""
     from converters.export_onnx import export_onnx
 
     result = export_onnx(artifact, onnx_path, fp=fp, opset=opset, overwrite=overwrite, target=target,
-                         weight_storage=weight_storage)
+                         weight_storage=weight_storage, parity=parity, parity_gate=parity_gate)
     extra = "" if result.target == "qdq" else f", target {result.target}"
     extra += f", {result.int4_weight_layers} with INT4 weights" if result.int4_weight_layers else ""
     if result.calibration_seconds:
         extra += f", Conv output scales calibrated in {result.calibration_seconds:.1f} s"
     click.echo(f"wrote {result.path} ({result.precision}, opset {result.opset}, "
                f"{result.num_quantized_layers} Q/DQ layers{extra}, {result.size_bytes / 1e6:.2f} MB)")
-    if parity and not fp:
-        from converters.parity import parity_report
-
-        report = parity_report(artifact, onnx_path, n=4,
-                               optimization_level="disabled" if target == "qdq" else "extended")
-        first = report.first_divergence
-        flips = "no rounding flips" if first is None else (
-            f"first rounding flip in {first.layer} ({first.flipped}/{first.total} codes)")
-        click.echo(f"parity vs PyTorch: median relative error {report.median_rel_error:.2e}, {flips}")
+    if result.requested_target != result.target and not fp:
+        tensorrt = "" if result.target == "qdq" else "; for --backend tensorrt export with --target qdq"
+        click.echo(f"target {result.requested_target}: {result.target} ({result.target_reason}{tensorrt})")
+    if result.parity is not None:
+        click.echo(f"parity vs PyTorch: {result.parity}")
+        if not result.parity.passed:
+            click.echo(f"warning: {result.path} failed the parity check and was written because of "
+                       "--no-parity-gate; do not deploy it without finding out why.", err=True)
 
 
 @cli.command("build-engine", epilog=_EPILOG)
 @click.argument("onnx_path", metavar="ONNX", type=click.Path(path_type=Path))
-@click.option("--backend", default="onnxruntime", show_default=True,
-              help="onnxruntime (everywhere) or tensorrt (NVIDIA GPUs and Jetson; needs TensorRT 10).")
+@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(_BACKENDS),
+              help="onnxruntime (everywhere) or tensorrt (NVIDIA GPUs and Jetson; needs TensorRT 10 and an ONNX "
+                   "exported with --target qdq).")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Engine directory to write.")
-@click.option("--optimization-level", default="extended", show_default=True,
-              help="onnxruntime graph optimization saved into the engine: basic or extended (portable levels).")
+@click.option("--optimization-level", default="extended", show_default=True, type=click.Choice(_PORTABLE_LEVELS),
+              help="onnxruntime graph optimization saved into the engine: basic or extended (portable levels; "
+                   "ONNX Runtime's 'all' adds layouts specific to the building CPU).")
 @_overwrite_option
 def build_engine(onnx_path, backend, out, optimization_level, overwrite) -> None:
     """Build an engine directory (optimized model + manifest) from an ONNX written by export."""
-    from engines.manifest import BACKENDS
-
-    if backend not in BACKENDS:
-        raise click.BadParameter(f"must be one of {', '.join(BACKENDS)}; got {backend!r}.", param_hint="--backend")
     started = time.perf_counter()
     if backend == "tensorrt":
         from engines.tensorrt_build import build_tensorrt_engine
@@ -228,30 +294,41 @@ def build_engine(onnx_path, backend, out, optimization_level, overwrite) -> None
 
 @cli.command(epilog=_EPILOG)
 @click.argument("engine", type=click.Path(path_type=Path))
-@click.option("-n", "num_images", default=64, show_default=True, type=int, help="Number of images.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the initial noise.")
+@click.option("-n", "num_images", default=64, show_default=True, type=POSITIVE,
+              help="Number of images (any number: memory does not grow with it).")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the initial noise.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
-              help="Directory for 00000.png ... and grid.png (created atomically).")
-@click.option("--steps", default=None, type=int,
+              help="Directory for 00000.png ..., samples.json and grid.png. Images are written as they are "
+                   "made into OUT.partial/, which becomes OUT when all are there.")
+@click.option("--steps", default=None, type=POSITIVE,
               help="DDIM steps; default: the engine's own student timesteps.")
 @click.option("--npz", default=None, type=click.Path(path_type=Path),
-              help="Also write the images as a uint8 array (key 'images', N x H x W x C).")
-@click.option("--batch-size", default=16, show_default=True, type=int, help="Images per model call.")
-@click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads (default: all cores).")
+              help="Also write the images as a uint8 array (key 'images', N x H x W x C), built at the end "
+                   "from the PNGs one at a time.")
+@click.option("--batch-size", default=16, show_default=True, type=POSITIVE,
+              help="Images per model call; never changes the images (calls are padded to a multiple of 8).")
+@click.option("--threads", default=None, type=POSITIVE, help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--grid/--no-grid", default=True, show_default=True,
+              help="Write grid.png of the first 64 images (8 x 8).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from OUT.partial/ (same engine, seed and steps): finished "
+                   "images are kept and the result equals an uninterrupted run's.")
 @_overwrite_option
 @_quiet_option
-def sample(engine, num_images, seed, out, steps, npz, batch_size, threads, overwrite, quiet) -> None:
-    """Generate images with DDIM (eta 0) on an engine; numpy only, no torch."""
+def sample(engine, num_images, seed, out, steps, npz, batch_size, threads, grid, resume, overwrite, quiet) -> None:
+    """Generate images with DDIM (eta 0) on an engine; numpy only, no torch.
+
+    Images are written batch by batch into OUT.partial/; after Ctrl-C or a crash, rerun the same
+    command with --resume to continue (--overwrite discards it instead).
+    """
     from engines.generate import generate_to_directory
 
-    if num_images <= 0:
-        raise click.BadParameter(f"must be a positive integer; got {num_images}.", param_hint="-n")
     done = generate_to_directory(engine, out, num_images, seed=seed, steps=steps, npz=npz,
                                  batch_size=batch_size, overwrite=overwrite, threads=threads,
-                                 progress=not quiet)
-    r = done.result
-    click.echo(f"wrote {len(r.images)} images to {done.out_dir} ({len(r.timesteps)} DDIM steps, "
-               f"{r.images_per_second:.2f} images/s)" + (f" and {done.npz}" if done.npz else ""))
+                                 progress=not quiet, resume=resume, grid=grid)
+    reused = f", {done.reused} kept from the interrupted run" if done.reused else ""
+    click.echo(f"wrote {done.n} images to {done.out_dir} ({len(done.timesteps)} DDIM steps, "
+               f"{done.images_per_second:.2f} images/s{reused})" + (f" and {done.npz}" if done.npz else ""))
 
 
 @cli.group("eval", epilog=_EPILOG)
@@ -265,20 +342,20 @@ def eval_group() -> None:
               help="Reference statistics .npz (pqcad-fid-stats); default: the shipped statistics of the "
                    "60,000 Fashion-MNIST training images. Must come from the same preprocessing and "
                    "Inception weights.")
-@click.option("-n", "num_images", default=None, type=int,
+@click.option("-n", "num_images", default=None, type=click.IntRange(min=2),
               help="Number of images. Generated sources: default 10000, the count every reported FID "
                    "uses (FID is biased at small N: compare equal N only); on a 2-core CPU the Inception "
                    "runs ~6 images/s, so 10,000 take hours there (use --device cuda or a small N for a "
                    "quick look). PNG folder / .npz: the first N (default all).")
-@click.option("--steps", default=None, type=int,
+@click.option("--steps", default=None, type=POSITIVE,
               help="DDIM steps of generated sources; default: the engine's own timesteps, the "
                    "artifact's student_steps, or 100 for a model.")
-@click.option("--seed", default=0, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=SEED,
               help="Seed of the initial noise of generated sources.")
-@click.option("--device", default="cpu", show_default=True,
+@click.option("--device", default="cpu", show_default=True, type=_StageChoice("DEVICES"),
               help="Where the Inception network (and artifact/model sampling) runs: cpu or cuda. "
                    "Engines sample on their own runtime.")
-@click.option("--batch-size", default=64, show_default=True, type=int,
+@click.option("--batch-size", default=64, show_default=True, type=POSITIVE,
               help="Images per model call and per Inception forward pass.")
 @click.option("--fp", is_flag=True, help="For an artifact SOURCE: sample its full-precision teacher instead "
                                          "of the fake-quant student.")
@@ -330,6 +407,34 @@ def _interrupt_note(exc: BaseException | None) -> str:
     return str(exc) if isinstance(exc, KeyboardInterrupt) and str(exc) else "interrupted."
 
 
+_FULL_EXTRA_MODULES: frozenset[str] = frozenset({"torch", "diffusers", "safetensors", "scipy", "matplotlib"})
+"""The packages of the `full` extra (pyproject.toml): the PyTorch stage behind compress, export and eval."""
+
+
+def _command_name(argv: list[str] | None) -> str:
+    """'compress', 'eval fid', ...: the command named on the command line (for messages)."""
+    words: list[str] = []
+    group: click.Group = cli
+    for arg in sys.argv[1:] if argv is None else argv:
+        command = group.commands.get(arg) if not arg.startswith("-") else None
+        if command is None:
+            continue
+        words.append(arg)
+        if not isinstance(command, click.Group):
+            break
+        group = command
+    return " ".join(words) or "this command"
+
+
+def _missing_extra(exc: ImportError, argv: list[str] | None) -> str | None:
+    """One line for a package of the `full` extra missing in a runtime-only install, else None."""
+    root = (exc.name or "").split(".")[0]
+    if root not in _FULL_EXTRA_MODULES:
+        return None
+    return (f"{_command_name(argv)} needs the PyTorch stage, which is not installed (no module named {root!r}): "
+            "pip install 'pqcad-deploy[full]' (from a source checkout: pip install -e '.[full]')")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one line per error, exit 2 for usage and 1 for everything else."""
     try:
@@ -343,9 +448,20 @@ def main(argv: list[str] | None = None) -> None:
     except _user_error_types() as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except ImportError as exc:  # ModuleNotFoundError included
+        line = _missing_extra(exc, argv)
+        if line is None:
+            raise
+        click.echo(f"error: {line}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt as exc:
         click.echo(f"error: {_interrupt_note(exc)}", err=True)
         sys.exit(130)
+    except OSError as exc:  # the safety net for I/O no library call wrapped: a full disk, a vanished file
+        where = f" {exc.filename}" if exc.filename else ""
+        click.echo(f"error: cannot read or write{where}: {exc.strerror or exc}; check the path, its permissions "
+                   "and free space.", err=True)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
 

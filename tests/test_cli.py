@@ -26,6 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
+from engines._atomic import MARKER_FILE
 from engines.manifest import METADATA_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +155,8 @@ class Pipeline:
 
 @pytest.fixture(scope="module")
 def builtin(tmp_path_factory) -> Pipeline:
-    """compress -> export -> build-engine -> sample on the embedded model, once per module."""
+    """compress -> export -> build-engine -> sample on the embedded model, once per module: README's main
+    job, at the defaults (export's onnxruntime target resolves to ort-qlinear at W8A8)."""
     root = tmp_path_factory.mktemp("builtin")
     art, model, engine, images, npz = root / "A", root / "M.onnx", root / "E", root / "O", root / "O.npz"
     outputs = {}
@@ -179,7 +181,7 @@ def small(tmp_path_factory, unet_dirs) -> Pipeline:
     outputs = {}
     for name, args in [
         ("compress", ["compress", "--model", model_dir, "--weight-bits", 4, "--act-bits", 8, *FAST, "--out", art]),
-        ("export", ["export", art, "--onnx", model]),
+        ("export", ["export", art, "--onnx", model, "--target", "qdq"]),
         ("build-engine", ["build-engine", model, "-o", engine]),
         ("sample", ["sample", engine, "-n", 3, "--seed", 1, "-o", images, "--npz", npz, "--quiet"]),
     ]:
@@ -231,7 +233,7 @@ def test_help_through_the_console_script() -> None:
 
 def test_compress_writes_the_artifact(builtin: Pipeline) -> None:
     assert sorted(p.name for p in builtin.artifact.iterdir()) == [
-        "artifact.json", "report.json", "report.png", "student.safetensors", "teacher.safetensors"]
+        MARKER_FILE, "artifact.json", "report.json", "report.png", "student.safetensors", "teacher.safetensors"]
     manifest = json.loads((builtin.artifact / "artifact.json").read_text())
     # the defaults: pqcad + CAD, so the student samples half the teacher's steps
     assert manifest["format"] == "pqcad-artifact" and manifest["method"] == "pqcad" and manifest["distilled"]
@@ -259,12 +261,80 @@ def test_export_writes_our_onnx_and_reports_parity(builtin: Pipeline) -> None:
     layers = len(json.loads((builtin.artifact / "artifact.json").read_text())["layers"])
     assert manifest["weight_bits"] == {"8": layers}
     lines = builtin.outputs["export"].splitlines()
-    assert lines[0].startswith(f"wrote {builtin.onnx} (w8a8, opset 17, {layers} Q/DQ layers")
-    assert len(lines) == 2 and lines[1].startswith("parity vs PyTorch: median relative error ")
+    assert lines[0].startswith(f"wrote {builtin.onnx} (w8a8, opset 17, {layers} Q/DQ layers, target ort-qlinear, "
+                               "Conv output scales calibrated in ")
+    assert lines[1] == ("target onnxruntime: ort-qlinear (every quantized layer has 8-bit activations: QLinearConv "
+                        "kernels; for --backend tensorrt export with --target qdq)")
+    assert len(lines) == 3 and lines[2].startswith("parity vs PyTorch: pass (")
+
+
+def test_export_w4a4_default_target_is_qdq(small_unet_dir: Path, tmp_path: Path) -> None:
+    """ONNX Runtime has no 4-bit kernels: the default target falls back to qdq, and says so."""
+    art = tmp_path / "A"
+    assert run_main("compress", "--model", small_unet_dir, "--weight-bits", 4, "--act-bits", 4, *FAST,
+                    "--out", art).code == 0
+    result = run_main("export", art, "--onnx", tmp_path / "M.onnx", "--opset", 21)
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[1].startswith("target onnxruntime: qdq (") and "4-bit activations" in lines[1]
+    assert lines[2].startswith("parity vs PyTorch: pass (")
+
+
+def _break_export(monkeypatch) -> None:
+    """An export bug: one layer's activation scale is written 1.5x too large."""
+    import converters.export_onnx as export_module
+    from onnx import numpy_helper
+
+    tidy = export_module._tidy_graph
+
+    def broken(model, layer_bits):
+        tidy(model, layer_bits)
+        init = next(i for i in model.graph.initializer if i.name.endswith(".act_scale") and "down_blocks" in i.name)
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.5), init.name))
+    monkeypatch.setattr(export_module, "_tidy_graph", broken)
+
+
+def test_export_parity_gate(small: Pipeline, tmp_path: Path, monkeypatch) -> None:
+    _break_export(monkeypatch)
+    out = tmp_path / "M.onnx"
+    refused = run_main("export", small.artifact, "--onnx", out, "--target", "qdq")
+    line = assert_failed(refused, "parity vs PyTorch failed: ", "of its codes", "threshold 1e-03",
+                         "--no-parity-gate", code=1)
+    assert "M.onnx was not written" in line and refused.out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    written = run_main("export", small.artifact, "--onnx", out, "--target", "qdq", "--no-parity-gate")
+    assert written.code == 0, written.err
+    assert written.out.splitlines()[1].startswith("parity vs PyTorch: fail (")
+    assert written.err.startswith("warning: ") and "--no-parity-gate" in written.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["M.onnx"]
+    skipped = run_main("export", small.artifact, "--onnx", out, "--target", "qdq", "--no-parity", "--overwrite")
+    assert skipped.code == 0 and "parity vs PyTorch" not in skipped.out
+
+
+def test_export_choices_match_the_converter() -> None:
+    """cli.py writes export's choices out (converters imports torch; build-engine must not)."""
+    from converters.export_onnx import DEFAULT_TARGET, TARGETS, WEIGHT_STORAGES
+    from engines.build import OPTIMIZATION_LEVELS
+
+    assert cli._EXPORT_TARGETS == TARGETS and cli._WEIGHT_STORAGES == WEIGHT_STORAGES
+    assert cli.export.params[[p.name for p in cli.export.params].index("target")].default == DEFAULT_TARGET
+    assert set(cli._PORTABLE_LEVELS) < set(OPTIMIZATION_LEVELS)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--opset", "12"], ["--opset", "12 is not in the range 13<=x<=21"]),
+    (["--opset", "22"], ["--opset", "22"]),
+    (["--target", "trt"], ["--target", "'trt'", "'onnxruntime'"]),
+    (["--weight-storage", "int2"], ["--weight-storage", "'int2'"]),
+])
+def test_export_bad_choices_are_usage_errors(small: Pipeline, outdir: Path, args, fragments) -> None:
+    result = run_main("export", small.artifact, "--onnx", outdir / "M.onnx", *args)
+    assert_failed(result, *fragments, code=2)
+    assert_nothing_left(outdir, "M.onnx")
 
 
 def test_build_engine_writes_a_verified_engine(builtin: Pipeline) -> None:
-    assert sorted(p.name for p in builtin.engine.iterdir()) == ["engine.json", "model.onnx"]
+    assert sorted(p.name for p in builtin.engine.iterdir()) == [MARKER_FILE, "engine.json", "model.onnx"]
     engine = json.loads((builtin.engine / "engine.json").read_text())
     assert engine["format"] == "pqcad-engine" and engine["backend"] == "onnxruntime"
     assert engine["model_file"] == "model.onnx"
@@ -279,7 +349,7 @@ def test_sample_writes_pngs_grid_and_npz(builtin: Pipeline) -> None:
     from PIL import Image
 
     names = sorted(p.name for p in builtin.images.iterdir())
-    assert names == [f"{i:05d}.png" for i in range(6)] + ["grid.png"]
+    assert names == [MARKER_FILE] + [f"{i:05d}.png" for i in range(6)] + ["grid.png", "samples.json"]
     images = load_images(builtin.npz)
     assert images.dtype == np.uint8 and images.shape == (6, 32, 32, 1)
     for i in range(6):
@@ -328,7 +398,8 @@ def test_any_diffusers_directory_works(small: Pipeline) -> None:
     assert onnx_manifest(small.onnx)["precision"] == "w4a8"
     assert "parity vs PyTorch" in small.outputs["export"]
     assert json.loads((small.engine / "engine.json").read_text())["precision"] == "w4a8"
-    assert sorted(p.name for p in small.images.iterdir()) == ["00000.png", "00001.png", "00002.png", "grid.png"]
+    assert sorted(p.name for p in small.images.iterdir()) == [
+        MARKER_FILE, "00000.png", "00001.png", "00002.png", "grid.png", "samples.json"]
     images = load_images(small.npz)
     assert images.shape == (3, 32, 32, 1) and images.dtype == np.uint8
     assert "wrote 3 images" in small.outputs["sample"] and "(10 DDIM steps" in small.outputs["sample"]
@@ -486,26 +557,35 @@ def test_build_engine_refuses_a_missing_onnx(tmp_path: Path, outdir: Path) -> No
     assert_nothing_left(outdir, "E")
 
 
-def test_build_engine_tensorrt_not_installed(builtin: Pipeline, outdir: Path) -> None:
+def test_build_engine_tensorrt_not_installed(small: Pipeline, outdir: Path) -> None:
     import importlib.util
 
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here")
-    proc = run_script("build-engine", builtin.onnx, "--backend", "tensorrt", "-o", outdir / "E")
+    proc = run_script("build-engine", small.onnx, "--backend", "tensorrt", "-o", outdir / "E")
     assert_failed(proc, "TensorRT is not installed", "--backend onnxruntime", code=1)
     assert proc.stdout == ""
     assert_nothing_left(outdir, "E")
 
 
-def test_build_engine_unknown_backend(builtin: Pipeline, outdir: Path) -> None:
-    proc = run_script("build-engine", builtin.onnx, "--backend", "nope", "-o", outdir / "E")
-    assert_failed(proc, "--backend", "onnxruntime, tensorrt", "'nope'", code=2)
+def test_build_engine_tensorrt_refuses_an_onnx_runtime_target(builtin: Pipeline, outdir: Path) -> None:
+    """README's main job exports for ONNX Runtime (ort-qlinear); TensorRT needs --target qdq, said before
+    TensorRT is even looked for."""
+    result = run_main("build-engine", builtin.onnx, "--backend", "tensorrt", "-o", outdir / "E")
+    assert_failed(result, "--target ort-qlinear", "export it again with --target qdq", code=1)
     assert_nothing_left(outdir, "E")
 
 
-def test_build_engine_unknown_optimization_level(builtin: Pipeline, outdir: Path) -> None:
-    result = run_main("build-engine", builtin.onnx, "--optimization-level", "turbo", "-o", outdir / "E")
-    assert_failed(result, "'turbo'", "extended")
+def test_build_engine_unknown_backend(builtin: Pipeline, outdir: Path) -> None:
+    proc = run_script("build-engine", builtin.onnx, "--backend", "nope", "-o", outdir / "E")
+    assert_failed(proc, "--backend", "'onnxruntime', 'tensorrt'", "'nope'", code=2)
+    assert_nothing_left(outdir, "E")
+
+
+@pytest.mark.parametrize("level", ["turbo", "all", "disabled"])
+def test_build_engine_unknown_optimization_level(level: str, builtin: Pipeline, outdir: Path) -> None:
+    result = run_main("build-engine", builtin.onnx, "--optimization-level", level, "-o", outdir / "E")
+    assert_failed(result, "--optimization-level", f"'{level}'", "'basic', 'extended'", code=2)
     assert_nothing_left(outdir, "E")
 
 
@@ -532,7 +612,7 @@ def test_sample_refuses_a_modified_engine(builtin: Pipeline, tmp_path: Path, out
 @pytest.mark.parametrize("n", ["0", "-3"])
 def test_sample_refuses_non_positive_counts(n: str, builtin: Pipeline, outdir: Path) -> None:
     proc = run_script("sample", builtin.engine, "-n", n, "-o", outdir / "O", "--quiet")
-    assert_failed(proc, "-n", "positive", n, code=2)
+    assert_failed(proc, "-n", n, "x>=1", code=2)
     assert_nothing_left(outdir, "O")
 
 
@@ -552,6 +632,11 @@ def test_sample_existing_npz_needs_overwrite(builtin: Pipeline, outdir: Path) ->
     assert_failed(refused, "O.npz", "--overwrite", code=1)
     assert npz.read_bytes() == b"old contents"
     assert_nothing_left(outdir, "O")
+    not_ours = run_main(*args, "--overwrite")  # a file that is not our images npz is never replaced
+    assert_failed(not_ours, "O.npz", "not written by pqcad-deploy", code=1)
+    assert npz.read_bytes() == b"old contents"
+    assert_nothing_left(outdir, "O")
+    np.savez(npz, images=np.zeros((1, 32, 32, 1), np.uint8))  # an npz of ours (only 'images')
     replaced = run_main(*args, "--overwrite")
     assert replaced.code == 0, replaced.err
     np.testing.assert_array_equal(load_images(npz), load_images(builtin.npz)[:2])
@@ -563,7 +648,7 @@ def test_sample_existing_npz_needs_overwrite(builtin: Pipeline, outdir: Path) ->
 def _unwritable_args(command: str, p: Pipeline, target: Path) -> list[object]:
     return {
         "compress": ["compress", *FAST, "--out", target],
-        "export": ["export", p.artifact, "--onnx", target, "--no-parity"],
+        "export": ["export", p.artifact, "--onnx", target, "--no-parity", "--target", "qdq"],
         "build-engine": ["build-engine", p.onnx, "-o", target],
         "sample": ["sample", p.engine, "-n", 2, "-o", target, "--quiet"],
     }[command]
@@ -597,12 +682,13 @@ def _untouched(kind: str, path: Path) -> bool:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_existing_output_needs_overwrite(command: str, small: Pipeline, small_unet_dir: Path, tmp_path: Path) -> None:
+    """A user's own file or folder is never replaced, not even with --overwrite; the tool's own output is."""
     kind = "file" if command == "export" else "dir"
     target = tmp_path / ("M.onnx" if kind == "file" else "out")
     _existing(kind, target)
     args = {
         "compress": ["compress", "--model", small_unet_dir, *FAST, "--out", target],
-        "export": ["export", small.artifact, "--onnx", target, "--no-parity"],
+        "export": ["export", small.artifact, "--onnx", target, "--no-parity", "--target", "qdq"],
         "build-engine": ["build-engine", small.onnx, "-o", target],
         "sample": ["sample", small.engine, "-n", 2, "-o", target, "--quiet"],
     }[command]
@@ -612,19 +698,31 @@ def test_existing_output_needs_overwrite(command: str, small: Pipeline, small_un
     assert _untouched(kind, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
 
+    not_ours = run_main(*args, "--overwrite")
+    assert_failed(not_ours, str(target), "not written by pqcad-deploy", code=1)
+    assert _untouched(kind, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+    if kind == "file":
+        target.unlink()
+    else:
+        shutil.rmtree(target)
+    first = run_main(*args)
+    assert first.code == 0, first.err
     replaced = run_main(*args, "--overwrite")
     assert replaced.code == 0, replaced.err
     assert replaced.out.startswith(f"wrote {target}" if command != "sample" else "wrote 2 images")
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no temporary or old copies left
     contents = {
-        "compress": ["artifact.json", "report.json", "student.safetensors", "teacher.safetensors"],
-        "build-engine": ["engine.json", "model.onnx"],
-        "sample": ["00000.png", "00001.png", "grid.png"],
+        "compress": {"artifact.json", "report.json", "student.safetensors", "teacher.safetensors"},
+        "build-engine": {"engine.json", "model.onnx"},
+        "sample": {"00000.png", "00001.png", "grid.png"},
     }
     if kind == "file":
         assert onnx_manifest(target)["precision"] == "w4a8"
     else:
-        assert sorted(p.name for p in target.iterdir()) == contents[command]
+        assert contents[command] <= {p.name for p in target.iterdir()}
+        assert (target / MARKER_FILE).is_file()
 
 
 # ----------------------------------------------------------------------------------------- no torch at runtime
@@ -667,7 +765,7 @@ def test_build_engine_and_sample_run_without_torch(builtin: Pipeline, tmp_path: 
     assert proc.returncode == 0, proc.stderr
     assert loaded == []
     assert proc.stdout.startswith(f"wrote {tmp_path / 'E'} (onnxruntime, w8a8")
-    assert sorted(p.name for p in (tmp_path / "E").iterdir()) == ["engine.json", "model.onnx"]
+    assert sorted(p.name for p in (tmp_path / "E").iterdir()) == [MARKER_FILE, "engine.json", "model.onnx"]
 
     proc, loaded = _run_without_torch("sample", tmp_path / "E", "-n", 6, "--seed", 0, "-o", tmp_path / "O",
                                       "--npz", tmp_path / "O.npz", "--quiet")
