@@ -78,7 +78,11 @@ def _apply_user_modes(path: Path) -> None:
 
 
 def _no_space(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in _NO_SPACE
+    """ENOSPC / EDQUOT, also when a library wraps it in its own exception (safetensors, ONNX Runtime)."""
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "Disk quota exceeded" in text
 
 
 def _refuse_cwd(path: Path, error: type[Exception], what: str) -> None:
@@ -248,7 +252,7 @@ def atomic_file(path: str | os.PathLike[str], error: type[Exception] = OutputErr
             yield tmp
             _apply_user_modes(tmp)
             os.replace(tmp, path)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it is a full disk
             if _no_space(exc):
                 raise error(f"no space left on the device while writing {path}; free some space and rerun.") from exc
             raise
@@ -376,7 +380,7 @@ def staged_directory(out_dir: str | os.PathLike[str], *, overwrite: bool, error:
             try:
                 yield tmp
                 publish_directory(tmp, out_dir, overwrite=overwrite, error=error, kind=kind)
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - re-raised unless it is a full disk
                 if _no_space(exc):
                     raise error(f"no space left on the device while writing {out_dir}; free some space "
                                 "and rerun.") from exc
