@@ -13,7 +13,6 @@ seeded), so the same artifact exported twice gives the same file.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -303,7 +302,7 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
     """
     import onnx
 
-    from engines._atomic import check_output_file
+    from engines._atomic import atomic_file, check_output_file
 
     out_path = check_output_file(out_path, overwrite=overwrite, error=OutputPathError, is_ours=_is_our_onnx,
                                  what="pqcad-deploy ONNX")
@@ -345,66 +344,57 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
     example = (torch.zeros(2, c, h, w), torch.full((2,), float(m.student_timesteps[0])))
     layer_act_bits = {name: r.act_bits for name, r in m.layers.items()}
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", suffix=".onnx", dir=parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     verdict = None
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapper, example, str(tmp), dynamo=False, opset_version=min(opset, _TORCHSCRIPT_MAX_OPSET),
-                input_names=["sample", "timestep"], output_names=[output_name],
-                dynamic_axes={"sample": {0: "batch"}, "timestep": {0: "batch"}, output_name: {0: "batch"}},
-                do_constant_folding=True,
+    with atomic_file(out_path, error=OutputPathError) as tmp:  # moved into place only if all of this passes
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    wrapper, example, str(tmp), dynamo=False, opset_version=min(opset, _TORCHSCRIPT_MAX_OPSET),
+                    input_names=["sample", "timestep"], output_names=[output_name],
+                    dynamic_axes={"sample": {0: "batch"}, "timestep": {0: "batch"}, output_name: {0: "batch"}},
+                    do_constant_folding=True,
+                )
+            model = onnx.load(str(tmp))
+            _tidy_graph(model, {} if fp else layer_act_bits)
+            n_int4 = 0
+            if not fp and target == "ort-x86":
+                from converters.ort_x86 import to_ort_x86
+
+                to_ort_x86(model, layer_act_bits)
+            elif not fp and target == "ort-qlinear":
+                from converters.ort_qlinear import to_ort_qlinear
+
+                to_ort_qlinear(model, layer_act_bits, conv_output_scales)
+            elif not fp and storage == "int4":
+                n_int4 = _store_int4_weights(model, {name: r.weight_bits for name, r in m.layers.items()})
+            if opset > _TORCHSCRIPT_MAX_OPSET:
+                _set_opset(model, opset)
+            model.producer_name = "pqcad-deploy"
+            layers = [] if fp else list(m.layers.values())
+            manifest = OnnxManifest(
+                precision=precision_name(artifact, fp),
+                image_shape=tuple(m.image_shape),
+                scheduler_config=m.scheduler_config,
+                prediction_type=m.prediction_type,
+                teacher_steps=m.teacher_steps,
+                student_steps=m.teacher_steps if fp else m.student_steps,
+                student_timesteps=tuple(_teacher_timesteps(m) if fp else m.student_timesteps),
+                artifact_sha256=artifact_digest(artifact.path),
+                weight_bits={str(k): v for k, v in sorted(Counter(r.weight_bits for r in layers).items())},
+                act_bits=_act_bit_histogram(layers),
             )
-        model = onnx.load(str(tmp))
-        _tidy_graph(model, {} if fp else layer_act_bits)
-        n_int4 = 0
-        if not fp and target == "ort-x86":
-            from converters.ort_x86 import to_ort_x86
-
-            to_ort_x86(model, layer_act_bits)
-        elif not fp and target == "ort-qlinear":
-            from converters.ort_qlinear import to_ort_qlinear
-
-            to_ort_qlinear(model, layer_act_bits, conv_output_scales)
-        elif not fp and storage == "int4":
-            n_int4 = _store_int4_weights(model, {name: r.weight_bits for name, r in m.layers.items()})
-        if opset > _TORCHSCRIPT_MAX_OPSET:
-            _set_opset(model, opset)
-        model.producer_name = "pqcad-deploy"
-        layers = [] if fp else list(m.layers.values())
-        manifest = OnnxManifest(
-            precision=precision_name(artifact, fp),
-            image_shape=tuple(m.image_shape),
-            scheduler_config=m.scheduler_config,
-            prediction_type=m.prediction_type,
-            teacher_steps=m.teacher_steps,
-            student_steps=m.teacher_steps if fp else m.student_steps,
-            student_timesteps=tuple(_teacher_timesteps(m) if fp else m.student_timesteps),
-            artifact_sha256=artifact_digest(artifact.path),
-            weight_bits={str(k): v for k, v in sorted(Counter(r.weight_bits for r in layers).items())},
-            act_bits=_act_bit_histogram(layers),
-        )
-        write_onnx_manifest(model, manifest)
-        onnx.checker.check_model(model, full_check=True)
-        onnx.save(model, str(tmp))
-        if parity and not fp:
-            verdict = _check_parity(artifact.path, tmp, target, parity_samples)
-            if not verdict.passed and parity_gate:
-                raise ParityGateError(f"parity vs PyTorch failed: {verdict.reason}; {out_path} was not written "
-                                      "(an export bug, or an artifact that does not compute finite values; "
-                                      "--no-parity-gate writes it anyway).")
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 would otherwise reach the output
-        os.replace(tmp, out_path)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"the exported graph failed onnx.checker: {str(exc).splitlines()[0]}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+            write_onnx_manifest(model, manifest)
+            onnx.checker.check_model(model, full_check=True)
+            onnx.save(model, str(tmp))
+            if parity and not fp:
+                verdict = _check_parity(artifact.path, tmp, target, parity_samples)
+                if not verdict.passed and parity_gate:
+                    raise ParityGateError(f"parity vs PyTorch failed: {verdict.reason}; {out_path} was not written "
+                                          "(an export bug, or an artifact that does not compute finite values; "
+                                          "--no-parity-gate writes it anyway).")
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"the exported graph failed onnx.checker: {str(exc).splitlines()[0]}") from None
     return ExportResult(path=out_path, precision=manifest.precision, opset=opset,
                         num_quantized_layers=n_quant, size_bytes=out_path.stat().st_size,
                         target="qdq" if fp else target, int4_weight_layers=n_int4,

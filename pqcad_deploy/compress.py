@@ -187,8 +187,7 @@ def _exact_cuda_numerics(device: str):
 
 def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool, resume: bool,
               log: Callable[[str], None]) -> CompressResult:
-    out = Path(out)
-    check_output_dir(out, overwrite)  # fail before the slow part
+    out = Path(out)  # compress() has checked it, before taking its lock
     check_checkpoint_dir(checkpoint_dir(out), resume, overwrite)
     device = _resolve_device(config.device)
     started = time.perf_counter()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import shutil
 from collections.abc import Callable
@@ -20,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-import cli
+from test_cli import FAST, run_main  # tests/ is on sys.path (conftest)
 
-FAST = ["--preset", "fast", "--teacher-steps", "10", "--quiet", "--method", "minmax", "--no-distill"]
 HUGE_SEED = "12345678901234567890123"
 
 
@@ -51,14 +49,9 @@ class Inputs:
 
 
 def _run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            cli.main(argv)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
+    """test_cli.run_main (the console entry point in-process, one torch thread) as (code, stdout, stderr)."""
+    result = run_main(*argv)
+    return result.code, result.out, result.err
 
 
 @pytest.fixture(scope="module")

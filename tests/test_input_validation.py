@@ -7,10 +7,7 @@ compresses, hand-made tiny ONNX graphs for the engine checks.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,29 +21,18 @@ from onnx import TensorProto, helper, numpy_helper
 import cli
 from engines.manifest import OnnxManifest, output_name_for, write_onnx_manifest
 
-ROOT = Path(__file__).resolve().parents[1]
-ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-FAST = ["--preset", "fast", "--teacher-steps", "10", "--quiet", "--method", "minmax", "--no-distill"]
+from test_cli import FAST, ONE_THREAD_ENV, ROOT  # noqa: E402 - tests/ is on sys.path (conftest)
+from test_cli import run_main as _run_outcome  # noqa: E402
+
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 # ----------------------------------------------------------------------------------------- helpers
 
 def run_main(*args: object) -> tuple[int, str, str]:
-    import torch
-
-    out, err = io.StringIO(), io.StringIO()
-    code, threads = 0, torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                cli.main([str(a) for a in args])
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        torch.set_num_threads(threads)
-    return code, out.getvalue(), err.getvalue()
+    """test_cli.run_main (in-process, one torch thread) as (code, stdout, stderr)."""
+    result = _run_outcome(*args)
+    return result.code, result.out, result.err
 
 
 def assert_refused(result: tuple[int, str, str] | subprocess.CompletedProcess, code: int, *fragments: str) -> str:
