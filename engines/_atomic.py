@@ -52,7 +52,7 @@ __all__ = [
 
 MARKER_FILE = ".pqcad-deploy.json"
 """Written into every directory the tool publishes: ``{"tool", "kind", "files"}``."""
-OUTPUT_KINDS: tuple[str, ...] = ("artifact", "engine", "samples")
+OUTPUT_KINDS: tuple[str, ...] = ("artifact", "engine", "samples", "analysis")
 _TOOL = "pqcad-deploy"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -128,7 +128,7 @@ def _read_marker(path: Path) -> dict | None:
 
 
 def directory_kind(path: str | os.PathLike[str]) -> str | None:
-    """The kind recorded in a directory's marker ("artifact", "engine", "samples"), or None."""
+    """The kind recorded in a directory's marker ("artifact", "engine", "samples", "analysis"), or None."""
     marker = _read_marker(Path(path))
     return None if marker is None else str(marker.get("kind"))
 
@@ -158,7 +158,8 @@ def _check_ours(path: Path, kind: str, error: type[Exception]) -> None:
         raise error(f"{path} was not written by pqcad-deploy (no {MARKER_FILE}; it holds {_examples(found)}); "
                     "--overwrite replaces only pqcad-deploy outputs: choose another directory or move it away yourself.")
     if marker.get("kind") != kind:
-        raise error(f"{path} is a pqcad-deploy {marker.get('kind')} directory, not a {kind} one; "
+        article = "an" if kind[:1] in "aeiou" else "a"
+        raise error(f"{path} is a pqcad-deploy {marker.get('kind')} directory, not {article} {kind} one; "
                     "choose another directory.")
     foreign = sorted(set(_listing(path)) - set(marker["files"]) - {MARKER_FILE})
     if foreign:

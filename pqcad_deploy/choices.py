@@ -29,6 +29,7 @@ __all__ = [
     "FirstLastPolicy",
     "ACT_SCALE_INITS",
     "ActScaleInit",
+    "PRECISION_POLICY_NAMES",
     "check_choice",
 ]
 
@@ -62,6 +63,10 @@ FIRST_LAST_DEFAULTS: dict[str, str] = {"minmax": "target", "brecq": "w8-fp-input
 # how stage 2 initialises the activation scales before learning them (methods.brecq.calibrate_activations)
 ActScaleInit = Literal["minmax", "percentile", "mse"]
 ACT_SCALE_INITS: tuple[str, ...] = ("minmax", "percentile", "mse")
+
+
+# which layers quantize at all (pqcad_deploy.precision_policy.PRECISION_POLICIES holds what each keeps float)
+PRECISION_POLICY_NAMES: tuple[str, ...] = ("all", "tensorrt-safe")
 
 
 def check_choice(name: str, value: object, allowed: tuple) -> None:

@@ -25,6 +25,7 @@ from pqcad_deploy.fsutil import check_output_dir, output_lock
 from pqcad_deploy.layer_precision import apply_first_last
 from pqcad_deploy.methods.minmax import minmax_quantize
 from pqcad_deploy.models import load_model
+from pqcad_deploy.precision_policy import apply_precision_policy, precision_policy_report
 from pqcad_deploy.provenance import provenance
 from pqcad_deploy.quant.layers import QuantConv2d
 from pqcad_deploy.quant.replace import LayerBits, quant_layers, quantizable_layers
@@ -53,6 +54,7 @@ def uniform_plan(unet: torch.nn.Module, weight_bits: int, act_bits: int) -> dict
 def layer_plan(unet: torch.nn.Module, config: CompressConfig) -> tuple[dict[str, LayerBits], dict]:
     """The per-layer bits and their report section: uniform, or mixed within `config.avg_weight_bits`."""
     plan = apply_first_last(uniform_plan(unet, config.weight_bits, config.act_bits), config.first_last_policy)
+    plan = apply_precision_policy(plan, config.precision_policy, config.keep_float)
     if config.avg_weight_bits is None:
         return plan, {}
     from pqcad_deploy.quant.mixed_precision import mixed_precision_plan
@@ -200,6 +202,9 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
     h, w = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
     image_shape = (int(ucfg["in_channels"]), int(h), int(w))
     plan, plan_report = layer_plan(fp_unet, config)  # before the slow part: the budget may be refused
+    plan_report["precision_policy"] = precision_policy_report(
+        fp_unet, image_shape, uniform_plan(fp_unet, config.weight_bits, config.act_bits), config.precision_policy,
+        config.keep_float)
     cal_cfg = config.calibration_config  # pqcad: normally distributed timesteps (C_QC, method.md section 1)
     if checkpoint.resume is not None:  # the interrupted run's own set, bit for bit
         calibration = checkpoint.calibration()
@@ -219,6 +224,8 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
     if config.method != "minmax" and config.act_scale_check:
         method_report["act_scale_check"] = _check_act_scales(config, fp_unet, student, calibration,
                                                              loaded.scheduler_config, cal_cfg.batch_size, device)
+    if config.bias_correction:
+        method_report["bias_correction"] = _correct_biases(fp_unet, student, calibration, device, progress)
     report = quantization_report(fp_unet, student, calibration, cal_cfg.batch_size, device)
     report.update(method_report)
     report.update(plan_report)
@@ -260,6 +267,22 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
     return CompressResult(artifact=out, seconds=time.perf_counter() - started,
                           noise_pred_sqnr_db=report["noise_pred_sqnr_db"], num_quantized_layers=len(layers),
                           student_steps=len(timesteps), distilled=config.distill)
+
+
+def _correct_biases(fp_unet: torch.nn.Module, student: torch.nn.Module, calibration, device: str,
+                    progress: bool) -> dict:
+    """Bias correction of every quantized layer and of the last conv (quant.bias_correction), before CAD.
+
+    conv_out is corrected even when it stays float: its output is the noise prediction, where any
+    remaining mean shift of the network shows up as a colour cast.
+    """
+    from pqcad_deploy.layer_precision import LAST_LAYER
+    from pqcad_deploy.quant.bias_correction import correct_biases
+
+    names = list(quant_layers(student))
+    if LAST_LAYER not in names and LAST_LAYER in dict(student.named_modules()):
+        names.append(LAST_LAYER)
+    return correct_biases(fp_unet, student, names, calibration, device=device, progress=progress)
 
 
 DISTILL_CHECKPOINT_EVERY: dict[str, int] = {"fast": 25, "default": 200}

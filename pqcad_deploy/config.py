@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass, field
 
 from pqcad_deploy.choices import (
-    ACT_BITS, ACT_SCALE_INITS, CALIBRATION_SELECTIONS, DEVICES, FIRST_LAST_DEFAULTS, FIRST_LAST_POLICIES, METHODS, PRESETS,
+    ACT_BITS, ACT_SCALE_INITS, CALIBRATION_SELECTIONS, DEVICES, FIRST_LAST_DEFAULTS, FIRST_LAST_POLICIES, METHODS,
+    PRECISION_POLICY_NAMES, PRESETS,
     TIMESTEP_SAMPLINGS, WEIGHT_BITS, ActScaleInit, CalibrationSelection, Device, FirstLastPolicy, Method, Preset,
     TimestepSampling, check_choice,
 )
@@ -101,6 +102,15 @@ class CompressConfig:
         act_scale_check: brecq / pqcad: after stage 2, keep the learned activation scales only if
             the student's own sampled images are closer to the FP model's with them than with the
             starting scales (pqcad_deploy.act_scale_check).
+        precision_policy: which layers stay float altogether (pqcad_deploy.precision_policy):
+            "all" (default: every Conv2d and Linear quantizes) or "tensorrt-safe" (ModelOpt's
+            exclusions: time embedding path, shortcut convs). Not the default because it did not
+            help on both builtin models (docs/RESULTS.md section 15).
+        keep_float: further shell patterns over layer names kept in float (``--keep-float``).
+        bias_correction: after quantizing, fold each quantized layer's mean output error per channel
+            (measured on the FP trajectories of the calibration set) into its bias
+            (pqcad_deploy.quant.bias_correction). Off by default: it fixes the colour model's drift and
+            FID but makes the Fashion-MNIST model's images brighter (docs/RESULTS.md section 15).
     """
 
     model: str = "builtin"
@@ -118,6 +128,9 @@ class CompressConfig:
     act_scale_init: ActScaleInit = "minmax"
     layer_loss: bool = False
     act_scale_check: bool = True
+    precision_policy: str = "all"
+    keep_float: tuple[str, ...] = ()
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         check_choice("--method", self.method, METHODS)
@@ -138,6 +151,11 @@ class CompressConfig:
         check_choice("--act-scale-init", self.act_scale_init, ACT_SCALE_INITS)
         check_choice("--layer-loss", self.layer_loss, (False, True))
         check_choice("--act-scale-check", self.act_scale_check, (False, True))
+        check_choice("--precision-policy", self.precision_policy, PRECISION_POLICY_NAMES)
+        check_choice("--bias-correction", self.bias_correction, (False, True))
+        if isinstance(self.keep_float, str) or not all(isinstance(p, str) and p for p in self.keep_float):
+            raise ConfigError(f"--keep-float takes non-empty layer-name patterns; got {self.keep_float!r}.")
+        object.__setattr__(self, "keep_float", tuple(self.keep_float))
         if self.method == "minmax" and (self.act_scale_init != "minmax" or self.layer_loss):
             raise ConfigError("--act-scale-init and --layer-loss apply to the learned methods; "
                               "use --method brecq or --method pqcad, or drop them for minmax.")

@@ -35,7 +35,7 @@ DEFAULT_METHOD_FAST = ["--preset", "fast", "--teacher-steps", "10", "--quiet"]
 """The default method (pqcad + CAD) at the fast preset: the end-to-end builtin pipeline runs it."""
 FAST = [*DEFAULT_METHOD_FAST, "--method", "minmax", "--no-distill"]
 """The quickest compress, for tests about the commands rather than the method."""
-COMMANDS = ("compress", "export", "build-engine", "sample")
+COMMANDS = ("compress", "export", "build-engine", "sample", "analyze")
 GROUPS = {"eval": ("fid",)}  # sub-groups and their commands
 
 
@@ -651,6 +651,7 @@ def _unwritable_args(command: str, p: Pipeline, target: Path) -> list[object]:
         "export": ["export", p.artifact, "--onnx", target, "--no-parity", "--target", "qdq"],
         "build-engine": ["build-engine", p.onnx, "-o", target],
         "sample": ["sample", p.engine, "-n", 2, "-o", target, "--quiet"],
+        "analyze": ["analyze", p.artifact, "--out", target, "-n", 1, "--sensitivity-steps", 1, "--quiet"],
     }[command]
 
 
@@ -691,6 +692,7 @@ def test_existing_output_needs_overwrite(command: str, small: Pipeline, small_un
         "export": ["export", small.artifact, "--onnx", target, "--no-parity", "--target", "qdq"],
         "build-engine": ["build-engine", small.onnx, "-o", target],
         "sample": ["sample", small.engine, "-n", 2, "-o", target, "--quiet"],
+        "analyze": ["analyze", small.artifact, "--out", target, "-n", 1, "--sensitivity-steps", 1, "--quiet"],
     }[command]
 
     refused = run_main(*args)
@@ -711,12 +713,14 @@ def test_existing_output_needs_overwrite(command: str, small: Pipeline, small_un
     assert first.code == 0, first.err
     replaced = run_main(*args, "--overwrite")
     assert replaced.code == 0, replaced.err
-    assert replaced.out.startswith(f"wrote {target}" if command != "sample" else "wrote 2 images")
+    last_line = replaced.out.splitlines()[-1] if command == "analyze" else replaced.out  # analyze: summary first
+    assert last_line.startswith(f"wrote {target}" if command != "sample" else "wrote 2 images")
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no temporary or old copies left
     contents = {
         "compress": {"artifact.json", "report.json", "student.safetensors", "teacher.safetensors"},
         "build-engine": {"engine.json", "model.onnx"},
         "sample": {"00000.png", "00001.png", "grid.png"},
+        "analyze": {"analysis.json", "analysis.png"},
     }
     if kind == "file":
         assert onnx_manifest(target)["precision"] == "w4a8"

@@ -120,6 +120,7 @@ def test_config_to_dict_compress():
         "seed": 3, "distill": True, "avg_weight_bits": None,
         "first_last": "w8-fp-input",  # the effective policy (pqcad's default) is recorded
         "act_scale_init": "minmax", "layer_loss": False, "act_scale_check": True,
+        "precision_policy": "all", "keep_float": [], "bias_correction": False,
         # the effective calibration is recorded even when it came from the preset
         "calibration": {"num_trajectories": 4, "timesteps_kept": 8, "batch_size": 4,
                         "timestep_sampling": "normal", "timestep_mean": 0.4, "timestep_std": 0.3,
@@ -190,3 +191,14 @@ def test_first_last_default_depends_on_the_method_and_is_validated():
     assert CompressConfig(method="brecq", first_last="w8a8").first_last_policy == "w8a8"
     with pytest.raises(ConfigError, match="--first-last must be one of w8-fp-input, w8a8, target; got 'fp16'"):
         CompressConfig(first_last="fp16")
+
+
+def test_keep_float_patterns_are_checked_and_stored_as_a_tuple():
+    c = CompressConfig(keep_float=["*attentions*"], precision_policy="tensorrt-safe", bias_correction=True)
+    assert c.keep_float == ("*attentions*",)
+    assert config_to_dict(c)["keep_float"] == ["*attentions*"]
+    for bad in ("*attn*", ("",), (3,)):
+        with pytest.raises(ConfigError, match="--keep-float takes non-empty layer-name patterns"):
+            CompressConfig(keep_float=bad)
+    with pytest.raises(ConfigError, match="--precision-policy must be one of all, tensorrt-safe"):
+        CompressConfig(precision_policy="none")

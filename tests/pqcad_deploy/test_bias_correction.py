@@ -1,0 +1,105 @@
+"""Bias correction: the arithmetic on layers with a known output error, and the order it corrects in."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pqcad_deploy.calibration.trajectories import CalibrationSet
+from pqcad_deploy.quant.bias_correction import (
+    BiasCorrectionConfig, channel_means, correct_biases, execution_order, mean_output_error,
+)
+
+
+class _TwoConv(nn.Module):
+    """x -> conv_a -> conv_b; called like a UNet (x, t) so that the calibration batches fit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(2, 3, 3, padding=1)
+        self.conv_b = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.conv_b(self.conv_a(x))
+
+
+def _calibration(n: int = 12) -> CalibrationSet:
+    g = torch.Generator().manual_seed(0)
+    return CalibrationSet(x=torch.randn(n, 2, 5, 5, generator=g), t=torch.zeros(n), description={})
+
+
+def test_a_known_constant_error_is_removed_exactly():
+    torch.manual_seed(0)
+    fp = _TwoConv().eval()
+    student = copy.deepcopy(fp)
+    shift = torch.tensor([0.5, -0.25, 0.125])
+    with torch.no_grad():
+        student.conv_a.bias.add_(shift)  # a per-channel output error of exactly `shift`
+    cal = _calibration()
+    fp_means = channel_means(fp, ["conv_a"], cal, batch_size=5, device="cpu")
+    error = mean_output_error(student, "conv_a", fp_means["conv_a"], cal, batch_size=5, device="cpu")
+    assert torch.allclose(error.float(), shift, atol=1e-6)
+
+    report = correct_biases(fp, student, ["conv_a", "conv_b"], cal, BiasCorrectionConfig(batch_size=5), progress=False)
+    assert torch.allclose(student.conv_a.bias, fp.conv_a.bias, atol=1e-6)
+    # conv_b saw the corrected conv_a, so it has nothing left to correct (no double counting)
+    assert torch.allclose(student.conv_b.bias, fp.conv_b.bias, atol=1e-6)
+    assert report["layers"]["conv_a"]["max_abs_correction"] == pytest.approx(0.5, abs=1e-6)
+    assert report["layers"]["conv_b"]["max_abs_correction"] < 1e-6
+
+
+def test_a_weight_error_is_corrected_in_mean_only():
+    """A scaled weight gives an input-dependent error: the mean over the data goes, the rest stays."""
+    torch.manual_seed(1)
+    fp = _TwoConv().eval()
+    student = copy.deepcopy(fp)
+    with torch.no_grad():
+        student.conv_b.weight.mul_(1.1)
+    cal = _calibration(20)
+    fp_out = torch.cat([fp(x, t) for x, t in cal.batches(20)]).detach()
+    before = torch.cat([student(x, t) for x, t in cal.batches(20)]).detach()
+    expected = (before - fp_out).transpose(0, 1).reshape(2, -1).double().mean(dim=1)
+    correct_biases(fp, student, ["conv_b"], cal, BiasCorrectionConfig(batch_size=7), progress=False)
+    after = torch.cat([student(x, t) for x, t in cal.batches(20)]).detach()
+    residual = (after - fp_out).transpose(0, 1).reshape(2, -1)
+    assert torch.allclose(residual.double().mean(dim=1), torch.zeros(2, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose((before - after).transpose(0, 1).reshape(2, -1)[:, 0].double(), expected, atol=1e-6)
+    assert float(residual.abs().max()) > 1e-3  # the input-dependent part is not a bias's to remove
+
+
+def test_linear_layers_use_the_last_dimension_as_channel_and_bias_free_layers_are_skipped():
+    class _Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 3)
+            self.nobias = nn.Linear(3, 3, bias=False)
+
+        def forward(self, x, t):
+            return self.nobias(self.proj(x.flatten(2).transpose(1, 2)[..., :4]))
+
+    torch.manual_seed(2)
+    fp = _Tokens().eval()
+    student = copy.deepcopy(fp)
+    with torch.no_grad():
+        student.proj.bias.add_(torch.tensor([1.0, 2.0, 3.0]))
+    cal = CalibrationSet(x=torch.randn(6, 5, 2, 2), t=torch.zeros(6), description={})
+    report = correct_biases(fp, student, ["proj", "nobias"], cal, BiasCorrectionConfig(batch_size=4), progress=False)
+    assert torch.allclose(student.proj.bias, fp.proj.bias, atol=1e-5)
+    assert report["skipped_no_bias"] == ["nobias"]
+
+
+def test_layers_are_corrected_in_the_order_the_forward_pass_runs_them():
+    class _Reversed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.second = nn.Conv2d(3, 2, 1)  # defined first, runs second
+            self.first = nn.Conv2d(2, 3, 1)
+
+        def forward(self, x, t):
+            return self.second(self.first(x))
+
+    model = _Reversed()
+    assert execution_order(model, ["second", "first"], (torch.zeros(1, 2, 3, 3), torch.zeros(1))) == ["first", "second"]
