@@ -8,7 +8,8 @@ seeded with `seed`; every (x_t, t) it visits is kept. On that set:
 * **per-layer sensitivity**: the FP teacher with only one layer's weight (the student's dequantized
   weight copied in) or only its input (fake-quantized with the student's scale and bits, by a
   forward pre-hook) quantized, relative MSE against the plain FP eps over all points; plus every
-  weight at once and every activation at once;
+  weight at once and every activation at once; for each, also the signed per-channel mean shift of
+  eps it causes (what the sampler integrates into a brightness or colour drift), ranked apart;
 * **x0 channel drift**: the clipped x0 each model implies at each t, per image channel,
   mean(x0_student) - mean(x0_fp) in 0-255 units; and the final images' per-channel mean, the
   student's samples against the teacher's from the same noise (teacher's own DDIM grid).
@@ -53,6 +54,11 @@ def _rel(err: float, ref: float) -> dict:
     return {"rel_mse": rel, "sqnr_db": None if rel == 0 or not math.isfinite(rel) else -10.0 * math.log10(rel)}
 
 
+def _with_shift(err: "_Diff", ref: float) -> dict:
+    """{"rel_mse", "sqnr_db", "eps_mean_shift"} of a perturbed pass."""
+    return {**_rel(err, ref), "eps_mean_shift": err.channel_mean}
+
+
 def _eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return unet(x, t.to(x.dtype)).sample
 
@@ -87,6 +93,21 @@ def _eps_all(unet, xs, ts, batch_size, device) -> torch.Tensor:
 
 def _sq(d: torch.Tensor) -> float:
     return float(d.pow(2).sum())
+
+
+class _Diff(float):
+    """A squared error (the float) that also carries the per-channel mean of the difference.
+
+    The mean shift is what becomes a colour or brightness drift: the sampler integrates it over every
+    step, while the squared error ranks layers by how much noise they add.
+    """
+
+    channel_mean: list[float]
+
+    def __new__(cls, d: torch.Tensor) -> "_Diff":
+        out = super().__new__(cls, _sq(d))
+        out.channel_mean = d.mean(dim=(0, 2, 3)).tolist()
+        return out
 
 
 def _channel_means_255(x: torch.Tensor) -> list[float]:
@@ -166,17 +187,17 @@ def measure(teacher: torch.nn.Module, student: torch.nn.Module, manifest, n: int
             raise ArtifactError(f"the teacher has no layer {name} shaped like the student's; the artifact is "
                                 "inconsistent.")
 
-    def weights_err(names: list[str]) -> float:
+    def weights_err(names: list[str]) -> _Diff:
         saved = {nm: t_modules[nm].weight.detach().clone() for nm in names}
         try:
             for nm in names:
                 t_modules[nm].weight.copy_(q_layers[nm].quantized_weight())
-            return _sq(_eps_all(teacher, s_xs, s_ts, batch_size, device) - s_fp)
+            return _Diff(_eps_all(teacher, s_xs, s_ts, batch_size, device) - s_fp)
         finally:
             for nm, w in saved.items():
                 t_modules[nm].weight.copy_(w)
 
-    def acts_err(names: list[str]) -> float:
+    def acts_err(names: list[str]) -> _Diff:
         handles = []
         try:
             for nm in names:
@@ -187,7 +208,7 @@ def measure(teacher: torch.nn.Module, student: torch.nn.Module, manifest, n: int
                     return (fake_quantize_activation(args[0], scale, bits), *args[1:])
 
                 handles.append(t_modules[nm].register_forward_pre_hook(hook))
-            return _sq(_eps_all(teacher, s_xs, s_ts, batch_size, device) - s_fp)
+            return _Diff(_eps_all(teacher, s_xs, s_ts, batch_size, device) - s_fp)
         finally:
             for h in handles:
                 h.remove()
@@ -196,10 +217,16 @@ def measure(teacher: torch.nn.Module, student: torch.nn.Module, manifest, n: int
     layers = {}
     for name in tqdm(list(q_layers), desc="layer sensitivity", unit="layer", disable=not progress):
         q = q_layers[name]
+        w_err = weights_err([name])
+        a_err = acts_err([name]) if name in act_names else None
         layers[name] = {"kind": "conv2d" if isinstance(q, QuantConv2d) else "linear",
                         "weight_bits": q.weight_bits, "act_bits": q.act_bits,
-                        "weight_rel_mse": _rel(weights_err([name]), s_ref)["rel_mse"],
-                        "act_rel_mse": _rel(acts_err([name]), s_ref)["rel_mse"] if name in act_names else None}
+                        "weight_rel_mse": _rel(w_err, s_ref)["rel_mse"],
+                        "act_rel_mse": None if a_err is None else _rel(a_err, s_ref)["rel_mse"],
+                        "weight_eps_mean_shift": w_err.channel_mean,
+                        "act_eps_mean_shift": None if a_err is None else a_err.channel_mean,
+                        "max_abs_eps_mean_shift": max(abs(v) for v in w_err.channel_mean
+                                                      + ([] if a_err is None else a_err.channel_mean))}
 
     def ranking(key: str) -> list[str]:
         return sorted((nm for nm in layers if layers[nm][key] is not None), key=lambda nm: (-layers[nm][key], nm))
@@ -210,10 +237,11 @@ def measure(teacher: torch.nn.Module, student: torch.nn.Module, manifest, n: int
         "overall": _rel(_sq(eps_st - eps_fp), ref),
         "error_by_timestep": by_t,
         "layers": layers,
-        "ranking": {"weight": ranking("weight_rel_mse"), "activation": ranking("act_rel_mse")},
+        "ranking": {"weight": ranking("weight_rel_mse"), "activation": ranking("act_rel_mse"),
+                    "mean_shift": ranking("max_abs_eps_mean_shift")},
         "sensitivity_timesteps": sens_t, "sensitivity_points": int(keep.sum()),
-        "all_weights_only": _rel(weights_err(list(q_layers)), s_ref),
-        "all_activations_only": _rel(acts_err(act_names), s_ref),
+        "all_weights_only": _with_shift(weights_err(list(q_layers)), s_ref),
+        "all_activations_only": _with_shift(acts_err(act_names), s_ref),
         "x0_channel_drift": [{"t": t, "drift_255": row} for t, row in zip(timesteps, drift.tolist())],
         "final_channel_mean": {"student_255": _channel_means_255(final_student),
                                "fp_255": _channel_means_255(final_fp),
@@ -300,6 +328,10 @@ def _db(entry: dict) -> str:
     return "inf dB" if entry["sqnr_db"] is None else f"{entry['sqnr_db']:.1f} dB"
 
 
+def _shift(values: list[float] | None) -> str:
+    return "-" if values is None else ",".join(f"{v:+.2e}" for v in values)
+
+
 def summary_lines(data: dict, top: int = 5) -> list[str]:
     """A short human summary: totals, the top layers each way, the worst timestep, the final drift."""
     lines = [f"student vs FP over {data['num_points']} points ({data['n']} images x {len(data['timesteps'])} "
@@ -312,6 +344,11 @@ def summary_lines(data: dict, top: int = 5) -> list[str]:
         lines.append(f"top {top} layers by {label} sensitivity:")
         lines += [f"  {data['layers'][nm][key]:.3e}  {nm} ({data['layers'][nm]['kind']}, {bits.split('_')[0]} bits "
                   f"{data['layers'][nm][bits]})" for nm in data["ranking"][label][:top]]
+    shifts = data["ranking"].get("mean_shift", [])[:top]
+    if shifts:
+        lines.append(f"top {top} layers by mean shift of eps (the drift the sampler integrates), weight / input:")
+        lines += [f"  {_shift(data['layers'][nm]['weight_eps_mean_shift'])} / "
+                  f"{_shift(data['layers'][nm]['act_eps_mean_shift'])}  {nm}" for nm in shifts]
     worst = max(data["error_by_timestep"], key=lambda e: e["rel_mse"])
     lines.append(f"worst timestep: t={worst['t']} rel. MSE {worst['rel_mse']:.4g} (SQNR {_db(worst)})")
     fm = data["final_channel_mean"]

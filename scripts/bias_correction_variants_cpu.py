@@ -12,7 +12,8 @@ FP model's images from the same seeds and the mean PSNR against them:
 - ``uniform``: the FP trajectories' every timestep equally (how the sampler visits them);
 - ``student``: the student's own DDIM trajectories, every timestep equally (FP and student layers
   both evaluated on the student's x_t);
-- ``out``: only conv_out corrected, on the calibration set.
+- ``out``: only conv_out corrected, on the calibration set;
+- ``weights_only``: no correction, every input quantizer switched off (the weights' share of the drift).
 
     python scripts/bias_correction_variants_cpu.py ART [--n 32] [--variants none,qc,uniform,student,out]
 """
@@ -92,7 +93,10 @@ def main() -> int:
         student = art.build_student()
         names = list(quant_layers(student)) + [LAST_LAYER]
         report = None
-        if variant != "none":
+        if variant == "weights_only":
+            for layer in quant_layers(student).values():
+                layer.input_quantizer.enabled = False
+        elif variant != "none":
             if variant in ("qc", "out"):
                 data = collect_qc_calibration(teacher, m.scheduler_config, tuple(m.image_shape), steps, cal_cfg,
                                               seed=int(m.options["seed"]), progress=False)

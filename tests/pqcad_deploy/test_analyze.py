@@ -64,6 +64,13 @@ def test_measure_on_the_students_own_trajectories(artifact: Path) -> None:
     acts = [data["layers"][nm]["act_rel_mse"] for nm in data["ranking"]["activation"]]
     assert weights == sorted(weights, reverse=True) and len(weights) == len(layers)
     assert acts == sorted(acts, reverse=True) and max(acts) > 0 and max(weights) > 0
+    # the signed mean shift of eps per image channel, and a ranking by its largest magnitude
+    shifts = [data["layers"][nm]["max_abs_eps_mean_shift"] for nm in data["ranking"]["mean_shift"]]
+    assert shifts == sorted(shifts, reverse=True) and len(shifts) == len(layers)
+    for entry in data["layers"].values():
+        assert len(entry["weight_eps_mean_shift"]) == art.manifest.image_shape[0]
+        assert entry["max_abs_eps_mean_shift"] == max(abs(v) for v in entry["weight_eps_mean_shift"]
+                                                      + (entry["act_eps_mean_shift"] or []))
     for key in ("overall", "all_weights_only", "all_activations_only"):
         assert _finite_non_negative(data[key]["rel_mse"]) and data[key]["rel_mse"] > 0
 
@@ -100,7 +107,8 @@ def test_weight_sensitivity_is_zero_where_the_teacher_already_has_the_quantized_
     assert data["sensitivity_timesteps"][0] == data["timesteps"][0]
     assert data["sensitivity_timesteps"][-1] == data["timesteps"][-1]
     assert all(entry["weight_rel_mse"] == 0.0 for entry in data["layers"].values())
-    assert data["all_weights_only"] == {"rel_mse": 0.0, "sqnr_db": None}
+    assert all(entry["weight_eps_mean_shift"] == [0.0] for entry in data["layers"].values())
+    assert data["all_weights_only"] == {"rel_mse": 0.0, "sqnr_db": None, "eps_mean_shift": [0.0]}
     assert data["all_activations_only"]["rel_mse"] > 0  # the inputs are still quantized
 
 
