@@ -135,6 +135,10 @@ def cli() -> None:
               help="Fold each quantized layer's mean output error per channel, measured on the FP "
                    "trajectories, into its bias. Measured: removes the CIFAR-10 model's colour drift at W8A8 "
                    "but brightens the Fashion-MNIST model's images, hence off by default (RESULTS section 15).")
+@click.option("--bias-correction-data", default="calibration", show_default=True,
+              type=_StageChoice("BIAS_CORRECTION_DATA"),
+              help="With --bias-correction: estimate the mean errors on the calibration set, on the FP model's "
+                   "trajectories with evenly spread timesteps (fp-uniform), or on the student's own (student).")
 @click.option("--act-scale-init", default="minmax", show_default=True, type=_StageChoice("ACT_SCALE_INITS"),
               help="brecq / pqcad stage 2: how activation scales start before they are learned: minmax "
                    "(largest |x| seen), percentile (99.99th of |x|) or mse (clipping with the least "
@@ -165,7 +169,8 @@ def cli() -> None:
 @_overwrite_option
 @_quiet_option
 def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, device, seed, distill,
-             resume, avg_weight_bits, first_last, precision_policy, keep_float, bias_correction, act_scale_init,
+             resume, avg_weight_bits, first_last, precision_policy, keep_float, bias_correction, bias_correction_data,
+             act_scale_init,
              act_scale_check, layer_loss, timestep_sampling, timestep_mean,
              timestep_std, calibration_selection, calibration_oversample, overwrite, quiet) -> None:
     """Compress a diffusers UNet2DModel into an artifact (codes, scales, configs, report)."""
@@ -183,7 +188,7 @@ def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, d
                                 distill=distill, avg_weight_bits=avg_weight_bits, first_last=first_last,
                                 act_scale_init=act_scale_init, layer_loss=layer_loss, act_scale_check=act_scale_check,
                                 precision_policy=precision_policy, keep_float=tuple(keep_float),
-                                bias_correction=bias_correction)
+                                bias_correction=bias_correction, bias_correction_data=bias_correction_data)
         overrides: dict = {}
         if calibration_selection != "none":
             overrides["selection"] = calibration_selection

@@ -30,6 +30,7 @@ __all__ = [
     "ACT_SCALE_INITS",
     "ActScaleInit",
     "PRECISION_POLICY_NAMES",
+    "BIAS_CORRECTION_DATA",
     "check_choice",
 ]
 
@@ -67,6 +68,9 @@ ACT_SCALE_INITS: tuple[str, ...] = ("minmax", "percentile", "mse")
 
 # which layers quantize at all (pqcad_deploy.precision_policy.PRECISION_POLICIES holds what each keeps float)
 PRECISION_POLICY_NAMES: tuple[str, ...] = ("all", "tensorrt-safe")
+
+# what bias correction estimates the mean errors on (pqcad_deploy.compress._bias_correction_data)
+BIAS_CORRECTION_DATA: tuple[str, ...] = ("calibration", "fp-uniform", "student")
 
 
 def check_choice(name: str, value: object, allowed: tuple) -> None:

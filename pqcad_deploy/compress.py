@@ -225,7 +225,8 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
         method_report["act_scale_check"] = _check_act_scales(config, fp_unet, student, calibration,
                                                              loaded.scheduler_config, cal_cfg.batch_size, device)
     if config.bias_correction:
-        method_report["bias_correction"] = _correct_biases(fp_unet, student, calibration, device, progress)
+        method_report["bias_correction"] = _correct_biases(config, fp_unet, student, calibration,
+                                                           loaded.scheduler_config, image_shape, device, progress)
     report = quantization_report(fp_unet, student, calibration, cal_cfg.batch_size, device)
     report.update(method_report)
     report.update(plan_report)
@@ -269,8 +270,26 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
                           student_steps=len(timesteps), distilled=config.distill)
 
 
-def _correct_biases(fp_unet: torch.nn.Module, student: torch.nn.Module, calibration, device: str,
-                    progress: bool) -> dict:
+def _bias_correction_data(config: CompressConfig, fp_unet: torch.nn.Module, student: torch.nn.Module,
+                          calibration: CalibrationSet, scheduler_config: dict, image_shape: tuple[int, int, int],
+                          device: str, progress: bool) -> CalibrationSet:
+    """The (x_t, t) pairs the bias correction estimates on (``config.bias_correction_data``).
+
+    The trajectory variants keep the calibration set's counts (trajectories, kept timesteps) and seed,
+    with the kept timesteps evenly spread: the sampler visits every step once.
+    """
+    if config.bias_correction_data == "calibration":
+        return calibration
+    from pqcad_deploy.calibration.trajectories import collect_trajectory_calibration
+
+    spread = dataclasses.replace(config.calibration_config, timestep_sampling="uniform", selection="none")
+    unet = fp_unet if config.bias_correction_data == "fp-uniform" else student
+    return collect_trajectory_calibration(unet, scheduler_config, image_shape, config.teacher_steps, spread,
+                                          seed=config.seed, device=device, progress=progress)
+
+
+def _correct_biases(config: CompressConfig, fp_unet: torch.nn.Module, student: torch.nn.Module, calibration,
+                    scheduler_config: dict, image_shape: tuple[int, int, int], device: str, progress: bool) -> dict:
     """Bias correction of every quantized layer and of the last conv (quant.bias_correction), before CAD.
 
     conv_out is corrected even when it stays float: its output is the noise prediction, where any
@@ -279,10 +298,13 @@ def _correct_biases(fp_unet: torch.nn.Module, student: torch.nn.Module, calibrat
     from pqcad_deploy.layer_precision import LAST_LAYER
     from pqcad_deploy.quant.bias_correction import correct_biases
 
+    data = _bias_correction_data(config, fp_unet, student, calibration, scheduler_config, image_shape, device,
+                                 progress)
     names = list(quant_layers(student))
     if LAST_LAYER not in names and LAST_LAYER in dict(student.named_modules()):
         names.append(LAST_LAYER)
-    return correct_biases(fp_unet, student, names, calibration, device=device, progress=progress)
+    report = correct_biases(fp_unet, student, names, data, device=device, progress=progress)
+    return {"data": config.bias_correction_data, **report}
 
 
 DISTILL_CHECKPOINT_EVERY: dict[str, int] = {"fast": 25, "default": 200}

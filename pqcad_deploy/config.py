@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from pqcad_deploy.choices import (
-    ACT_BITS, ACT_SCALE_INITS, CALIBRATION_SELECTIONS, DEVICES, FIRST_LAST_DEFAULTS, FIRST_LAST_POLICIES, METHODS,
+    ACT_BITS, ACT_SCALE_INITS, BIAS_CORRECTION_DATA, CALIBRATION_SELECTIONS, DEVICES, FIRST_LAST_DEFAULTS, FIRST_LAST_POLICIES, METHODS,
     PRECISION_POLICY_NAMES, PRESETS,
     TIMESTEP_SAMPLINGS, WEIGHT_BITS, ActScaleInit, CalibrationSelection, Device, FirstLastPolicy, Method, Preset,
     TimestepSampling, check_choice,
@@ -111,6 +111,11 @@ class CompressConfig:
             (measured on the FP trajectories of the calibration set) into its bias
             (pqcad_deploy.quant.bias_correction). Off by default: it fixes the colour model's drift and
             FID but makes the Fashion-MNIST model's images brighter (docs/RESULTS.md section 15).
+        bias_correction_data: what the correction's mean errors are estimated on: "calibration" (the
+            calibration set, as measured in RESULTS section 15), "fp-uniform" (the FP model's DDIM
+            trajectories, every kept timestep evenly spread) or "student" (the quantized student's own
+            DDIM trajectories, evenly spread; both models evaluated on its x_t). The CPU proxy of
+            RESULTS section 15 ranked the last two above the first on both models.
     """
 
     model: str = "builtin"
@@ -131,6 +136,7 @@ class CompressConfig:
     precision_policy: str = "all"
     keep_float: tuple[str, ...] = ()
     bias_correction: bool = False
+    bias_correction_data: str = "calibration"
 
     def __post_init__(self) -> None:
         check_choice("--method", self.method, METHODS)
@@ -153,6 +159,10 @@ class CompressConfig:
         check_choice("--act-scale-check", self.act_scale_check, (False, True))
         check_choice("--precision-policy", self.precision_policy, PRECISION_POLICY_NAMES)
         check_choice("--bias-correction", self.bias_correction, (False, True))
+        check_choice("--bias-correction-data", self.bias_correction_data, BIAS_CORRECTION_DATA)
+        if self.bias_correction_data != "calibration" and not self.bias_correction:
+            raise ConfigError("--bias-correction-data only applies with --bias-correction; add it, or drop "
+                              "--bias-correction-data.")
         if isinstance(self.keep_float, str) or not all(isinstance(p, str) and p for p in self.keep_float):
             raise ConfigError(f"--keep-float takes non-empty layer-name patterns; got {self.keep_float!r}.")
         object.__setattr__(self, "keep_float", tuple(self.keep_float))

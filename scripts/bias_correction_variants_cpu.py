@@ -9,9 +9,10 @@ FP model's images from the same seeds and the mean PSNR against them:
 
 - ``none``: the student as compressed;
 - ``qc``: what ``compress --bias-correction`` does (the artifact's own calibration set, redrawn);
-- ``uniform``: the FP trajectories' every timestep equally (how the sampler visits them);
+- ``uniform``: the FP trajectories' every timestep equally (how the sampler visits them;
+  ``compress --bias-correction-data fp-uniform``);
 - ``student``: the student's own DDIM trajectories, every timestep equally (FP and student layers
-  both evaluated on the student's x_t);
+  both evaluated on the student's x_t; ``compress --bias-correction-data student``);
 - ``out``: only conv_out corrected, on the calibration set;
 - ``weights_only``: no correction, every input quantizer switched off (the weights' share of the drift).
 
@@ -21,7 +22,6 @@ FP model's images from the same seeds and the mean PSNR against them:
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import sys
@@ -29,28 +29,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def student_trajectories(student, scheduler_config, image_shape, steps: int, num: int, kept: int, seed: int):
-    """A CalibrationSet of (x_t, t) from the student's own DDIM-`steps` trajectories (`kept` evenly
-    spaced steps of each of `num` trajectories)."""
-    import torch
-
-    from pqcad_deploy.calibration.trajectories import CalibrationSet, uniform_step_indices
-    from pqcad_deploy.schedule import make_ddim_scheduler
-
-    scheduler = make_ddim_scheduler(scheduler_config, steps)
-    keep = set(uniform_step_indices(len(scheduler.timesteps), kept))
-    x = torch.randn((num, *image_shape), generator=torch.Generator().manual_seed(seed))
-    xs, ts = [], []
-    with torch.no_grad():
-        for i, t in enumerate(scheduler.timesteps):
-            if i in keep:
-                xs.append(x.clone())
-                ts.append(torch.full((num,), float(t)))
-            eps = student(x, t).sample
-            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
-    return CalibrationSet(x=torch.cat(xs), t=torch.cat(ts), description={"source": "student trajectories"})
 
 
 def main() -> int:
@@ -65,6 +43,7 @@ def main() -> int:
 
     from pqcad_deploy.artifact import load_artifact
     from pqcad_deploy.calibration.qc import collect_qc_calibration
+    from pqcad_deploy.calibration.trajectories import collect_trajectory_calibration
     from pqcad_deploy.config import CalibrationConfig
     from pqcad_deploy.eval.generate import generate_images
     from pqcad_deploy.eval.psnr import mean_psnr
@@ -100,13 +79,11 @@ def main() -> int:
             if variant in ("qc", "out"):
                 data = collect_qc_calibration(teacher, m.scheduler_config, tuple(m.image_shape), steps, cal_cfg,
                                               seed=int(m.options["seed"]), progress=False)
-            elif variant == "uniform":
-                data = collect_qc_calibration(teacher, m.scheduler_config, tuple(m.image_shape), steps,
-                                              dataclasses.replace(cal_cfg, timestep_sampling="uniform"),
-                                              seed=int(m.options["seed"]), progress=False)
-            elif variant == "student":
-                data = student_trajectories(copy.deepcopy(student), m.scheduler_config, tuple(m.image_shape), steps,
-                                            cal_cfg.num_trajectories, cal_cfg.timesteps_kept, int(m.options["seed"]))
+            elif variant in ("uniform", "student"):  # what compress --bias-correction-data fp-uniform / student use
+                spread = dataclasses.replace(cal_cfg, timestep_sampling="uniform", selection="none")
+                data = collect_trajectory_calibration(teacher if variant == "uniform" else student, m.scheduler_config,
+                                                      tuple(m.image_shape), steps, spread,
+                                                      seed=int(m.options["seed"]), progress=False)
             else:
                 raise SystemExit(f"unknown variant {variant!r}")
             report = correct_biases(teacher, student, [LAST_LAYER] if variant == "out" else names, data,

@@ -271,6 +271,8 @@ CASES: list[Case] = [
     Case("compress-precision-policy", ("compress", *OUT, "--precision-policy", "none"), 2, ("--precision-policy",)),
     Case("compress-keep-float-no-match", ("compress", *OUT, *FAST, "--keep-float", "no_such_layer*"), 1,
          ("--keep-float", "no_such_layer*", "conv_in")),
+    Case("compress-bias-correction-data-alone", ("compress", *OUT, "--bias-correction-data", "student"), 2,
+         ("--bias-correction-data", "--bias-correction")),
     Case("analyze-missing-artifact", ("analyze", "nowhere", "--out", "analysis"), 1, ("nowhere",)),
     Case("compress-timestep-sampling", ("compress", *OUT, "--timestep-sampling", "beta"), 2, ("--timestep-sampling",)),
     Case("compress-timestep-mean-uniform", ("compress", *OUT, "--method", "minmax", "--timestep-mean", "0.5"), 2,

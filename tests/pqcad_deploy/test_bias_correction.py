@@ -103,3 +103,47 @@ def test_layers_are_corrected_in_the_order_the_forward_pass_runs_them():
 
     model = _Reversed()
     assert execution_order(model, ["second", "first"], (torch.zeros(1, 2, 3, 3), torch.zeros(1))) == ["first", "second"]
+
+
+def _compressed(model_dir, out, **options) -> dict:
+    """The student tensors and the report of a fast minmax compress of `model_dir` with `options`."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from pqcad_deploy.compress import compress
+    from pqcad_deploy.config import CompressConfig
+
+    compress(CompressConfig(model=str(model_dir), method="minmax", distill=False, teacher_steps=10, preset="fast",
+                            **options), out, progress=False)
+    return {"tensors": load_file(str(out / "student.safetensors")),
+            "report": json.loads((out / "report.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def uncorrected(small_unet_dir, tmp_path_factory) -> dict:
+    return _compressed(small_unet_dir, tmp_path_factory.mktemp("bc") / "plain")
+
+
+@pytest.mark.parametrize("data", ["calibration", "fp-uniform", "student"])
+def test_compress_estimates_the_correction_on_the_chosen_data(small_unet_dir, uncorrected, tmp_path, data):
+    """compress --bias-correction changes the biases (not the codes), on the data the option names."""
+    plain = uncorrected
+    corrected = _compressed(small_unet_dir, tmp_path / "bc", bias_correction=True, bias_correction_data=data)
+    assert "bias_correction" not in plain["report"]
+    section = corrected["report"]["bias_correction"]
+    assert section["data"] == data and section["samples"] > 0 and "conv_out" in section["layers"]
+    biases = [k for k in plain["tensors"] if k.endswith(".bias") and k.rsplit(".", 1)[0] in section["layers"]]
+    assert biases and any(not torch.equal(plain["tensors"][k], corrected["tensors"][k]) for k in biases)
+    codes = [k for k in plain["tensors"] if k.endswith(".weight_codes")]
+    assert all(torch.equal(plain["tensors"][k], corrected["tensors"][k]) for k in codes)
+
+
+def test_bias_correction_data_needs_bias_correction():
+    from pqcad_deploy.config import CompressConfig
+    from pqcad_deploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--bias-correction-data only applies with --bias-correction"):
+        CompressConfig(bias_correction_data="student")
+    with pytest.raises(ConfigError, match="--bias-correction-data must be one of calibration, fp-uniform, student"):
+        CompressConfig(bias_correction=True, bias_correction_data="random")

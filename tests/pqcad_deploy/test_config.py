@@ -121,6 +121,7 @@ def test_config_to_dict_compress():
         "first_last": "w8-fp-input",  # the effective policy (pqcad's default) is recorded
         "act_scale_init": "minmax", "layer_loss": False, "act_scale_check": True,
         "precision_policy": "all", "keep_float": [], "bias_correction": False,
+        "bias_correction_data": "calibration",
         # the effective calibration is recorded even when it came from the preset
         "calibration": {"num_trajectories": 4, "timesteps_kept": 8, "batch_size": 4,
                         "timestep_sampling": "normal", "timestep_mean": 0.4, "timestep_std": 0.3,
