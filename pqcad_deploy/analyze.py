@@ -54,9 +54,15 @@ def _rel(err: float, ref: float) -> dict:
     return {"rel_mse": rel, "sqnr_db": None if rel == 0 or not math.isfinite(rel) else -10.0 * math.log10(rel)}
 
 
-def _with_shift(err: "_Diff", ref: float) -> dict:
-    """{"rel_mse", "sqnr_db", "eps_mean_shift"} of a perturbed pass."""
-    return {**_rel(err, ref), "eps_mean_shift": err.channel_mean}
+def _channel_shift(d: torch.Tensor) -> list[float]:
+    """Per-channel mean of an eps difference [P, C, H, W]: the shift the sampler integrates into a
+    brightness or colour drift (the squared error ranks layers by the noise they add instead)."""
+    return d.mean(dim=(0, 2, 3)).tolist()
+
+
+def _with_shift(d: torch.Tensor, ref: float) -> dict:
+    """{"rel_mse", "sqnr_db", "eps_mean_shift"} of a perturbed pass's eps difference `d`."""
+    return {**_rel(_sq(d), ref), "eps_mean_shift": _channel_shift(d)}
 
 
 def _eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -93,21 +99,6 @@ def _eps_all(unet, xs, ts, batch_size, device) -> torch.Tensor:
 
 def _sq(d: torch.Tensor) -> float:
     return float(d.pow(2).sum())
-
-
-class _Diff(float):
-    """A squared error (the float) that also carries the per-channel mean of the difference.
-
-    The mean shift is what becomes a colour or brightness drift: the sampler integrates it over every
-    step, while the squared error ranks layers by how much noise they add.
-    """
-
-    channel_mean: list[float]
-
-    def __new__(cls, d: torch.Tensor) -> "_Diff":
-        out = super().__new__(cls, _sq(d))
-        out.channel_mean = d.mean(dim=(0, 2, 3)).tolist()
-        return out
 
 
 def _channel_means_255(x: torch.Tensor) -> list[float]:
@@ -187,17 +178,17 @@ def measure(teacher: torch.nn.Module, student: torch.nn.Module, manifest, n: int
             raise ArtifactError(f"the teacher has no layer {name} shaped like the student's; the artifact is "
                                 "inconsistent.")
 
-    def weights_err(names: list[str]) -> _Diff:
+    def weights_err(names: list[str]) -> torch.Tensor:  # eps difference from FP
         saved = {nm: t_modules[nm].weight.detach().clone() for nm in names}
         try:
             for nm in names:
                 t_modules[nm].weight.copy_(q_layers[nm].quantized_weight())
-            return _Diff(_eps_all(teacher, s_xs, s_ts, batch_size, device) - s_fp)
+            return _eps_all(teacher, s_xs, s_ts, batch_size, device) - s_fp
         finally:
             for nm, w in saved.items():
                 t_modules[nm].weight.copy_(w)
 
-    def acts_err(names: list[str]) -> _Diff:
+    def acts_err(names: list[str]) -> torch.Tensor:  # eps difference from FP
         handles = []
         try:
             for nm in names:
@@ -208,7 +199,7 @@ def measure(teacher: torch.nn.Module, student: torch.nn.Module, manifest, n: int
                     return (fake_quantize_activation(args[0], scale, bits), *args[1:])
 
                 handles.append(t_modules[nm].register_forward_pre_hook(hook))
-            return _Diff(_eps_all(teacher, s_xs, s_ts, batch_size, device) - s_fp)
+            return _eps_all(teacher, s_xs, s_ts, batch_size, device) - s_fp
         finally:
             for h in handles:
                 h.remove()
@@ -217,16 +208,17 @@ def measure(teacher: torch.nn.Module, student: torch.nn.Module, manifest, n: int
     layers = {}
     for name in tqdm(list(q_layers), desc="layer sensitivity", unit="layer", disable=not progress):
         q = q_layers[name]
-        w_err = weights_err([name])
-        a_err = acts_err([name]) if name in act_names else None
+        w_diff = weights_err([name])
+        a_diff = acts_err([name]) if name in act_names else None
+        w_shift = _channel_shift(w_diff)
+        a_shift = None if a_diff is None else _channel_shift(a_diff)
         layers[name] = {"kind": "conv2d" if isinstance(q, QuantConv2d) else "linear",
                         "weight_bits": q.weight_bits, "act_bits": q.act_bits,
-                        "weight_rel_mse": _rel(w_err, s_ref)["rel_mse"],
-                        "act_rel_mse": None if a_err is None else _rel(a_err, s_ref)["rel_mse"],
-                        "weight_eps_mean_shift": w_err.channel_mean,
-                        "act_eps_mean_shift": None if a_err is None else a_err.channel_mean,
-                        "max_abs_eps_mean_shift": max(abs(v) for v in w_err.channel_mean
-                                                      + ([] if a_err is None else a_err.channel_mean))}
+                        "weight_rel_mse": _rel(_sq(w_diff), s_ref)["rel_mse"],
+                        "act_rel_mse": None if a_diff is None else _rel(_sq(a_diff), s_ref)["rel_mse"],
+                        "weight_eps_mean_shift": w_shift,
+                        "act_eps_mean_shift": a_shift,
+                        "max_abs_eps_mean_shift": max(abs(v) for v in w_shift + (a_shift or []))}
 
     def ranking(key: str) -> list[str]:
         return sorted((nm for nm in layers if layers[nm][key] is not None), key=lambda nm: (-layers[nm][key], nm))

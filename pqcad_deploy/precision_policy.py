@@ -134,6 +134,7 @@ def precision_policy_report(unet: nn.Module, image_shape: tuple[int, int, int], 
     macs = layer_macs(unet, image_shape)
     total = max(sum(macs.values()), 1)
     kept = float_layers(plan, policy, keep_float)
+    kept_set = set(kept)
     return {
         "policy": policy,
         "policy_patterns": list(PRECISION_POLICIES[policy].keep_float),
@@ -142,5 +143,5 @@ def precision_policy_report(unet: nn.Module, image_shape: tuple[int, int, int], 
         "total_macs_per_image": sum(macs.values()),
         "float_layers": {name: {"macs_per_image": macs[name], "mac_share": macs[name] / total} for name in kept},
         "float_mac_share": sum(macs[name] for name in kept) / total,
-        "quantized_mac_share": sum(macs[n] for n in plan if n not in set(kept)) / total,
+        "quantized_mac_share": sum(macs[n] for n in plan if n not in kept_set) / total,
     }

@@ -89,7 +89,8 @@ def main() -> int:
             report = correct_biases(teacher, student, [LAST_LAYER] if variant == "out" else names, data,
                                     progress=False)
         images = sample(student)
-        row = {"means": means(images), "drift": [round(a - b, 3) for a, b in zip(means(images), results["fp_means"])],
+        row_means = means(images)
+        row = {"means": row_means, "drift": [round(a - b, 3) for a, b in zip(row_means, results["fp_means"])],
                "psnr_vs_fp_db": round(float(mean_psnr(images, fp_images)), 3),
                "seconds": round(time.perf_counter() - started, 1)}
         if report is not None:

@@ -143,8 +143,9 @@ def correct_biases(fp_unet: nn.Module, student: nn.Module, layer_names: Iterable
     relative to the RMS of the FP layer's channel means (how large the shift was).
     """
     data = _subset(calibration, config.max_samples)
-    names = [n for n in layer_names if getattr(student.get_submodule(n), "bias", None) is not None]
-    skipped = [n for n in layer_names if n not in names]
+    requested = list(layer_names)  # iterated twice below
+    names = [n for n in requested if getattr(student.get_submodule(n), "bias", None) is not None]
+    skipped = [n for n in requested if n not in names]
     x0, t0 = next(iter(data.batches(1)))
     names = execution_order(student, names, (x0.to(device), t0.to(device)))
     fp_means = channel_means(fp_unet, names, data, config.batch_size, device)
