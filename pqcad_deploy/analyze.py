@@ -265,7 +265,7 @@ def analyze_artifact(artifact: str | Path, out: str | Path, *, n: int = 8, seed:
     started = time.perf_counter()
     art = load_artifact(artifact)
     with staged_directory(out, overwrite=overwrite, error=OutputPathError, kind=ANALYSIS_KIND) as tmp:
-        data = measure(art.build_teacher(), art.build_student(), art.manifest, n=n, seed=seed,
+        data = measure(art.build_teacher(like_student=True), art.build_student(), art.manifest, n=n, seed=seed,
                        batch_size=batch_size, device=device, progress=progress, sensitivity_steps=sensitivity_steps)
         data.update(artifact=str(Path(artifact)), artifact_digest=artifact_digest(Path(artifact)),
                     method=art.manifest.method, device=device, batch_size=batch_size,

@@ -23,6 +23,7 @@ import torch
 from pqcad_deploy.errors import ArtifactError
 from pqcad_deploy.fsutil import atomic_output_dir
 from pqcad_deploy.quant.replace import LayerBits, quant_layers, swap_in_quant_layers
+from pqcad_deploy.quant.rewrites import restore_rewrites
 
 __all__ = [
     "ARTIFACT_FORMAT",
@@ -279,8 +280,12 @@ class CompressedArtifact:
             raise ArtifactError(f"{self.path} holds a {self.manifest.unet_class}; only UNet2DModel is supported.")
         return UNet2DModel.from_config(self.manifest.unet_config).eval()
 
-    def build_teacher(self) -> torch.nn.Module:
-        """The untouched FP UNet the artifact was made from."""
+    def build_teacher(self, like_student: bool = False) -> torch.nn.Module:
+        """The untouched FP UNet the artifact was made from.
+
+        `like_student`: with the student's float-equivalent rewrites (quant.rewrites) applied, so that
+        its layers pair with the student's by name (analyze).
+        """
         from safetensors.torch import load_file
 
         unet = self._empty_unet()
@@ -289,6 +294,9 @@ class CompressedArtifact:
             unet.load_state_dict(state, strict=True)
         except Exception as exc:
             raise ArtifactError(f"cannot load the teacher weights of {self.path}: {exc}") from None
+        if like_student:
+            with torch.no_grad():
+                restore_rewrites(unet, self.manifest.layers, multipliers=self.student_tensors)
         return unet
 
     def build_student(self) -> torch.nn.Module:
@@ -296,8 +304,9 @@ class CompressedArtifact:
         unet = self._empty_unet()
         plan = {name: LayerBits(rec.weight_bits, rec.act_bits) for name, rec in self.manifest.layers.items()}
         try:
+            restore_rewrites(unet, self.manifest.layers)
             swap_in_quant_layers(unet, plan)
-        except (AttributeError, ValueError) as exc:
+        except (AttributeError, ValueError, IndexError) as exc:
             raise ArtifactError(f"{self.path}: the layer list does not match the UNet config ({exc}).") from None
         tensors = dict(self.student_tensors)
         with torch.no_grad():

@@ -110,12 +110,12 @@ def _run_method(config: CompressConfig, fp_unet, plan, calibration, batch_size: 
         from pqcad_deploy.methods.brecq import brecq_quantize
 
         return brecq_quantize(fp_unet, plan, calibration, rcfg, device, progress, capture_batch_size=batch_size,
-                              checkpoint=checkpoint, act_scale_init=config.act_scale_init)
+                              checkpoint=checkpoint, act_scale_init=config.activation_scale_init)
     from pqcad_deploy.methods.pqcad import PRESET_PQ_RULE, PQConfig, pq_quantize
 
     return pq_quantize(fp_unet, plan, calibration,
                        PQConfig(reconstruction=rcfg, rule=PRESET_PQ_RULE[config.preset],
-                                act_scale_init=config.act_scale_init), device, progress,
+                                act_scale_init=config.activation_scale_init), device, progress,
                        capture_batch_size=batch_size, checkpoint=checkpoint)
 
 
@@ -213,6 +213,8 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
             fp_unet, loaded.scheduler_config, image_shape, config.teacher_steps, cal_cfg,
             seed=config.seed, device=device, progress=progress)
     checkpoint.use_calibration(calibration)
+    teacher_state = {k: v.detach().clone() for k, v in fp_unet.state_dict().items()}  # before any rewrite
+    plan, plan_report["rewrites"] = _apply_rewrites(config, fp_unet, plan, calibration, cal_cfg.batch_size, device)
     try:
         student, method_report = _run_method(config, fp_unet, plan, calibration, cal_cfg.batch_size, device,
                                              progress, checkpoint)
@@ -262,12 +264,36 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
         calibration=calibration.description,
         provenance=provenance(config.seed, loaded.source, loaded.unet_dir),
     )
-    save_artifact(out, manifest, student_state_from_model(student),
-                  {k: v for k, v in fp_unet.state_dict().items()}, report, overwrite=overwrite)
+    save_artifact(out, manifest, student_state_from_model(student), teacher_state, report, overwrite=overwrite)
     checkpoint.remove()
     return CompressResult(artifact=out, seconds=time.perf_counter() - started,
                           noise_pred_sqnr_db=report["noise_pred_sqnr_db"], num_quantized_layers=len(layers),
                           student_steps=len(timesteps), distilled=config.distill)
+
+
+def _apply_rewrites(config: CompressConfig, fp_unet: torch.nn.Module, plan: dict[str, LayerBits],
+                    calibration: CalibrationSet, batch_size: int, device: str) -> tuple[dict[str, LayerBits], dict]:
+    """The float-equivalent rewrites of `fp_unet` in place (quant.rewrites); (plan under the new names, report).
+
+    Only layers whose input the plan quantizes are rewritten: the rewrites exist for the input scale.
+    The FP model used as the reference from here on has the same structure as the student, so the
+    layer-wise reconstruction and analysis pair the layers by name.
+    """
+    from pqcad_deploy.quant import rewrites as R
+
+    quantized_input = {n for n, bits in plan.items() if bits.act_bits is not None}
+    split = R.split_concat_inputs(fp_unet, config.split_concat, only=quantized_input)
+    plan = split.translate_plan(plan)
+    report: dict = {"split_concat": config.split_concat, "split_layers": sorted(split.renamed)}
+    if config.smoothquant_alpha is not None:
+        linears = [n for n in sorted(quantized_input & plan.keys())
+                   if isinstance(fp_unet.get_submodule(n), torch.nn.Linear)]
+        smooth = R.smooth_linears(fp_unet, linears)
+        plan = smooth.translate_plan(plan)
+        report["smoothquant"] = {"alpha": config.smoothquant_alpha,
+                                 "layers": R.fit_smoothing(fp_unet, calibration, config.smoothquant_alpha,
+                                                           batch_size, device)}
+    return plan, report
 
 
 def _bias_correction_data(config: CompressConfig, fp_unet: torch.nn.Module, student: torch.nn.Module,
@@ -317,7 +343,7 @@ def _check_act_scales(config: CompressConfig, fp_unet: torch.nn.Module, student:
     from pqcad_deploy.act_scale_check import PRESET_SCALE_CHECK, keep_better_activation_scales
 
     return keep_better_activation_scales(fp_unet, student, calibration, scheduler_config, config.teacher_steps,
-                                         config.act_scale_init, batch_size, PRESET_SCALE_CHECK[config.preset],
+                                         config.activation_scale_init, batch_size, PRESET_SCALE_CHECK[config.preset],
                                          seed=config.seed, device=device)
 
 

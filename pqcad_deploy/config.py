@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field
 
 from pqcad_deploy.choices import (
-    ACT_BITS, ACT_SCALE_INITS, BIAS_CORRECTION_DATA, CALIBRATION_SELECTIONS, DEVICES, FIRST_LAST_DEFAULTS, FIRST_LAST_POLICIES, METHODS,
-    PRECISION_POLICY_NAMES, PRESETS,
+    ACT_BITS, ACT_SCALE_INIT_DEFAULTS, ACT_SCALE_INITS, BIAS_CORRECTION_DATA, CALIBRATION_SELECTIONS, DEVICES, FIRST_LAST_DEFAULTS, FIRST_LAST_POLICIES, METHODS,
+    PRECISION_POLICY_NAMES, PRESETS, SPLIT_CONCAT,
     TIMESTEP_SAMPLINGS, WEIGHT_BITS, ActScaleInit, CalibrationSelection, Device, FirstLastPolicy, Method, Preset,
     TimestepSampling, check_choice,
 )
@@ -96,7 +96,9 @@ class CompressConfig:
         first_last: precision of conv_in / conv_out (layer_precision): "w8-fp-input", "w8a8" or
             "target"; None picks the method's default (see :attr:`first_last_policy`).
         act_scale_init: brecq / pqcad stage 2: how activation scales start before they are learned
-            ("minmax", "percentile" 99.99, "mse" clipping search).
+            ("minmax", "percentile" 99.99, "mse" clipping search, per layer over the calibration set's
+            timesteps); None picks the method's default (:attr:`activation_scale_init`: mse for the
+            learned methods, measured in docs/RESULTS.md section 15).
         layer_loss: brecq / pqcad: add the per-layer output errors inside each block to the block
             reconstruction loss (EDA-DM).
         act_scale_check: brecq / pqcad: after stage 2, keep the learned activation scales only if
@@ -116,6 +118,13 @@ class CompressConfig:
             trajectories, every kept timestep evenly spread) or "student" (the quantized student's own
             DDIM trajectories, evenly spread; both models evaluated on its x_t). The CPU proxy of
             RESULTS section 15 ranked the last two above the first on both models.
+        split_concat: which up-block resnet convs that read ``cat([h, skip])`` are computed as two convs
+            and an Add, each half with its own activation scale (Q-Diffusion's split shortcut;
+            pqcad_deploy.quant.rewrites): "none", "shortcut" (the 1x1 conv_shortcut) or
+            "shortcut+conv1" (and conv1).
+        smoothquant_alpha: None (off) or SmoothQuant's migration strength in (0, 1) for every Linear with
+            a quantized input: its input is multiplied per channel by 1/s (a Mul in the ONNX) and its
+            weight columns by s, s = max|x|^alpha / max|w|^(1 - alpha) on the calibration set.
     """
 
     model: str = "builtin"
@@ -130,13 +139,15 @@ class CompressConfig:
     calibration: CalibrationConfig | None = field(default=None)
     avg_weight_bits: float | None = None
     first_last: FirstLastPolicy | None = None
-    act_scale_init: ActScaleInit = "minmax"
+    act_scale_init: ActScaleInit | None = None
     layer_loss: bool = False
     act_scale_check: bool = True
     precision_policy: str = "all"
     keep_float: tuple[str, ...] = ()
     bias_correction: bool = False
     bias_correction_data: str = "calibration"
+    split_concat: str = "none"
+    smoothquant_alpha: float | None = None
 
     def __post_init__(self) -> None:
         check_choice("--method", self.method, METHODS)
@@ -154,7 +165,8 @@ class CompressConfig:
         self._check_avg_weight_bits()
         if self.first_last is not None:
             check_choice("--first-last", self.first_last, FIRST_LAST_POLICIES)
-        check_choice("--act-scale-init", self.act_scale_init, ACT_SCALE_INITS)
+        if self.act_scale_init is not None:
+            check_choice("--act-scale-init", self.act_scale_init, ACT_SCALE_INITS)
         check_choice("--layer-loss", self.layer_loss, (False, True))
         check_choice("--act-scale-check", self.act_scale_check, (False, True))
         check_choice("--precision-policy", self.precision_policy, PRECISION_POLICY_NAMES)
@@ -163,10 +175,17 @@ class CompressConfig:
         if self.bias_correction_data != "calibration" and not self.bias_correction:
             raise ConfigError("--bias-correction-data only applies with --bias-correction; add it, or drop "
                               "--bias-correction-data.")
+        check_choice("--split-concat", self.split_concat, SPLIT_CONCAT)
+        alpha = self.smoothquant_alpha
+        if alpha is not None:
+            if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 < alpha < 1.0:
+                raise ConfigError(f"--smoothquant-alpha must be a number in (0, 1) (how much of the activation's "
+                                  f"range moves into the weight); got {alpha!r}.")
+            object.__setattr__(self, "smoothquant_alpha", float(alpha))
         if isinstance(self.keep_float, str) or not all(isinstance(p, str) and p for p in self.keep_float):
             raise ConfigError(f"--keep-float takes non-empty layer-name patterns; got {self.keep_float!r}.")
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
-        if self.method == "minmax" and (self.act_scale_init != "minmax" or self.layer_loss):
+        if self.method == "minmax" and (self.act_scale_init not in (None, "minmax") or self.layer_loss):
             raise ConfigError("--act-scale-init and --layer-loss apply to the learned methods; "
                               "use --method brecq or --method pqcad, or drop them for minmax.")
 
@@ -189,6 +208,11 @@ class CompressConfig:
         return self.first_last if self.first_last is not None else FIRST_LAST_DEFAULTS[self.method]
 
     @property
+    def activation_scale_init(self) -> ActScaleInit:
+        """The given stage-2 start, else the method's default (minmax: minmax; brecq, pqcad: mse)."""
+        return self.act_scale_init if self.act_scale_init is not None else ACT_SCALE_INIT_DEFAULTS[self.method]
+
+    @property
     def calibration_config(self) -> CalibrationConfig:
         """The given calibration, else the preset's; for pqcad with normally distributed timesteps (C_QC)."""
         if self.calibration is not None:
@@ -203,6 +227,7 @@ def config_to_dict(config: object) -> dict:
     if isinstance(config, CompressConfig):
         data["calibration"] = dataclasses.asdict(config.calibration_config)
         data["first_last"] = config.first_last_policy
+        data["act_scale_init"] = config.activation_scale_init
     data["_type"] = type(config).__name__
     data["_version"] = CONFIG_VERSION
     return json.loads(json.dumps(data, sort_keys=True))

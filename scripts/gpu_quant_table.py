@@ -18,7 +18,9 @@ method ``fp`` (the FP model itself; bits ignored) / ``minmax`` / ``brecq`` / ``p
 ``all`` / ``safe`` (``--precision-policy all`` / ``tensorrt-safe``), ``bc`` / ``nobc``
 (``--bias-correction`` / ``--no-bias-correction``); unflagged options take compress's defaults, which
 were ``tensorrt-safe`` + bias correction for the first run of RESULTS section 15; ``fl=POLICY``
-(``--first-last``), ``init=INIT`` (``--act-scale-init``), ``cad`` (distil; sampled at its own steps).
+(``--first-last``), ``init=INIT`` (``--act-scale-init``), ``split=CHOICE`` (``--split-concat``),
+``sq=ALPHA`` (``--smoothquant-alpha``), ``bcdata=DATA`` (``--bias-correction-data``), ``cad`` (distil;
+sampled at its own steps).
 
     python3 scripts/gpu_quant_table.py make --rows fmnist:pqcad:8:8,... --cache /tmp/q13
     python3 scripts/gpu_quant_table.py score --weights /tmp/default_1.pt --cache /tmp/q13 --out $OUT \\
@@ -39,7 +41,9 @@ sys.path.insert(0, str(ROOT))
 MODELS = {"fmnist": "builtin:fashion-mnist", "cifar10": "builtin:cifar10"}
 REFERENCES = {"fmnist": ROOT / "pqcad_deploy/eval/data/fashion_mnist_train_fid_stats.npz",
               "cifar10": ROOT / "pqcad_deploy/eval/data/cifar10_train_fid_stats.npz"}
-OPTION_FLAGS = {"fl": "first_last", "init": "act_scale_init"}
+OPTION_FLAGS = {"fl": "first_last", "init": "act_scale_init", "split": "split_concat", "sq": "smoothquant_alpha",
+                "bcdata": "bias_correction_data"}
+FLOAT_OPTIONS = {"smoothquant_alpha"}
 
 
 def row_name(row: str) -> str:
@@ -54,7 +58,7 @@ def parse_row(row: str) -> tuple[str, str, int, int, dict]:
     for flag in flags:
         key, _, value = flag.partition("=")
         if key in OPTION_FLAGS and value:
-            options[OPTION_FLAGS[key]] = value
+            options[OPTION_FLAGS[key]] = float(value) if OPTION_FLAGS[key] in FLOAT_OPTIONS else value
         elif flag in ("all", "safe"):
             options["precision_policy"] = "all" if flag == "all" else "tensorrt-safe"
         elif flag in ("bc", "nobc"):
@@ -99,6 +103,9 @@ def make(rows: list[str], cache: Path, steps: int, n: int, preset: str = "defaul
                 artifact = load_artifact(art)
                 report = json.loads((art / "report.json").read_text())
                 info["float_mac_share"] = report["precision_policy"]["float_mac_share"]
+                info["rewrites"] = report.get("rewrites")
+                if "bias_correction" in report:
+                    info["bias_correction_data"] = report["bias_correction"].get("data")
                 if "act_scale_check" in report:
                     info["act_scale_check"] = report["act_scale_check"]
                 unet, sample_steps = artifact.build_student(), artifact.manifest.student_steps

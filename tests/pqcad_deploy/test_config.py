@@ -119,9 +119,10 @@ def test_config_to_dict_compress():
         "weight_bits": 4, "act_bits": 8, "teacher_steps": 10, "preset": "fast", "device": "cpu",
         "seed": 3, "distill": True, "avg_weight_bits": None,
         "first_last": "w8-fp-input",  # the effective policy (pqcad's default) is recorded
-        "act_scale_init": "minmax", "layer_loss": False, "act_scale_check": True,
+        "act_scale_init": "mse",  # the effective start of stage 2 (the learned methods' default)
+        "layer_loss": False, "act_scale_check": True,
         "precision_policy": "all", "keep_float": [], "bias_correction": False,
-        "bias_correction_data": "calibration",
+        "bias_correction_data": "calibration", "split_concat": "none", "smoothquant_alpha": None,
         # the effective calibration is recorded even when it came from the preset
         "calibration": {"num_trajectories": 4, "timesteps_kept": 8, "batch_size": 4,
                         "timestep_sampling": "normal", "timestep_mean": 0.4, "timestep_std": 0.3,
