@@ -182,6 +182,8 @@ def fit_smoothing(unet: nn.Module, calibration: CalibrationSet, alpha: float, ba
             h.remove()
     report = {}
     for name, module in smoothed.items():
+        if amax[name] is None:
+            raise RuntimeError(f"{name} did not run on the calibration set, so SmoothQuant has no ranges for it")
         a = amax[name].clamp_min(1e-5)
         weight = module.linear.weight * module.input_multiplier  # back to the FP weight
         w = weight.abs().amax(dim=0).float().clamp_min(1e-5)
