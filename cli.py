@@ -139,6 +139,10 @@ def cli() -> None:
               type=_StageChoice("BIAS_CORRECTION_DATA"),
               help="With --bias-correction: estimate the mean errors on the calibration set, on the FP model's "
                    "trajectories with evenly spread timesteps (fp-uniform), or on the student's own (student).")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(1, 8),
+              help="CAD rounds: each halves the sampling steps again (--teacher-steps 20 --rounds 2: 20 -> 10 -> 5), "
+                   "the next round's teacher being the previous round's student; each round is checked "
+                   "against plain step halving and checkpointed.")
 @click.option("--split-concat", default="none", show_default=True, type=_StageChoice("SPLIT_CONCAT"),
               help="Up-block resnets read cat([h, skip]), two halves with very different ranges: compute the "
                    "convs that read it as two convs and an Add, each half with its own INT8 scale "
@@ -179,7 +183,7 @@ def cli() -> None:
 @_quiet_option
 def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, device, seed, distill,
              resume, avg_weight_bits, first_last, precision_policy, keep_float, bias_correction, bias_correction_data,
-             split_concat, smoothquant_alpha, act_scale_init,
+             rounds, split_concat, smoothquant_alpha, act_scale_init,
              act_scale_check, layer_loss, timestep_sampling, timestep_mean,
              timestep_std, calibration_selection, calibration_oversample, overwrite, quiet) -> None:
     """Compress a diffusers UNet2DModel into an artifact (codes, scales, configs, report)."""
@@ -198,7 +202,7 @@ def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, d
                                 act_scale_init=act_scale_init, layer_loss=layer_loss, act_scale_check=act_scale_check,
                                 precision_policy=precision_policy, keep_float=tuple(keep_float),
                                 bias_correction=bias_correction, bias_correction_data=bias_correction_data,
-                                split_concat=split_concat, smoothquant_alpha=smoothquant_alpha)
+                                split_concat=split_concat, smoothquant_alpha=smoothquant_alpha, rounds=rounds)
         overrides: dict = {}
         if calibration_selection != "none":
             overrides["selection"] = calibration_selection
@@ -225,6 +229,10 @@ def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, d
     mixed = "" if avg_weight_bits is None else f" mixed to <= {avg_weight_bits:g} average weight bits"
     steps = (f"distilled to {result.student_steps} steps" if result.distilled
              else f"{result.student_steps} steps, not distilled")
+    guard = result.distill_guard
+    if guard is not None:
+        steps += (f" (guard kept the {guard['kept']} student: PSNR vs FP-{guard['reference_steps']} "
+                  f"{guard['psnr_distilled_db']:.2f} dB distilled, {guard['psnr_undistilled_db']:.2f} dB undistilled)")
     click.echo(f"wrote {result.artifact} ({method} W{weight_bits}A{act_bits}{mixed}, {result.num_quantized_layers} "
                f"quantized layers, {steps}, noise-prediction SQNR {result.noise_pred_sqnr_db:.1f} dB"
                f"{' before distillation' if result.distilled else ''}, {result.seconds:.1f} s)")

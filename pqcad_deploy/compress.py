@@ -44,6 +44,7 @@ class CompressResult:
     num_quantized_layers: int
     student_steps: int
     distilled: bool
+    distill_guard: dict | None = None  # distill.guard's report entry (both PSNRs, which student was kept)
 
 
 def uniform_plan(unet: torch.nn.Module, weight_bits: int, act_bits: int) -> dict[str, LayerBits]:
@@ -268,7 +269,8 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
     checkpoint.remove()
     return CompressResult(artifact=out, seconds=time.perf_counter() - started,
                           noise_pred_sqnr_db=report["noise_pred_sqnr_db"], num_quantized_layers=len(layers),
-                          student_steps=len(timesteps), distilled=config.distill)
+                          student_steps=len(timesteps), distilled=config.distill,
+                          distill_guard=report["distillation"]["guard"] if config.distill else None)
 
 
 def _apply_rewrites(config: CompressConfig, fp_unet: torch.nn.Module, plan: dict[str, LayerBits],
@@ -350,27 +352,88 @@ def _check_act_scales(config: CompressConfig, fp_unet: torch.nn.Module, student:
 def _distill(config: CompressConfig, student: torch.nn.Module, fp_unet: torch.nn.Module, scheduler_config: dict,
              image_shape: tuple[int, int, int], device: str, progress: bool, checkpoint: Checkpoint,
              resume: bool, log: Callable[[str], None]) -> tuple[torch.nn.Module, dict, list[int]]:
-    """CAD: distil the quantized student to N/2 steps against the FP teacher; (student, report, timesteps).
+    """CAD: distil the quantized student to N/2 steps (N/2^rounds with ``rounds``); (student, report, timesteps).
 
-    Checkpointed every ``DISTILL_CHECKPOINT_EVERY[preset]`` iterations beside the quantization
-    checkpoint; `resume` continues from the last one (C_DC is redrawn: it is seeded).
+    Round r trains on C_DC drawn from the FP model on the N/2^r grid, with the FP model as the teacher
+    in round 0 and the previous round's student after that (progressive distillation). After each
+    round the guard (distill.guard) keeps the new student only if it samples at least as close to FP
+    at the round's teacher steps as its starting point does on the same halved grid
+    (``report["guard"]``). Checkpointed every ``DISTILL_CHECKPOINT_EVERY[preset]`` iterations and at
+    the end of every round but the last; `resume` continues from the last one (C_DC is redrawn: it is
+    seeded). With one round the report is that round's; with more it is the last round's plus
+    ``rounds`` (every round's).
     """
-    from pqcad_deploy.distill.cad import PRESET_DISTILL, distill
-    from pqcad_deploy.distill.dc import PRESET_DC, collect_dc
-    from pqcad_deploy.distill.grid import distill_grid
+    import copy
 
-    grid = distill_grid(scheduler_config, config.teacher_steps)
-    dcfg = dataclasses.replace(PRESET_DISTILL[config.preset], seed=config.seed,
+    state = checkpoint.load_distill() if resume else None
+    first, teacher, reports = 0, fp_unet, []
+    if state is not None:
+        first, reports = int(state.get("round", 0)), list(state.get("round_reports", []))
+        if state.get("teacher") is not None or state.get("round_done"):
+            teacher = copy.deepcopy(student)
+            teacher.load_state_dict(state["student"] if state.get("round_done") else state["teacher"])
+            student = copy.deepcopy(teacher)
+        if state.get("round_done"):
+            first, state = first + 1, None
+            log(f"resuming the distillation at round {first + 1} of {config.rounds}")
+        else:
+            from pqcad_deploy.distill.cad import PRESET_DISTILL
+
+            where = f" in round {first + 1} of {config.rounds}" if config.rounds > 1 else ""
+            log(f"resuming the distillation from iteration {state['iteration']} of "
+                f"{PRESET_DISTILL[config.preset].iters}{where}")
+    steps = config.teacher_steps // 2 ** first
+    for r in range(first, config.rounds):
+        student, report, timesteps = _distill_round(config, student, teacher, fp_unet, scheduler_config, steps,
+                                                    image_shape, device, progress, checkpoint, state, r, reports)
+        state = None
+        reports.append(report)
+        if r + 1 < config.rounds:
+            teacher_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            checkpoint.save_distill({"iteration": len(report["losses"]), "round": r, "round_done": True,
+                                     "student": teacher_state, "round_reports": reports})
+            teacher = copy.deepcopy(student).eval()
+        steps //= 2
+    report = reports[-1] if config.rounds == 1 else {**reports[-1], "rounds": reports}
+    return student, report, timesteps
+
+
+def _distill_round(config: CompressConfig, student: torch.nn.Module, teacher: torch.nn.Module,
+                   fp_unet: torch.nn.Module, scheduler_config: dict, steps: int, image_shape: tuple[int, int, int],
+                   device: str, progress: bool, checkpoint: Checkpoint, state: dict | None, round_index: int,
+                   reports: list[dict]) -> tuple[torch.nn.Module, dict, list[int]]:
+    """One CAD round at `steps` teacher steps, then its guard; (student, report, the student's timesteps)."""
+    import copy
+
+    from pqcad_deploy.distill.cad import PRESET_DISTILL, distill
+    from pqcad_deploy.distill.dc import HELDOUT_SEED_OFFSET, PRESET_DC, PRESET_HELDOUT, collect_dc
+    from pqcad_deploy.distill.grid import distill_grid
+    from pqcad_deploy.distill.guard import PRESET_GUARD, guard_distillation
+
+    grid = distill_grid(scheduler_config, steps)
+    seed = config.seed + round_index
+    dcfg = dataclasses.replace(PRESET_DISTILL[config.preset], seed=seed,
                                checkpoint_every=DISTILL_CHECKPOINT_EVERY[config.preset])
     dc_set = collect_dc(fp_unet, scheduler_config, grid, image_shape,
-                        dataclasses.replace(PRESET_DC[config.preset], seed=config.seed), device=device,
-                        progress=progress)
-    state = checkpoint.load_distill() if resume else None
-    if state is not None:
-        log(f"resuming the distillation from iteration {state['iteration']} of {dcfg.iters}")
-    student, report = distill(student, fp_unet, scheduler_config, config.teacher_steps, dc_set, dcfg, device=device,
-                              progress=progress, on_checkpoint=checkpoint.save_distill, resume=state)
-    return student, report.to_dict(), [int(t) for t in grid.student]
+                        dataclasses.replace(PRESET_DC[config.preset], seed=seed), device=device, progress=progress)
+    heldout = collect_dc(fp_unet, scheduler_config, grid, image_shape,
+                         dataclasses.replace(PRESET_HELDOUT[config.preset], seed=seed + HELDOUT_SEED_OFFSET),
+                         device=device, progress=False)
+    teacher_state = None if teacher is fp_unet else {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+
+    def save(distill_state: dict) -> None:
+        checkpoint.save_distill({**distill_state, "round": round_index, "teacher": teacher_state,
+                                 "round_reports": reports})
+
+    undistilled = copy.deepcopy(student)
+    student, report = distill(student, teacher, scheduler_config, steps, dc_set, dcfg, device=device,
+                              progress=progress, on_checkpoint=save, resume=state, heldout=heldout)
+    report = report.to_dict()
+    student, report["guard"] = guard_distillation(fp_unet, student, undistilled, scheduler_config, steps,
+                                                  len(grid.student), PRESET_GUARD[config.preset], seed=seed,
+                                                  device=device)
+    report["round"] = round_index
+    return student, report, [int(t) for t in grid.student]
 
 
 def _jsonable(value):

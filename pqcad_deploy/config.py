@@ -118,6 +118,8 @@ class CompressConfig:
             trajectories, every kept timestep evenly spread) or "student" (the quantized student's own
             DDIM trajectories, evenly spread; both models evaluated on its x_t). The CPU proxy of
             RESULTS section 15 ranked the last two above the first on both models.
+        rounds: CAD rounds; each halves the steps again (N -> N/2 -> ... -> N/2^rounds), the next
+            round's teacher being the previous round's student (progressive distillation).
         split_concat: which up-block resnet convs that read ``cat([h, skip])`` are computed as two convs
             and an Add, each half with its own activation scale (Q-Diffusion's split shortcut;
             pqcad_deploy.quant.rewrites): "none", "shortcut" (the 1x1 conv_shortcut) or
@@ -148,6 +150,7 @@ class CompressConfig:
     bias_correction_data: str = "calibration"
     split_concat: str = "none"
     smoothquant_alpha: float | None = None
+    rounds: int = 1
 
     def __post_init__(self) -> None:
         check_choice("--method", self.method, METHODS)
@@ -159,6 +162,13 @@ class CompressConfig:
             raise ConfigError(f"--teacher-steps must be an integer in [2, 1000]; got {self.teacher_steps!r}.")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer; got {self.seed!r}.")
+        if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or not 1 <= self.rounds <= 8:
+            raise ConfigError(f"--rounds must be an integer in [1, 8]; got {self.rounds!r}.")
+        if self.rounds > 1 and not self.distill:
+            raise ConfigError("--rounds applies to distillation; drop --no-distill, or drop --rounds.")
+        if self.distill and self.rounds > 1 and self.teacher_steps % 2 ** self.rounds:
+            raise ConfigError(f"--rounds {self.rounds} halves the steps {self.rounds} times, so --teacher-steps must be "
+                              f"divisible by {2 ** self.rounds}; got {self.teacher_steps}.")
         if self.distill and self.teacher_steps % 2:
             raise ConfigError(f"distillation (on by default) halves the teacher's steps, so --teacher-steps must "
                               f"be even; got {self.teacher_steps}. Pass an even number, or --no-distill.")

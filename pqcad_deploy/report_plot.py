@@ -45,16 +45,19 @@ def plot_reconstruction_report(report: dict, path: Path) -> Path:
     if reconstruction:
         _plot_reconstruction(axes[0][0], report)
     if distillation:
-        _plot_distillation(axes[-1][0], distillation)
+        _plot_distillation(axes[-1][0], distillation, (report.get("distillation") or {}).get("heldout") or [])
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
     return Path(path)
 
 
-def _plot_distillation(ax, losses: list[float]) -> None:
+def _plot_distillation(ax, losses: list[float], heldout: list[list[float]]) -> None:
     ax.plot(range(len(losses)), [max(v, 1e-12) for v in losses], color="tab:green", linewidth=0.8,
             label="per-batch loss")
+    if heldout:
+        ax.plot([h[0] for h in heldout], [max(h[1], 1e-12) for h in heldout], color="tab:red", marker="o",
+                linewidth=1.2, label="held-out pairs")
     window = max(1, len(losses) // 50)
     if window > 1:
         smooth = [sum(losses[i:i + window]) / window for i in range(len(losses) - window + 1)]

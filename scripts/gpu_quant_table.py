@@ -20,7 +20,11 @@ method ``fp`` (the FP model itself; bits ignored) / ``minmax`` / ``brecq`` / ``p
 were ``tensorrt-safe`` + bias correction for the first run of RESULTS section 15; ``fl=POLICY``
 (``--first-last``), ``init=INIT`` (``--act-scale-init``), ``split=CHOICE`` (``--split-concat``),
 ``sq=ALPHA`` (``--smoothquant-alpha``), ``bcdata=DATA`` (``--bias-correction-data``), ``cad`` (distil;
-sampled at its own steps).
+sampled at its own steps). CAD rows (issue 14): ``steps=N`` (teacher steps; an ``fp`` row samples with
+them), ``r=R`` (``--rounds``), and the distillation settings ``it=`` iterations, ``lr=``, ``bs=`` batch,
+``ema=`` decay, ``wu=`` warm-up iterations, ``cos`` (cosine decay), ``rdd=`` weight, ``clip=`` gradient
+norm, ``fresh`` (fresh C_DC pairs), ``mix=`` (their noise-injection share), ``dcn=`` (C_DC size),
+``traj=`` (pool trajectories), e.g. ``cifar10:pqcad:8:8:cad:steps=20:fresh:ema=0.999:cos:it=4000``.
 
     python3 scripts/gpu_quant_table.py make --rows fmnist:pqcad:8:8,... --cache /tmp/q13
     python3 scripts/gpu_quant_table.py score --weights /tmp/default_1.pt --cache /tmp/q13 --out $OUT \\
@@ -44,6 +48,12 @@ REFERENCES = {"fmnist": ROOT / "pqcad_deploy/eval/data/fashion_mnist_train_fid_s
 OPTION_FLAGS = {"fl": "first_last", "init": "act_scale_init", "split": "split_concat", "sq": "smoothquant_alpha",
                 "bcdata": "bias_correction_data"}
 FLOAT_OPTIONS = {"smoothquant_alpha"}
+# CAD settings of a row (issue 14's sweep): flag -> (preset table, field, type); applied to the row's
+# preset for that row only (distill_overrides). ``cos`` and ``fresh`` take no value.
+DISTILL_FLAGS = {"it": ("distill", "iters", int), "lr": ("distill", "lr", float), "bs": ("distill", "batch_size", int),
+                 "ema": ("distill", "ema_decay", float), "wu": ("distill", "warmup_iters", int),
+                 "rdd": ("distill", "rdd_weight", float), "clip": ("distill", "grad_clip", float),
+                 "mix": ("dc", "mix", float), "dcn": ("dc", "size", int), "traj": ("dc", "trajectories", int)}
 
 
 def row_name(row: str) -> str:
@@ -51,13 +61,19 @@ def row_name(row: str) -> str:
 
 
 def parse_row(row: str) -> tuple[str, str, int, int, dict]:
+    """(model, method, weight bits, act bits, CompressConfig options); CAD flags: :func:`distill_overrides`,
+    ``steps=N``: :func:`row_steps`."""
     model, method, wb, ab, *flags = row.split(":")
     if model not in MODELS:
         raise SystemExit(f"unknown model {model!r} in {row!r}")
     options: dict = {"distill": False}
     for flag in flags:
         key, _, value = flag.partition("=")
-        if key in OPTION_FLAGS and value:
+        if key in DISTILL_FLAGS or flag in ("cos", "fresh") or key == "steps":
+            continue
+        if key == "r" and value:
+            options["rounds"] = int(value)
+        elif key in OPTION_FLAGS and value:
             options[OPTION_FLAGS[key]] = float(value) if OPTION_FLAGS[key] in FLOAT_OPTIONS else value
         elif flag in ("all", "safe"):
             options["precision_policy"] = "all" if flag == "all" else "tensorrt-safe"
@@ -68,6 +84,44 @@ def parse_row(row: str) -> tuple[str, str, int, int, dict]:
         else:
             raise SystemExit(f"unknown row flag {flag!r} in {row!r}")
     return model, method, int(wb), int(ab), options
+
+
+def row_steps(row: str, default: int) -> int:
+    """The row's teacher steps (``steps=N``; the FP rows sample with them), else `default`."""
+    for flag in row.split(":")[4:]:
+        if flag.startswith("steps="):
+            return int(flag.partition("=")[2])
+    return default
+
+
+def distill_overrides(row: str, preset: str):
+    """A context in which the preset's CAD tables carry the row's CAD flags (issue 14's sweep)."""
+    import contextlib
+    import dataclasses
+
+    from pqcad_deploy.distill import cad, dc
+
+    changes: dict[str, dict] = {"distill": {}, "dc": {}}
+    for flag in row.split(":")[4:]:
+        key, _, value = flag.partition("=")
+        if key in DISTILL_FLAGS:
+            table, field, kind = DISTILL_FLAGS[key]
+            changes[table][field] = kind(value)
+        elif flag == "cos":
+            changes["distill"]["lr_decay"] = "cosine"
+        elif flag == "fresh":
+            changes["dc"]["fresh"] = True
+
+    @contextlib.contextmanager
+    def patched():
+        saved = cad.PRESET_DISTILL[preset], dc.PRESET_DC[preset]
+        cad.PRESET_DISTILL[preset] = dataclasses.replace(saved[0], **changes["distill"])
+        dc.PRESET_DC[preset] = dataclasses.replace(saved[1], **changes["dc"])
+        try:
+            yield changes
+        finally:
+            cad.PRESET_DISTILL[preset], dc.PRESET_DC[preset] = saved
+    return patched()
 
 
 def make(rows: list[str], cache: Path, steps: int, n: int, preset: str = "default", device: str = "cuda") -> None:
@@ -86,18 +140,21 @@ def make(rows: list[str], cache: Path, steps: int, n: int, preset: str = "defaul
         if (cache / f"{name}.json").exists():
             continue
         model, method, wb, ab, options = parse_row(row)
+        steps_row = row_steps(row, steps)
         started = time.perf_counter()
         info: dict = {"row": row, "torch": torch.__version__, "preset": preset,
                       "gpu": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"}
         try:
             loaded = load_model(MODELS[model])
             if method == "fp":
-                unet, sample_steps = loaded.unet, steps
+                unet, sample_steps = loaded.unet, steps_row
             else:
                 art = cache / f"art_{name}"
                 config = CompressConfig(model=MODELS[model], method=method, weight_bits=wb, act_bits=ab,
-                                        teacher_steps=steps, preset=preset, device=device, seed=0, **options)
-                result = compress(config, art, overwrite=True, progress=False)
+                                        teacher_steps=steps_row, preset=preset, device=device, seed=0, **options)
+                with distill_overrides(row, preset) as changes:
+                    result = compress(config, art, overwrite=True, progress=False)
+                info["distill_overrides"] = changes
                 info.update(compress_seconds=time.perf_counter() - started,
                             calibration_sqnr_db=result.noise_pred_sqnr_db, quantized_layers=result.num_quantized_layers)
                 artifact = load_artifact(art)
@@ -106,6 +163,12 @@ def make(rows: list[str], cache: Path, steps: int, n: int, preset: str = "defaul
                 info["rewrites"] = report.get("rewrites")
                 if "bias_correction" in report:
                     info["bias_correction_data"] = report["bias_correction"].get("data")
+                if "distillation" in report:
+                    dist = report["distillation"]
+                    info["distillation"] = {"guard": dist.get("guard"), "heldout": dist.get("heldout"),
+                                            "final_loss": (dist.get("losses") or [None])[-1],
+                                            "rounds": [{"guard": r.get("guard"), "heldout": r.get("heldout")}
+                                                       for r in dist.get("rounds", [])]}
                 if "act_scale_check" in report:
                     info["act_scale_check"] = report["act_scale_check"]
                 unet, sample_steps = artifact.build_student(), artifact.manifest.student_steps

@@ -247,10 +247,13 @@ def test_compress_writes_the_artifact(builtin: Pipeline) -> None:
     assert manifest["options"]["preset"] == "fast"
     summary = builtin.outputs["compress"]
     assert summary.startswith(f"wrote {builtin.artifact} (pqcad W8A8, {len(manifest['layers'])} quantized layers, "
-                              "distilled to 5 steps, noise-prediction SQNR ")
+                              "distilled to 5 steps (guard kept the ")
     assert " dB before distillation, " in summary
     report = json.loads((builtin.artifact / "report.json").read_text())
     assert report["act_scale_check"]["kept"] in ("learned", "initial") and report["distillation"]["losses"]
+    guard = report["distillation"]["guard"]
+    assert guard["kept"] in ("distilled", "undistilled") and guard["reference_steps"] == 10
+    assert f"guard kept the {guard['kept']} student: PSNR vs FP-10 {guard['psnr_distilled_db']:.2f} dB" in summary
     assert [p.name for p in builtin.root.iterdir() if p.name.startswith(".")] == []
 
 

@@ -1,9 +1,10 @@
 """CAD: quantization-aware distillation of the PQ student to half the DDIM steps (method.md section 3).
 
 Each iteration draws a batch of (x_t, t) from C_DC; the FP teacher's two DDIM steps t -> t' -> t''
-give x0_target (computed once for the whole set up front: the teacher is frozen and the set is fixed,
+give x0_target (for a fixed set computed once up front: the teacher is frozen and the set is fixed,
 so this is identical to computing it per batch and costs 2 teacher passes per pair instead of per
-draw); the student's eps at (x_t, t) gives x0_pred; the loss is mean_b w(t_b) * mean((x0_pred -
+draw; with a fresh C_DC (``DCConfig.fresh``) every batch is new and its targets are computed as it
+is drawn); the student's eps at (x_t, t) gives x0_pred; the loss is mean_b w(t_b) * mean((x0_pred -
 x0_target)^2) with the truncated-SNR weight max(SNR, 1), plus optionally ``rdd_weight`` times the
 relational term (RDD): the mean squared difference of the batch's pairwise cosine-similarity matrices
 of the flattened student x0_pred and teacher x0_target.
@@ -21,14 +22,21 @@ Codes after training: round to nearest is deterministic, so ``weight_quantizer.c
 trained latent weight is exactly what the student computed with; nothing has to be hardened (no
 AdaRound logits are used here; a student that still has them is refused).
 
+Training schedule (DistillConfig): optional linear warm-up and cosine decay of every learning rate,
+an EMA of the trained parameters that the student ends with, and the loss on held-out pairs every
+``heldout_every`` iterations (the report's ``heldout`` curve). Which settings to use is for measurement
+(issue 14); the defaults keep the earlier behaviour (constant rates, no EMA).
+
 Resume: ``on_checkpoint(state)`` is called every ``checkpoint_every`` iterations with a self-contained
-state (student state dict, optimizer state, the batch generator's state, the losses so far);
+state (student state dict, optimizer state, the batch generator's state, the losses so far, the EMA
+and the held-out curve);
 ``distill(..., resume=state)`` continues from it and gives the same result as an uninterrupted run
 (bitwise on the same machine: the only randomness is the generator that draws the batches).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -50,6 +58,7 @@ __all__ = ["DistillConfig", "PRESET_DISTILL", "DistillReport", "TrainableGroups"
            "compute_targets", "rdd_loss", "distill_loss", "distill"]
 
 _MIN_SCALE = 1e-8
+LR_DECAYS: tuple[str, ...] = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,13 @@ class DistillConfig:
             weights near t = 0.
         checkpoint_every: iterations between ``on_checkpoint`` calls (0: never).
         seed: seeds the batch draws.
+        warmup_iters: the learning rates rise linearly from 1/warmup_iters of their value over these
+            first iterations (0: none).
+        lr_decay: "constant", or "cosine" (to 0 at the last iteration, after the warm-up).
+        ema_decay: None, or the decay of an exponential moving average of the trained parameters,
+            which the student ends with (and the held-out curve measures).
+        heldout_every: iterations between two held-out losses when ``distill`` gets a held-out set
+            (also measured before the first and after the last iteration).
     """
 
     iters: int = 2000
@@ -80,6 +96,10 @@ class DistillConfig:
     grad_clip: float | None = 1.0
     checkpoint_every: int = 0
     seed: int = 0
+    warmup_iters: int = 0
+    lr_decay: str = "constant"
+    ema_decay: float | None = None
+    heldout_every: int = 100
 
     def __post_init__(self) -> None:
         for name in ("iters", "batch_size"):
@@ -96,17 +116,37 @@ class DistillConfig:
             raise ConfigError(f"distillation grad_clip must be positive or None; got {self.grad_clip!r}.")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise ConfigError(f"distillation checkpoint_every must be >= 0; got {self.checkpoint_every!r}.")
+        if not isinstance(self.warmup_iters, int) or isinstance(self.warmup_iters, bool) or self.warmup_iters < 0:
+            raise ConfigError(f"distillation warmup_iters must be an integer >= 0; got {self.warmup_iters!r}.")
+        if self.lr_decay not in LR_DECAYS:
+            raise ConfigError(f"distillation lr_decay must be one of {', '.join(LR_DECAYS)}; got {self.lr_decay!r}.")
+        if self.ema_decay is not None and not (isinstance(self.ema_decay, float) and 0.0 < self.ema_decay < 1.0):
+            raise ConfigError(f"distillation ema_decay must be None or a float in (0, 1); got {self.ema_decay!r}.")
+        if not isinstance(self.heldout_every, int) or self.heldout_every < 1:
+            raise ConfigError(f"distillation heldout_every must be a positive integer; got {self.heldout_every!r}.")
+
+    def lr_factor(self, iteration: int) -> float:
+        """The multiplier of every learning rate at `iteration` (0-based): warm-up, then the decay."""
+        if iteration < self.warmup_iters:
+            return (iteration + 1) / self.warmup_iters
+        if self.lr_decay == "cosine":
+            span = max(self.iters - self.warmup_iters, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * (iteration - self.warmup_iters) / span))
+        return 1.0
 
 
 PRESET_DISTILL: dict[str, DistillConfig] = {
-    "fast": DistillConfig(iters=100, batch_size=8),
+    "fast": DistillConfig(iters=100, batch_size=8, heldout_every=50),
     "default": DistillConfig(iters=2000, batch_size=16),
 }
 
 
 @dataclass
 class DistillReport:
-    """What CAD did: per-iteration losses, wall time, the config and the grids."""
+    """What CAD did: per-iteration losses, wall time, the config and the grids.
+
+    `heldout` lists [iteration, loss] on the held-out pairs (empty without a held-out set).
+    """
 
     losses: list[float]
     seconds: float
@@ -114,6 +154,7 @@ class DistillReport:
     grid: dict
     resumed_from: int | None = None
     extra: dict = field(default_factory=dict)
+    heldout: list[list[float]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -186,14 +227,20 @@ def rdd_loss(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tens
     return (s @ s.T - t @ t.T).pow(2).mean()
 
 
-def distill_loss(student: nn.Module, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
-                 coeffs: DDIMCoefficients, rdd_weight: float = 0.0) -> torch.Tensor:
-    """mean_b max(SNR_t, 1) * mean((x0_pred - x0_target)^2) (+ rdd_weight * RDD), float32."""
+def _x0_loss(student: nn.Module, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
+             coeffs: DDIMCoefficients) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean_b max(SNR_t, 1) * mean((x0_pred - x0_target)^2), x0_pred), float32."""
     alpha, sigma = (v.to(x_t.dtype) for v in coeffs.alpha_sigma(t))
     eps = student(x_t, t.to(x_t.dtype)).sample
     x0_pred = predict_x0(x_t, eps, alpha, sigma)
     weight = truncated_snr_weight(alpha, sigma)
-    loss = (weight * (x0_pred - target).pow(2).flatten(1).mean(dim=1)).mean()
+    return (weight * (x0_pred - target).pow(2).flatten(1).mean(dim=1)).mean(), x0_pred
+
+
+def distill_loss(student: nn.Module, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
+                 coeffs: DDIMCoefficients, rdd_weight: float = 0.0) -> torch.Tensor:
+    """mean_b max(SNR_t, 1) * mean((x0_pred - x0_target)^2) (+ rdd_weight * RDD), float32."""
+    loss, x0_pred = _x0_loss(student, x_t, t, target, coeffs)
     if rdd_weight > 0:
         loss = loss + rdd_weight * rdd_loss(x0_pred, target)
     return loss
@@ -203,16 +250,49 @@ OnCheckpoint = Callable[[dict], None]
 
 
 def _state(iteration: int, student: nn.Module, optimizer: torch.optim.Optimizer,
-           generator: torch.Generator, losses: list[float]) -> dict:
+           generator: torch.Generator, losses: list[float], ema: list[torch.Tensor] | None,
+           heldout: list[list[float]]) -> dict:
     return {"iteration": iteration, "student": copy.deepcopy(student.state_dict()),
             "optimizer": copy.deepcopy(optimizer.state_dict()), "generator": generator.get_state().clone(),
-            "losses": list(losses)}
+            "losses": list(losses), "ema": None if ema is None else [e.detach().clone() for e in ema],
+            "heldout": [list(h) for h in heldout]}
+
+
+@contextlib.contextmanager
+def _parameters_swapped(params: list[nn.Parameter], values: list[torch.Tensor] | None):
+    """Run with `values` (the EMA) in `params`, then put the live values back (no-op for None)."""
+    if values is None:
+        yield
+        return
+    live = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, live):
+                p.copy_(v)
+
+
+@torch.no_grad()
+def _heldout_loss(student: nn.Module, heldout: DCSet, targets: torch.Tensor, coeffs: DDIMCoefficients,
+                  batch_size: int, device: str) -> float:
+    """The distillation loss (without RDD) over the whole held-out set, weighted by batch size."""
+    total = 0.0
+    for start in range(0, len(heldout), batch_size):
+        x = heldout.x[start:start + batch_size].to(device)
+        t = heldout.t[start:start + batch_size].to(device)
+        loss, _ = _x0_loss(student, x, t, targets[start:start + batch_size].to(device), coeffs)
+        total += float(loss) * x.shape[0]
+    return total / max(len(heldout), 1)
 
 
 def distill(student: nn.Module, teacher: nn.Module, scheduler_config: dict, teacher_steps: int,
             dc_set: DCSet, config: DistillConfig, device: str = "cpu", progress: bool = True,
             on_checkpoint: OnCheckpoint | None = None, resume: dict | None = None,
-            ) -> tuple[nn.Module, DistillReport]:
+            heldout: DCSet | None = None) -> tuple[nn.Module, DistillReport]:
     """Train the fake-quant `student` in place to take one DDIM step where the FP teacher takes two.
 
     Args:
@@ -220,8 +300,11 @@ def distill(student: nn.Module, teacher: nn.Module, scheduler_config: dict, teac
         teacher: the FP UNet (frozen; never modified).
         scheduler_config: the model's DDIM config.
         teacher_steps: N, the teacher's DDIM steps; the student samples on N/2 (``distill_grid``).
-        dc_set: C_DC, drawn on the same grid.
+        dc_set: C_DC, drawn on the same grid; with pools (``fresh``) every batch is drawn new and its
+            targets are computed by the teacher as it goes.
         config: see :class:`DistillConfig`.
+        heldout: fixed pairs never trained on, whose loss is measured every ``config.heldout_every``
+            iterations (the report's ``heldout`` curve).
         on_checkpoint: called with a resumable state every ``config.checkpoint_every`` iterations.
         resume: such a state; training continues from its iteration.
 
@@ -235,25 +318,53 @@ def distill(student: nn.Module, teacher: nn.Module, scheduler_config: dict, teac
         raise ConfigError(f"C_DC has timesteps {sorted(unknown)} that are not on the student grid.")
     coeffs = DDIMCoefficients.from_config(scheduler_config)
     teacher.eval()
-    targets = compute_targets(teacher, dc_set, grid, coeffs, config.batch_size, device, progress)
+    targets = None if dc_set.fresh else compute_targets(teacher, dc_set, grid, coeffs, config.batch_size, device,
+                                                        progress)
+    heldout_targets = (None if heldout is None
+                       else compute_targets(teacher, heldout, grid, coeffs, config.batch_size, device, progress))
     student.eval()  # no dropout: the only randomness is the batch generator (bitwise resume)
     groups = trainable_groups(student, config.train_other)
     optimizer = _optimizer(groups, config)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a resumed state overwrites them
     generator = torch.Generator().manual_seed(config.seed)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    ema = None if config.ema_decay is None else [p.detach().clone() for p in trainable]
     losses: list[float] = []
+    heldout_curve: list[list[float]] = []
     start = 0
     if resume is not None:
         student.load_state_dict(resume["student"])
         optimizer.load_state_dict(resume["optimizer"])
         generator.set_state(resume["generator"])
         losses, start = list(resume["losses"]), int(resume["iteration"])
-    trainable = [p for p in student.parameters() if p.requires_grad]
+        if ema is not None:
+            ema = [e.to(p.device) for e, p in zip(resume["ema"], trainable)]
+        heldout_curve = [list(h) for h in resume.get("heldout", [])]
+
+    def measure_heldout(iteration: int) -> None:
+        if heldout is None:
+            return
+        with _parameters_swapped(trainable, ema):
+            heldout_curve.append([iteration, _heldout_loss(student, heldout, heldout_targets, coeffs,
+                                                           config.batch_size, device)])
+
+    if start == 0:
+        measure_heldout(0)
     bar = tqdm(range(start, config.iters), desc="CAD distillation", unit="it", disable=not progress,
                initial=start, total=config.iters)
     for it in bar:
-        index = torch.randint(0, len(dc_set), (config.batch_size,), generator=generator)
-        x, t = dc_set.x[index].to(device), dc_set.t[index].to(device)
-        loss = distill_loss(student, x, t, targets[index].to(device), coeffs, config.rdd_weight)
+        factor = config.lr_factor(it)
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
+        if dc_set.fresh:
+            batch = dc_set.draw(config.batch_size, generator, coeffs)
+            x, t = batch.x.to(device), batch.t.to(device)
+            with torch.no_grad():
+                target = teacher_target(teacher, x, t, grid, coeffs)[0].to(torch.float32)
+        else:
+            index = torch.randint(0, len(dc_set), (config.batch_size,), generator=generator)
+            x, t, target = dc_set.x[index].to(device), dc_set.t[index].to(device), targets[index].to(device)
+        loss = distill_loss(student, x, t, target, coeffs, config.rdd_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
@@ -262,15 +373,25 @@ def distill(student: nn.Module, teacher: nn.Module, scheduler_config: dict, teac
         with torch.no_grad():  # keep scales positive
             for s in groups.scales():
                 s.clamp_(min=_MIN_SCALE)
+            if ema is not None:
+                for e, p in zip(ema, trainable):
+                    e.mul_(config.ema_decay).add_(p.detach(), alpha=1.0 - config.ema_decay)
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        if (it + 1) % config.heldout_every == 0 and it + 1 < config.iters:
+            measure_heldout(it + 1)
         if on_checkpoint is not None and config.checkpoint_every and (it + 1) % config.checkpoint_every == 0:
-            on_checkpoint(_state(it + 1, student, optimizer, generator, losses))
+            on_checkpoint(_state(it + 1, student, optimizer, generator, losses, ema, heldout_curve))
     bar.close()
+    measure_heldout(config.iters)
+    if ema is not None:  # the student ends with the average
+        with torch.no_grad():
+            for p, e in zip(trainable, ema):
+                p.copy_(e)
     for p in student.parameters():
         p.requires_grad_(False)
     student.eval()
     report = DistillReport(losses=losses, seconds=time.perf_counter() - started, config=asdict(config),
                            grid=grid.to_dict(), resumed_from=start if resume is not None else None,
-                           extra={"dc": dc_set.description})
+                           extra={"dc": dc_set.description}, heldout=heldout_curve)
     return student, report

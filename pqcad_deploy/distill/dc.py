@@ -13,6 +13,12 @@ x_t comes from one of two FP sources, both data-free:
 Then each x_t gets an extra Gaussian perturbation of std `perturbation * sigma_t` (method.md: 0.01-0.05
 of sigma_t) so the student also sees the neighbourhood of the trajectory.
 
+With ``fresh`` the fixed pairs are only the start: :meth:`DCSet.draw` makes new pairs for every
+training batch from the same FP pools (the trajectories' states at the student timesteps and their
+final samples), t uniform over the student grid, each pair from noise injection with probability
+``mix`` and from a trajectory state otherwise, with fresh Gaussian noise either way, so the student
+never sees the same pair twice (issue 14: the fixed 1,024-pair set could be memorised).
+
 Deterministic for a seed: every draw comes from one seeded ``torch.Generator`` in a fixed order.
 """
 
@@ -30,7 +36,8 @@ from pqcad_deploy.distill.target import DDIMCoefficients
 from pqcad_deploy.errors import ConfigError
 from pqcad_deploy.schedule import make_ddim_scheduler
 
-__all__ = ["DC_SOURCES", "DCSource", "DCConfig", "PRESET_DC", "DCSet", "stratified_timesteps", "collect_dc"]
+__all__ = ["DC_SOURCES", "DCSource", "DCConfig", "PRESET_DC", "PRESET_HELDOUT", "HELDOUT_SEED_OFFSET", "DCSet",
+           "DCBatch", "stratified_timesteps", "collect_dc"]
 
 DCSource = Literal["trajectories", "noise_injection"]
 DC_SOURCES: tuple[str, ...] = ("trajectories", "noise_injection")
@@ -46,6 +53,9 @@ class DCConfig:
         perturbation: std of the extra Gaussian perturbation as a fraction of sigma_t (0: none).
         batch_size: trajectories run together.
         seed: seeds the noise, the timestep assignment and the perturbation.
+        fresh: draw new pairs for every training batch (:meth:`DCSet.draw`) instead of reusing `size`.
+        mix: with `fresh`, the probability that a pair comes from noise injection (else a trajectory).
+        trajectories: FP trajectories in the pools; None: ceil(size / K), enough for the fixed set.
     """
 
     size: int = 512
@@ -53,6 +63,9 @@ class DCConfig:
     perturbation: float = 0.02
     batch_size: int = 32
     seed: int = 0
+    fresh: bool = False
+    mix: float = 0.5
+    trajectories: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("size", "batch_size"):
@@ -65,9 +78,26 @@ class DCConfig:
                 and math.isfinite(self.perturbation)):
             raise ConfigError("C_DC perturbation must be in [0, 1) (a fraction of sigma_t); "
                               f"got {self.perturbation!r}.")
+        if not (isinstance(self.mix, (int, float)) and 0 <= self.mix <= 1):
+            raise ConfigError(f"C_DC mix must be in [0, 1] (the share of noise-injection pairs); got {self.mix!r}.")
+        if self.trajectories is not None and (not isinstance(self.trajectories, int) or self.trajectories < 1):
+            raise ConfigError(f"C_DC trajectories must be a positive integer or None; got {self.trajectories!r}.")
 
 
 PRESET_DC: dict[str, DCConfig] = {"fast": DCConfig(size=64), "default": DCConfig(size=1024)}
+PRESET_HELDOUT: dict[str, DCConfig] = {"fast": DCConfig(size=16), "default": DCConfig(size=256)}
+"""The held-out pairs whose loss the report tracks (never trained on: drawn from other seeds)."""
+HELDOUT_SEED_OFFSET = 7_919
+
+
+@dataclass(frozen=True)
+class DCBatch:
+    """One freshly drawn batch: x_t, t, which pairs were noise-injected, and the x_0 each was noised from."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    injected: torch.Tensor  # bool [B]
+    x0: torch.Tensor  # the pool sample behind each injected pair (unused for trajectory pairs)
 
 
 @dataclass
@@ -75,16 +105,46 @@ class DCSet:
     """C_DC pairs: x float32 [M, C, H, W], t int64 [M] on the student grid, and what was drawn.
 
     `x0` holds, for "noise_injection", the clean FP sample each x_t was noised from (None otherwise);
-    it is kept for checks and reports, the distillation itself never reads it.
+    it is kept for checks and reports, the distillation itself never reads it. With ``fresh`` the
+    pools (`states` [n, K, C, H, W] at the student timesteps, `finals` [n, C, H, W]) stay, and the
+    distillation draws its batches with :meth:`draw`.
     """
 
     x: torch.Tensor
     t: torch.Tensor
     description: dict
     x0: torch.Tensor | None = None
+    states: torch.Tensor | None = None
+    finals: torch.Tensor | None = None
+    student: tuple[int, ...] = ()
+    mix: float = 0.5
+    perturbation: float = 0.0
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
+
+    @property
+    def fresh(self) -> bool:
+        return self.states is not None
+
+    def draw(self, batch_size: int, generator: torch.Generator, coeffs: DDIMCoefficients) -> DCBatch:
+        """`batch_size` new pairs (module docstring); every random number is drawn whatever the branch,
+        so the generator advances the same way for every batch (bitwise resume)."""
+        if self.states is None or self.finals is None:
+            raise RuntimeError("this C_DC was drawn without fresh=True; it has no pools to draw from")
+        n, k = self.states.shape[0], self.states.shape[1]
+        index = torch.randint(0, k, (batch_size,), generator=generator)
+        t = torch.tensor(self.student, dtype=torch.int64)[index]
+        injected = torch.rand(batch_size, generator=generator) < self.mix
+        from_traj = self.states[torch.randint(0, n, (batch_size,), generator=generator), index]
+        x0 = self.finals[torch.randint(0, n, (batch_size,), generator=generator)]
+        alpha, sigma = (v.to(torch.float32).reshape(-1, 1, 1, 1) for v in coeffs.alpha_sigma(t))
+        noised = alpha * x0 + sigma * torch.randn(x0.shape, generator=generator)
+        x = torch.where(injected.reshape(-1, 1, 1, 1), noised, from_traj)
+        jitter = torch.randn(x.shape, generator=generator)
+        if self.perturbation > 0:
+            x = x + self.perturbation * sigma * jitter
+        return DCBatch(x=x.contiguous(), t=t, injected=injected, x0=x0)
 
 
 def stratified_timesteps(student: tuple[int, ...], size: int, generator: torch.Generator) -> torch.Tensor:
@@ -130,7 +190,7 @@ def collect_dc(unet: torch.nn.Module, scheduler_config: dict, grid: DistillGrid,
     """
     k = len(grid.student)
     generator = torch.Generator().manual_seed(config.seed)
-    n_traj = -(-config.size // k)
+    n_traj = max(-(-config.size // k), config.trajectories or 0)
     noise = torch.randn((n_traj, *image_shape), generator=generator)
     t = stratified_timesteps(grid.student, config.size, generator)
     at_student, final = _fp_trajectories(unet, scheduler_config, grid, noise, config.batch_size, device, progress)
@@ -152,5 +212,8 @@ def collect_dc(unet: torch.nn.Module, scheduler_config: dict, grid: DistillGrid,
         x = x + config.perturbation * sigma * torch.randn(x.shape, generator=generator)
     description = {"source": config.source, "config": asdict(config), "trajectories": n_traj,
                    "student_timesteps": list(grid.student), "teacher_steps": len(grid.teacher),
-                   "stratified": True}
-    return DCSet(x=x.contiguous(), t=t, description=description, x0=x0)
+                   "stratified": True, "fresh": config.fresh}
+    if not config.fresh:
+        return DCSet(x=x.contiguous(), t=t, description=description, x0=x0)
+    return DCSet(x=x.contiguous(), t=t, description=description, x0=x0, states=at_student, finals=final,
+                 student=tuple(grid.student), mix=float(config.mix), perturbation=float(config.perturbation))

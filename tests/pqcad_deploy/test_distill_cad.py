@@ -11,6 +11,7 @@ import torch
 from pqcad_deploy.calibration.trajectories import CalibrationSet
 from pqcad_deploy.compress import uniform_plan
 from pqcad_deploy.distill.cad import DistillConfig, compute_targets, distill, distill_loss
+from pqcad_deploy.errors import ConfigError
 from pqcad_deploy.distill.dc import DCConfig, collect_dc
 from pqcad_deploy.distill.grid import distill_grid
 from pqcad_deploy.distill.target import DDIMCoefficients
@@ -108,6 +109,9 @@ def test_compress_distill_carries_the_student_timesteps_to_the_sampler(small_une
     assert manifest["student_steps"] == 5 and manifest["student_timesteps"] == expected
     report = json.loads((art / "report.json").read_text())
     assert len(report["distillation"]["losses"]) == 100  # the fast preset's iterations
+    guard = report["distillation"]["guard"]  # distill.guard ran on the fast preset's images and recorded both
+    assert guard["config"] == {"images": 4} and guard["student_steps"] == 5 and guard["reference_steps"] == 10
+    assert guard["kept"] == ("distilled" if guard["psnr_distilled_db"] >= guard["psnr_undistilled_db"] else "undistilled")
     from PIL import Image
 
     with Image.open(art / "report.png") as image:  # minmax has no reconstruction: the CAD panel alone
@@ -131,7 +135,44 @@ def test_report_plot_stacks_reconstruction_and_distillation_panels(tmp_path):
     report = {"method": "pqcad",
               "pq": {"weights": [{"name": "b0", "bits": 8, "losses": [1.0, 0.5, 0.4]},
                                  {"name": "b0", "bits": 4, "losses": [0.9, 0.6]}]},
-              "distillation": {"losses": [float(v) for v in range(200, 0, -1)]}}
+              "distillation": {"losses": [float(v) for v in range(200, 0, -1)],
+                               "heldout": [[0, 150.0], [100, 60.0], [200, 20.0]]}}
     assert has_curves(report) and has_curves({"distillation": {"losses": [1.0]}}) and not has_curves({})
     with Image.open(plot_reconstruction_report(report, tmp_path / "r.png")) as image:
         assert image.size == (1200, 800)
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+    config = DistillConfig(iters=10, warmup_iters=2, lr_decay="cosine")
+    factors = [config.lr_factor(i) for i in range(10)]
+    assert factors[:2] == [0.5, 1.0] and factors[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:])) and factors[-1] < 0.05
+    assert DistillConfig(iters=10).lr_factor(7) == 1.0
+    with pytest.raises(ConfigError, match="lr_decay"):
+        DistillConfig(lr_decay="step")
+    with pytest.raises(ConfigError, match="ema_decay"):
+        DistillConfig(ema_decay=1.0)
+
+
+def test_fresh_pairs_ema_and_schedule_resume_bitwise_and_report_the_held_out_curve(setup, small_unet_dir):
+    teacher, cfg, grid, _, held_out, student0 = setup
+    fresh = collect_dc(teacher, cfg, grid, (1, 32, 32), DCConfig(size=10, seed=0, fresh=True, trajectories=4),
+                       progress=False)
+    config = DistillConfig(iters=6, batch_size=4, lr=1e-3, checkpoint_every=3, warmup_iters=2, lr_decay="cosine",
+                           ema_decay=0.5, heldout_every=2)
+    states: list[dict] = []
+    full, full_report = distill(copy.deepcopy(student0), teacher, cfg, STEPS, fresh, config, progress=False,
+                                on_checkpoint=states.append, heldout=held_out)
+    assert [h[0] for h in full_report.heldout] == [0, 2, 4, 6]
+    assert all(h[1] > 0 for h in full_report.heldout)
+    resumed, resumed_report = distill(copy.deepcopy(student0), teacher, cfg, STEPS, fresh, config, progress=False,
+                                      resume=states[0], heldout=held_out)
+    assert resumed_report.losses == full_report.losses and resumed_report.heldout == full_report.heldout
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    # the student ends with the EMA, so its held-out loss (same batches) is the curve's last point
+    from pqcad_deploy.distill.cad import _heldout_loss
+
+    coeffs = DDIMCoefficients.from_config(cfg)
+    targets = compute_targets(teacher, held_out, grid, coeffs, batch_size=4)
+    assert _heldout_loss(full, held_out, targets, coeffs, 4, "cpu") == full_report.heldout[-1][1]

@@ -57,3 +57,34 @@ def test_trajectories_sane_and_deterministic(fp):
     assert float(((a.x - clean.x) / sigma).std()) == pytest.approx(0.02, rel=0.05)
     with pytest.raises(ConfigError):
         DCConfig(source="data")
+
+
+def test_fresh_pairs_have_the_stated_timestep_source_and_noise_distributions(fp):
+    """Every draw is new; t is uniform over the student grid; a share `mix` is noise-injected, whose
+    noise (x - alpha x0) / sigma is standard normal; the rest are exactly pool states at their t."""
+    grid, dc = _collect(fp, size=10, seed=4, fresh=True, mix=0.3, perturbation=0.0, trajectories=6)
+    assert dc.fresh and dc.states.shape[:2] == (6, len(grid.student))
+    coeffs = DDIMCoefficients.from_config(fp.scheduler_config)
+    generator = torch.Generator().manual_seed(0)
+    batches = [dc.draw(400, generator, coeffs) for _ in range(5)]
+    t = torch.cat([b.t for b in batches])
+    injected = torch.cat([b.injected for b in batches])
+    counts = torch.stack([(t == s).sum() for s in grid.student]).double()
+    expected = len(t) / len(grid.student)
+    assert float(((counts - expected) ** 2 / expected).sum()) < 20.5  # chi-square, 4 dof, p ~ 4e-4
+    assert float(injected.double().mean()) == pytest.approx(0.3, abs=0.03)
+    assert not torch.equal(batches[0].x, batches[1].x)
+    for batch in batches:
+        alpha, sigma = (v.float().reshape(-1, 1, 1, 1) for v in coeffs.alpha_sigma(batch.t))
+        noise = ((batch.x - alpha * batch.x0) / sigma)[batch.injected]
+        assert float(noise.mean()) == pytest.approx(0.0, abs=0.02) and float(noise.std()) == pytest.approx(1, abs=0.02)
+        position = {s: k for k, s in enumerate(grid.student)}
+        for x, s in zip(batch.x[~batch.injected][:20], batch.t[~batch.injected][:20]):
+            pool = dc.states[:, position[int(s)]]
+            assert any(torch.equal(x, p) for p in pool)
+    again = dc.draw(400, torch.Generator().manual_seed(0), coeffs)
+    assert torch.equal(again.x, batches[0].x) and torch.equal(again.t, batches[0].t)  # seeded
+    with pytest.raises(RuntimeError, match="fresh=True"):
+        _collect(fp, size=10, seed=4)[1].draw(2, generator, coeffs)
+    with pytest.raises(ConfigError, match="mix"):
+        DCConfig(mix=1.5)

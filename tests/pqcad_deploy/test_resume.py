@@ -374,3 +374,40 @@ def test_distillation_checkpoint_of_another_run_is_refused(small_unet_dir, tmp_p
     with pytest.raises(ConfigError, match=r"^the distillation checkpoint at .* belongs to another run \(it differs in "
                                           r"--seed \(0 there, 1 here\)\); rerun with what it was made with"):
         compress(dataclasses.replace(config, seed=1), out, progress=False, resume=True)
+
+
+@pytest.mark.parametrize("call, note", [
+    (11, "resuming the distillation at round 2 of 2"),  # round 1 finished: its end was checkpointed
+    (18, "resuming the distillation from iteration 6 of 10 in round 2 of 2"),
+])
+def test_two_rounds_resume_across_rounds_equals_an_uninterrupted_run(call, note, small_unet_dir, tmp_path,
+                                                                     tiny_distill):
+    """--rounds 2 halves 4 -> 2 -> 1 steps; an interruption in round 2 resumes to the same artifact."""
+    from pqcad_deploy.models import load_model
+    from pqcad_deploy.schedule import ddim_timesteps
+
+    config = dataclasses.replace(_config(small_unet_dir, "minmax"), distill=True, rounds=2)
+    reference_art = compress(config, tmp_path / "reference", progress=False).artifact
+    scheduler_config = load_model(str(small_unet_dir)).scheduler_config
+    manifest = json.loads((reference_art / "artifact.json").read_text())
+    assert manifest["teacher_steps"] == 4 and manifest["student_steps"] == 1
+    assert manifest["student_timesteps"] == ddim_timesteps(scheduler_config, 1)
+    report = json.loads((reference_art / "report.json").read_text())["distillation"]
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1] and report["round"] == 1
+    assert rounds[0]["grid"]["teacher"] == ddim_timesteps(scheduler_config, 4)
+    assert rounds[1]["grid"]["teacher"] == ddim_timesteps(scheduler_config, 2)
+    assert [r["guard"]["reference_steps"] for r in rounds] == [4, 2]
+    assert all(r["guard"]["kept"] in ("distilled", "undistilled") for r in rounds)
+
+    out, logs = tmp_path / "art", []
+    with interrupt_distillation_at(call), pytest.raises(KeyboardInterrupt):
+        compress(config, out, progress=False)
+    assert_no_artifact(out)
+    compress(config, out, progress=False, resume=True, log=logs.append)
+    assert logs[-1] == note
+    resumed = json.loads((out / "report.json").read_text())
+    for entry in (resumed["distillation"], resumed["distillation"]["rounds"][1]):
+        entry["resumed_from"] = None  # the one honest difference
+    (out / "report.json").write_text(json.dumps(resumed))
+    assert_same_artifact(reference_art, out, report_edited=True)

@@ -1,0 +1,52 @@
+"""The distillation guard keeps whichever student samples closer to FP at the teacher's steps."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pqcad_deploy.distill.guard import GuardConfig, guard_distillation
+
+
+@pytest.fixture
+def unet_and_scheduler(small_unet_dir):
+    from pqcad_deploy.models import load_model
+
+    loaded = load_model(str(small_unet_dir))
+    return loaded.unet.eval(), loaded.scheduler_config
+
+
+def _damaged(unet: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose output conv is perturbed: a student clearly worse than the FP model."""
+    bad = copy.deepcopy(unet)
+    with torch.no_grad():
+        bad.conv_out.bias.add_(0.5)
+    return bad
+
+
+@pytest.mark.parametrize("distilled_is_damaged", [True, False])
+def test_the_guard_keeps_the_student_closer_to_fp(unet_and_scheduler, distilled_is_damaged):
+    fp, scheduler_config = unet_and_scheduler
+    good, bad = copy.deepcopy(fp), _damaged(fp)
+    distilled, undistilled = (bad, good) if distilled_is_damaged else (good, bad)
+    kept, report = guard_distillation(fp, distilled, undistilled, scheduler_config, teacher_steps=4, student_steps=2,
+                                      config=GuardConfig(images=2), seed=0, device="cpu")
+    expected = "undistilled" if distilled_is_damaged else "distilled"
+    assert report["kept"] == expected
+    assert kept is (undistilled if distilled_is_damaged else distilled)
+    worse, better = sorted((report["psnr_distilled_db"], report["psnr_undistilled_db"]))
+    assert better > worse + 1.0, report  # the damage is visible in the PSNR, not a coin toss
+    assert report["reference_steps"] == 4 and report["student_steps"] == 2
+
+
+def test_the_guard_samples_on_the_students_grid(unet_and_scheduler):
+    """It samples with K DDIM steps, which must be the distillation grid's student timesteps."""
+    from pqcad_deploy.distill.grid import distill_grid
+    from pqcad_deploy.schedule import ddim_timesteps
+
+    _, scheduler_config = unet_and_scheduler
+    for teacher_steps in (4, 20, 100):
+        grid = distill_grid(scheduler_config, teacher_steps)
+        assert list(grid.student) == ddim_timesteps(scheduler_config, teacher_steps // 2), teacher_steps
