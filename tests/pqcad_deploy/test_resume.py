@@ -306,8 +306,8 @@ def test_cli_resume(small_unet_dir, reference, tmp_path):
 
 
 # ----------------------------------------------------------------------------- CAD resume == one run
-@pytest.fixture
-def tiny_distill():
+@contextlib.contextmanager
+def _tiny_distill_presets():
     """CAD at 10 iterations of batch 2 on 8 C_DC pairs, checkpointed every 3 iterations."""
     from pqcad_deploy import compress as C
     from pqcad_deploy.distill import cad, dc
@@ -316,6 +316,12 @@ def tiny_distill():
         mp.setitem(cad.PRESET_DISTILL, "fast", cad.DistillConfig(iters=10, batch_size=2))
         mp.setitem(dc.PRESET_DC, "fast", dc.DCConfig(size=8, batch_size=4))
         mp.setitem(C.DISTILL_CHECKPOINT_EVERY, "fast", 3)
+        yield
+
+
+@pytest.fixture
+def tiny_distill():
+    with _tiny_distill_presets():
         yield
 
 
@@ -376,18 +382,25 @@ def test_distillation_checkpoint_of_another_run_is_refused(small_unet_dir, tmp_p
         compress(dataclasses.replace(config, seed=1), out, progress=False, resume=True)
 
 
+@pytest.fixture(scope="module")
+def two_round_reference(small_unet_dir, tmp_path_factory, tiny_presets):
+    """(config, artifact) of an uninterrupted --rounds 2 run, made once for the module."""
+    config = dataclasses.replace(_config(small_unet_dir, "minmax"), distill=True, rounds=2)
+    with _tiny_distill_presets():
+        return config, compress(config, tmp_path_factory.mktemp("rounds") / "reference", progress=False).artifact
+
+
 @pytest.mark.parametrize("call, note", [
     (11, "resuming the distillation at round 2 of 2"),  # round 1 finished: its end was checkpointed
     (18, "resuming the distillation from iteration 6 of 10 in round 2 of 2"),
 ])
 def test_two_rounds_resume_across_rounds_equals_an_uninterrupted_run(call, note, small_unet_dir, tmp_path,
-                                                                     tiny_distill):
+                                                                     tiny_distill, two_round_reference):
     """--rounds 2 halves 4 -> 2 -> 1 steps; an interruption in round 2 resumes to the same artifact."""
     from pqcad_deploy.models import load_model
     from pqcad_deploy.schedule import ddim_timesteps
 
-    config = dataclasses.replace(_config(small_unet_dir, "minmax"), distill=True, rounds=2)
-    reference_art = compress(config, tmp_path / "reference", progress=False).artifact
+    config, reference_art = two_round_reference
     scheduler_config = load_model(str(small_unet_dir)).scheduler_config
     manifest = json.loads((reference_art / "artifact.json").read_text())
     assert manifest["teacher_steps"] == 4 and manifest["student_steps"] == 1
