@@ -385,9 +385,23 @@ def test_distillation_checkpoint_of_another_run_is_refused(small_unet_dir, tmp_p
 @pytest.fixture(scope="module")
 def two_round_reference(small_unet_dir, tmp_path_factory, tiny_presets):
     """(config, artifact) of an uninterrupted --rounds 2 run, made once for the module."""
+    from pqcad_deploy.distill import cad
+    from pqcad_deploy.quant.replace import quant_layers
+
     config = dataclasses.replace(_config(small_unet_dir, "minmax"), distill=True, rounds=2)
-    with _tiny_distill_presets():
-        return config, compress(config, tmp_path_factory.mktemp("rounds") / "reference", progress=False).artifact
+    teachers: list[bool] = []  # per targets computation: is the teacher a quantized student?
+    original = cad.compute_targets
+
+    def recording(teacher, *args, **kwargs):
+        teachers.append(bool(quant_layers(teacher)))
+        return original(teacher, *args, **kwargs)
+
+    with _tiny_distill_presets(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cad, "compute_targets", recording)
+        art = compress(config, tmp_path_factory.mktemp("rounds") / "reference", progress=False).artifact
+    # round 1 learns from the FP model, round 2 from round 1's student (training pairs, then held-out pairs)
+    assert teachers == [False, False, True, True]
+    return config, art
 
 
 @pytest.mark.parametrize("call, note", [
