@@ -214,7 +214,7 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
             fp_unet, loaded.scheduler_config, image_shape, config.teacher_steps, cal_cfg,
             seed=config.seed, device=device, progress=progress)
     checkpoint.use_calibration(calibration)
-    teacher_state = {k: v.detach().clone() for k, v in fp_unet.state_dict().items()}  # before any rewrite
+    teacher_state = fp_unet.state_dict()  # before any rewrite: the rewrites replace modules, never edit these
     plan, plan_report["rewrites"] = _apply_rewrites(config, fp_unet, plan, calibration, cal_cfg.batch_size, device)
     try:
         student, method_report = _run_method(config, fp_unet, plan, calibration, cal_cfg.batch_size, device,
@@ -388,10 +388,9 @@ def _distill(config: CompressConfig, student: torch.nn.Module, fp_unet: torch.nn
                                                     image_shape, device, progress, checkpoint, state, r, reports)
         state = None
         reports.append(report)
-        if r + 1 < config.rounds:
-            teacher_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        if r + 1 < config.rounds:  # save_distill serialises at once: no copy of the state needed
             checkpoint.save_distill({"iteration": len(report["losses"]), "round": r, "round_done": True,
-                                     "student": teacher_state, "round_reports": reports})
+                                     "student": student.state_dict(), "round_reports": reports})
             teacher = copy.deepcopy(student).eval()
         steps //= 2
     report = reports[-1] if config.rounds == 1 else {**reports[-1], "rounds": reports}
@@ -419,7 +418,7 @@ def _distill_round(config: CompressConfig, student: torch.nn.Module, teacher: to
     heldout = collect_dc(fp_unet, scheduler_config, grid, image_shape,
                          dataclasses.replace(PRESET_HELDOUT[config.preset], seed=seed + HELDOUT_SEED_OFFSET),
                          device=device, progress=False)
-    teacher_state = None if teacher is fp_unet else {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+    teacher_state = None if teacher is fp_unet else teacher.state_dict()  # frozen: it never changes
 
     def save(distill_state: dict) -> None:
         checkpoint.save_distill({**distill_state, "round": round_index, "teacher": teacher_state,

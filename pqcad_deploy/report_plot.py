@@ -26,6 +26,10 @@ def _distillation_losses(report: dict) -> list[float]:
     return list((report.get("distillation") or {}).get("losses") or [])
 
 
+def _distillation_heldout(report: dict) -> list[list[float]]:
+    return list((report.get("distillation") or {}).get("heldout") or [])
+
+
 def has_curves(report: dict) -> bool:
     return any(seg.get("losses") for seg in _segments(report)) or bool(_distillation_losses(report))
 
@@ -45,7 +49,7 @@ def plot_reconstruction_report(report: dict, path: Path) -> Path:
     if reconstruction:
         _plot_reconstruction(axes[0][0], report)
     if distillation:
-        _plot_distillation(axes[-1][0], distillation, (report.get("distillation") or {}).get("heldout") or [])
+        _plot_distillation(axes[-1][0], distillation, _distillation_heldout(report))
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)

@@ -84,8 +84,10 @@ class SmoothedLinear(nn.Module):
             raise ValueError(f"a SmoothQuant multiplier must be {linear.in_features} positive values")
         self.register_buffer("input_multiplier", m.to(linear.weight.device, linear.weight.dtype).clone())
         self.linear = linear
-        with torch.no_grad():
-            linear.weight.div_(self.input_multiplier)  # w * s, s = 1 / m: the product is unchanged
+        # w * s, s = 1 / m: the product is unchanged. A new tensor, so the caller's weight (e.g. a state
+        # dict taken before the rewrite) is left as it was.
+        linear.weight = nn.Parameter(linear.weight.detach() / self.input_multiplier,
+                                     requires_grad=linear.weight.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x * self.input_multiplier)
