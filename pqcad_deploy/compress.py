@@ -20,6 +20,7 @@ from pqcad_deploy.calibration.qc import collect_qc_calibration
 from pqcad_deploy.calibration.trajectories import CalibrationSet
 from pqcad_deploy.checkpoint import Checkpoint, check_checkpoint_dir, checkpoint_dir, run_fingerprint
 from pqcad_deploy.config import CompressConfig, config_to_dict
+from pqcad_deploy.distill.rounds import distill_rounds
 from pqcad_deploy.errors import ConfigError
 from pqcad_deploy.fsutil import check_output_dir, output_lock
 from pqcad_deploy.layer_precision import apply_first_last
@@ -237,9 +238,9 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
     timesteps = ddim_timesteps(loaded.scheduler_config, config.teacher_steps)
     if config.distill:
         try:
-            student, report["distillation"], timesteps = _distill(config, student, fp_unet, loaded.scheduler_config,
-                                                                 image_shape, device, progress, checkpoint,
-                                                                 resume, log)
+            student, report["distillation"], timesteps = distill_rounds(
+                config, student, fp_unet, loaded.scheduler_config, image_shape, device, progress, checkpoint,
+                resume, log)
         except KeyboardInterrupt as exc:
             note = _interrupted(checkpoint) if checkpoint.last_distill_iteration is not None else None
             if note is None:
@@ -335,10 +336,6 @@ def _correct_biases(config: CompressConfig, fp_unet: torch.nn.Module, student: t
     return {"data": config.bias_correction_data, **report}
 
 
-DISTILL_CHECKPOINT_EVERY: dict[str, int] = {"fast": 25, "default": 200}
-"""CAD iterations between distillation checkpoints, per preset."""
-
-
 def _check_act_scales(config: CompressConfig, fp_unet: torch.nn.Module, student: torch.nn.Module, calibration,
                       scheduler_config: dict, batch_size: int, device: str) -> dict:
     """Stage 2's learned activation scales against its starting ones on sampled images (act_scale_check)."""
@@ -347,92 +344,6 @@ def _check_act_scales(config: CompressConfig, fp_unet: torch.nn.Module, student:
     return keep_better_activation_scales(fp_unet, student, calibration, scheduler_config, config.teacher_steps,
                                          config.activation_scale_init, batch_size, PRESET_SCALE_CHECK[config.preset],
                                          seed=config.seed, device=device)
-
-
-def _distill(config: CompressConfig, student: torch.nn.Module, fp_unet: torch.nn.Module, scheduler_config: dict,
-             image_shape: tuple[int, int, int], device: str, progress: bool, checkpoint: Checkpoint,
-             resume: bool, log: Callable[[str], None]) -> tuple[torch.nn.Module, dict, list[int]]:
-    """CAD: distil the quantized student to N/2 steps (N/2^rounds with ``rounds``); (student, report, timesteps).
-
-    Round r trains on C_DC drawn from the FP model on the N/2^r grid, with the FP model as the teacher
-    in round 0 and the previous round's student after that (progressive distillation). After each
-    round the guard (distill.guard) keeps the new student only if it samples at least as close to FP
-    at the round's teacher steps as its starting point does on the same halved grid
-    (``report["guard"]``). Checkpointed every ``DISTILL_CHECKPOINT_EVERY[preset]`` iterations and at
-    the end of every round but the last; `resume` continues from the last one (C_DC is redrawn: it is
-    seeded). With one round the report is that round's; with more it is the last round's plus
-    ``rounds`` (every round's).
-    """
-    import copy
-
-    state = checkpoint.load_distill() if resume else None
-    first, teacher, reports = 0, fp_unet, []
-    if state is not None:
-        first, reports = int(state.get("round", 0)), list(state.get("round_reports", []))
-        if state.get("teacher") is not None or state.get("round_done"):
-            teacher = copy.deepcopy(student)
-            teacher.load_state_dict(state["student"] if state.get("round_done") else state["teacher"])
-            student = copy.deepcopy(teacher)
-        if state.get("round_done"):
-            first, state = first + 1, None
-            log(f"resuming the distillation at round {first + 1} of {config.rounds}")
-        else:
-            from pqcad_deploy.distill.cad import PRESET_DISTILL
-
-            where = f" in round {first + 1} of {config.rounds}" if config.rounds > 1 else ""
-            log(f"resuming the distillation from iteration {state['iteration']} of "
-                f"{PRESET_DISTILL[config.preset].iters}{where}")
-    steps = config.teacher_steps // 2 ** first
-    for r in range(first, config.rounds):
-        student, report, timesteps = _distill_round(config, student, teacher, fp_unet, scheduler_config, steps,
-                                                    image_shape, device, progress, checkpoint, state, r, reports)
-        state = None
-        reports.append(report)
-        if r + 1 < config.rounds:  # save_distill serialises at once: no copy of the state needed
-            checkpoint.save_distill({"iteration": len(report["losses"]), "round": r, "round_done": True,
-                                     "student": student.state_dict(), "round_reports": reports})
-            teacher = copy.deepcopy(student).eval()
-        steps //= 2
-    report = reports[-1] if config.rounds == 1 else {**reports[-1], "rounds": reports}
-    return student, report, timesteps
-
-
-def _distill_round(config: CompressConfig, student: torch.nn.Module, teacher: torch.nn.Module,
-                   fp_unet: torch.nn.Module, scheduler_config: dict, steps: int, image_shape: tuple[int, int, int],
-                   device: str, progress: bool, checkpoint: Checkpoint, state: dict | None, round_index: int,
-                   reports: list[dict]) -> tuple[torch.nn.Module, dict, list[int]]:
-    """One CAD round at `steps` teacher steps, then its guard; (student, report, the student's timesteps)."""
-    import copy
-
-    from pqcad_deploy.distill.cad import PRESET_DISTILL, distill
-    from pqcad_deploy.distill.dc import HELDOUT_SEED_OFFSET, PRESET_DC, PRESET_HELDOUT, collect_dc
-    from pqcad_deploy.distill.grid import distill_grid
-    from pqcad_deploy.distill.guard import PRESET_GUARD, guard_distillation
-
-    grid = distill_grid(scheduler_config, steps)
-    seed = config.seed + round_index
-    dcfg = dataclasses.replace(PRESET_DISTILL[config.preset], seed=seed,
-                               checkpoint_every=DISTILL_CHECKPOINT_EVERY[config.preset])
-    dc_set = collect_dc(fp_unet, scheduler_config, grid, image_shape,
-                        dataclasses.replace(PRESET_DC[config.preset], seed=seed), device=device, progress=progress)
-    heldout = collect_dc(fp_unet, scheduler_config, grid, image_shape,
-                         dataclasses.replace(PRESET_HELDOUT[config.preset], seed=seed + HELDOUT_SEED_OFFSET),
-                         device=device, progress=False)
-    teacher_state = None if teacher is fp_unet else teacher.state_dict()  # frozen: it never changes
-
-    def save(distill_state: dict) -> None:
-        checkpoint.save_distill({**distill_state, "round": round_index, "teacher": teacher_state,
-                                 "round_reports": reports})
-
-    undistilled = copy.deepcopy(student)
-    student, report = distill(student, teacher, scheduler_config, steps, dc_set, dcfg, device=device,
-                              progress=progress, on_checkpoint=save, resume=state, heldout=heldout)
-    report = report.to_dict()
-    student, report["guard"] = guard_distillation(fp_unet, student, undistilled, scheduler_config, steps,
-                                                  len(grid.student), PRESET_GUARD[config.preset], seed=seed,
-                                                  device=device)
-    report["round"] = round_index
-    return student, report, [int(t) for t in grid.student]
 
 
 def _jsonable(value):

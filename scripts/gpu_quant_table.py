@@ -4,12 +4,15 @@ each improvement's ablation row; FID at 10,000 samples with shared seeds and per
 Two phases, so that the work runs as detached processes side by side on the one GPU while the FID
 weights are still travelling in pieces (docs/RESULTS.md section 15):
 
-- ``make ROWS``: for each row, compress with ``--device cuda --preset default --no-distill`` (unless
-  ``cad``), sample the fake-quant student through diffusers' DDIMPipeline at the teacher's steps
-  (pqcad_deploy.eval.generate: image i seeded with i, the protocol of every FID in RESULTS), and
-  write ``CACHE/NAME.npy`` (uint8 images) and ``CACHE/NAME.json`` (compress time, calibration SQNR,
-  per-channel means, the report's precision-policy and bias-correction summary). A row whose json
-  exists is skipped (resumable).
+- ``make ROWS``: for each row, sample its student through diffusers' DDIMPipeline
+  (pqcad_deploy.eval.generate: image i seeded with i, the protocol of every FID in RESULTS) and write
+  one entry per sampling, ``CACHE/ENTRY.npy`` (uint8 images) and ``CACHE/ENTRY.json`` (times,
+  calibration SQNR, per-channel means, the report's summaries). The PQ student of a row is compressed
+  once per distinct PQ row (``--device cuda --preset default --no-distill``, ``CACHE/pq_NAME``) and
+  shared by every row that starts from it, across workers. A row without ``cad`` samples it at the
+  teacher's steps (entry ``NAME``) or at each ``sample=K1+K2`` (entries ``NAME@K``); a ``cad`` row
+  distils it round by round (distill.rounds) and samples after every round (entries ``NAME@K``).
+  A row with ``NAME.done`` is skipped (resumable).
 - ``score``: FID of every cached row against its model's shipped reference statistics, written to
   ``OUT/results.json`` with the FP rows' channel means beside each row's.
 
@@ -69,7 +72,7 @@ def parse_row(row: str) -> tuple[str, str, int, int, dict]:
     options: dict = {"distill": False}
     for flag in flags:
         key, _, value = flag.partition("=")
-        if key in DISTILL_FLAGS or flag in ("cos", "fresh") or key == "steps":
+        if key in DISTILL_FLAGS or flag in ("cos", "fresh") or key in ("steps", "sample"):
             continue
         if key == "r" and value:
             options["rounds"] = int(value)
@@ -124,65 +127,174 @@ def distill_overrides(row: str, preset: str):
     return patched()
 
 
-def make(rows: list[str], cache: Path, steps: int, n: int, preset: str = "default", device: str = "cuda") -> None:
+def row_samples(row: str, default: int) -> list[int]:
+    """The step counts a non-CAD row samples at (``sample=10+5``), else [`default`]."""
+    for flag in row.split(":")[4:]:
+        if flag.startswith("sample="):
+            return [int(k) for k in flag.partition("=")[2].split("+")]
+    return [default]
+
+
+def pq_row(row: str) -> str:
+    """The row of the PQ student a CAD row starts from: the row without its CAD flags (and ``sample=``)."""
+    keep = []
+    for flag in row.split(":")[4:]:
+        key = flag.partition("=")[0]
+        if flag in ("cad", "cos", "fresh") or key in DISTILL_FLAGS or key in ("r", "sample"):
+            continue
+        keep.append(flag)
+    return ":".join(row.split(":")[:4] + keep)
+
+
+def shared_pq_artifact(row: str, cache: Path, steps: int, preset: str, device: str, log) -> Path:
+    """The PQ student every CAD row of the same PQ row starts from, compressed once (``--no-distill``).
+
+    The first worker to need it takes ``pq_NAME.lock`` and compresses; the others wait for the
+    artifact (written atomically, so its manifest file means it is complete) or for the builder's error.
+    """
+    import os
+
+    from pqcad_deploy.artifact import MANIFEST_FILE
+    from pqcad_deploy.compress import compress
+    from pqcad_deploy.config import CompressConfig
+
+    base = pq_row(row)
+    art, lock, failed = (cache / f"pq_{row_name(base)}", cache / f"pq_{row_name(base)}.lock",
+                         cache / f"pq_{row_name(base)}.error")
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        while not (art / MANIFEST_FILE).exists():
+            if failed.exists():
+                raise RuntimeError(f"the shared PQ student {base} failed: {failed.read_text()}")
+            time.sleep(2)
+        return art
+    model, method, wb, ab, options = parse_row(base)
+    started = time.perf_counter()
+    try:
+        config = CompressConfig(model=MODELS[model], method=method, weight_bits=wb, act_bits=ab,
+                                teacher_steps=steps, preset=preset, device=device, seed=0, **options)
+        compress(config, art, overwrite=True, progress=False)
+    except Exception as exc:
+        failed.write_text(f"{type(exc).__name__}: {exc}")
+        raise
+    log(f"shared PQ student {base}: compressed in {time.perf_counter() - started:.1f}s")
+    return art
+
+
+def _save_entry(cache: Path, entry: str, info: dict, images) -> None:
+    """CACHE/ENTRY.npy and CACHE/ENTRY.json (the json last: score reads rows whose json exists)."""
     import numpy as np
+
+    np.save(cache / f"{entry}.npy", images)
+    info = {**info, "channel_means_0_255": [float(v) for v in images.reshape(-1, images.shape[-1])
+                                            .astype(np.float64).mean(axis=0)]}
+    tmp = cache / f".{entry}.json.tmp"
+    tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
+    tmp.replace(cache / f"{entry}.json")  # whole or absent: score may be polling
+    print(entry, json.dumps(info), flush=True)
+
+
+def make_cad(row: str, cache: Path, steps: int, n: int, preset: str, device: str) -> None:
+    """A CAD row from the shared PQ student: distil it round by round (distill.rounds) and sample the
+    kept student after every round, one entry ``NAME@K`` per round (K: the round's student steps)."""
+    import tempfile
+
     import torch
 
     from pqcad_deploy.artifact import load_artifact
-    from pqcad_deploy.compress import compress
+    from pqcad_deploy.checkpoint import Checkpoint
     from pqcad_deploy.config import CompressConfig
+    from pqcad_deploy.distill.rounds import distill_rounds
+    from pqcad_deploy.eval.generate import generate_images
+    from pqcad_deploy.models import load_model
+    from pqcad_deploy.schedule import ddim_timesteps
+
+    name = row_name(row)
+    base: dict = {"row": row, "torch": torch.__version__, "preset": preset,
+                  "gpu": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"}
+    art = shared_pq_artifact(row, cache, steps, preset, device, log=lambda m: print(m, flush=True))
+    artifact = load_artifact(art)
+    model, method, wb, ab, options = parse_row(row)
+    loaded = load_model(MODELS[model])
+    fp_unet = loaded.unet.to(device).eval()
+    student = artifact.build_student().to(device)
+    config = CompressConfig(model=MODELS[model], method=method, weight_bits=wb, act_bits=ab, teacher_steps=steps,
+                            preset=preset, device=device, seed=0, **options)
+    round_started = [time.perf_counter()]
+
+    def sample_round(r: int, kept: torch.nn.Module, report: dict, timesteps: list[int]) -> None:
+        k = len(timesteps)
+        if timesteps != ddim_timesteps(loaded.scheduler_config, k):
+            raise RuntimeError(f"round {r + 1}'s timesteps {timesteps} are not diffusers' {k}-step grid")
+        distill_seconds = time.perf_counter() - round_started[0]
+        gen = generate_images(kept, loaded.scheduler_config, n, k, seed=0, batch_size=1000, device=device,
+                              progress=False)
+        info = {**base, "round": r + 1, "sample_steps": k, "distill_seconds": distill_seconds,
+                "generate_seconds": gen.seconds, "guard": report.get("guard"), "heldout": report.get("heldout"),
+                "final_loss": (report.get("losses") or [None])[-1], "distill_overrides": changes}
+        _save_entry(cache, f"{name}@{k}", info, gen.images)
+        round_started[0] = time.perf_counter()
+
+    with distill_overrides(row, preset) as changes, tempfile.TemporaryDirectory() as tmp:
+        distill_rounds(config, student, fp_unet, loaded.scheduler_config, tuple(artifact.manifest.image_shape),
+                       device, False, Checkpoint(Path(tmp) / "checkpoint", "gpu-table"), on_round=sample_round)
+
+
+def make_plain(row: str, cache: Path, steps: int, n: int, preset: str, device: str) -> None:
+    """An FP or PQ row (no CAD), sampled at each of its ``sample=`` step counts (entries ``NAME@K``)
+    or at the teacher's steps (entry ``NAME``); a PQ row's student is the shared PQ artifact."""
+    import torch
+
+    from pqcad_deploy.artifact import load_artifact
     from pqcad_deploy.eval.generate import generate_images
     from pqcad_deploy.models import load_model
 
+    name = row_name(row)
+    model, method, *_ = parse_row(row)
+    started = time.perf_counter()
+    info: dict = {"row": row, "torch": torch.__version__, "preset": preset,
+                  "gpu": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"}
+    loaded = load_model(MODELS[model])
+    unet = loaded.unet
+    if method != "fp":
+        art = shared_pq_artifact(row, cache, steps, preset, device, log=lambda m: print(m, flush=True))
+        report = json.loads((art / "report.json").read_text())
+        info.update(compress_seconds=time.perf_counter() - started, calibration_sqnr_db=report["noise_pred_sqnr_db"],
+                    float_mac_share=report["precision_policy"]["float_mac_share"], rewrites=report.get("rewrites"))
+        if "bias_correction" in report:
+            info["bias_correction_data"] = report["bias_correction"].get("data")
+        if "act_scale_check" in report:
+            info["act_scale_check"] = report["act_scale_check"]
+        unet = load_artifact(art).build_student()
+    samples = row_samples(row, steps)
+    for k in samples:
+        gen = generate_images(unet, loaded.scheduler_config, n, k, seed=0, batch_size=1000, device=device,
+                              progress=False)
+        entry = name if samples == [steps] and not any(f.startswith("sample=") for f in row.split(":")) \
+            else f"{name}@{k}"
+        _save_entry(cache, entry, {**info, "sample_steps": k, "generate_seconds": gen.seconds}, gen.images)
+
+
+def make(rows: list[str], cache: Path, steps: int, n: int, preset: str = "default", device: str = "cuda") -> None:
+    """Every row in turn (skipping rows already done: ``NAME.done``); a failing row writes its error
+    as entry ``NAME`` and the others go on. The teacher steps are the row's ``steps=`` or `steps`."""
     cache.mkdir(parents=True, exist_ok=True)
     for row in rows:
         name = row_name(row)
-        if (cache / f"{name}.json").exists():
+        if (cache / f"{name}.done").exists():
             continue
-        model, method, wb, ab, options = parse_row(row)
-        steps_row = row_steps(row, steps)
         started = time.perf_counter()
-        info: dict = {"row": row, "torch": torch.__version__, "preset": preset,
-                      "gpu": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"}
         try:
-            loaded = load_model(MODELS[model])
-            if method == "fp":
-                unet, sample_steps = loaded.unet, steps_row
-            else:
-                art = cache / f"art_{name}"
-                config = CompressConfig(model=MODELS[model], method=method, weight_bits=wb, act_bits=ab,
-                                        teacher_steps=steps_row, preset=preset, device=device, seed=0, **options)
-                with distill_overrides(row, preset) as changes:
-                    result = compress(config, art, overwrite=True, progress=False)
-                info["distill_overrides"] = changes
-                info.update(compress_seconds=time.perf_counter() - started,
-                            calibration_sqnr_db=result.noise_pred_sqnr_db, quantized_layers=result.num_quantized_layers)
-                artifact = load_artifact(art)
-                report = json.loads((art / "report.json").read_text())
-                info["float_mac_share"] = report["precision_policy"]["float_mac_share"]
-                info["rewrites"] = report.get("rewrites")
-                if "bias_correction" in report:
-                    info["bias_correction_data"] = report["bias_correction"].get("data")
-                if "distillation" in report:
-                    dist = report["distillation"]
-                    info["distillation"] = {"guard": dist.get("guard"), "heldout": dist.get("heldout"),
-                                            "final_loss": (dist.get("losses") or [None])[-1],
-                                            "rounds": [{"guard": r.get("guard"), "heldout": r.get("heldout")}
-                                                       for r in dist.get("rounds", [])]}
-                if "act_scale_check" in report:
-                    info["act_scale_check"] = report["act_scale_check"]
-                unet, sample_steps = artifact.build_student(), artifact.manifest.student_steps
-            gen = generate_images(unet, loaded.scheduler_config, n, sample_steps, seed=0, batch_size=1000,
-                                  device=device, progress=False)
-            np.save(cache / f"{name}.npy", gen.images)
-            info.update(sample_steps=sample_steps, generate_seconds=gen.seconds,
-                        channel_means_0_255=[float(v) for v in gen.images.reshape(-1, gen.images.shape[-1])
-                                             .astype(np.float64).mean(axis=0)])
+            _model, _method, _wb, _ab, options = parse_row(row)
+            run = make_cad if options["distill"] else make_plain
+            run(row, cache, row_steps(row, steps), n, preset, device)
+            outcome = {"row": row, "seconds": time.perf_counter() - started}
         except Exception as exc:  # one failing row must not cost the others
-            info["error"] = f"{type(exc).__name__}: {exc}"
-        info["seconds"] = time.perf_counter() - started
-        (cache / f"{name}.json").write_text(json.dumps(info, indent=1, sort_keys=True))
-        print(name, json.dumps(info), flush=True)
+            outcome = {"row": row, "error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - started}
+            (cache / f"{name}.json").write_text(json.dumps(outcome, indent=1, sort_keys=True))
+            print(name, json.dumps(outcome), flush=True)
+        (cache / f"{name}.done").write_text(json.dumps(outcome))
 
 
 def score(cache: Path, weights: str, out: Path | None, expect: int = 0, follow_s: float = 0.0,

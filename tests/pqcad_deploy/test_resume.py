@@ -25,6 +25,7 @@ from pqcad_deploy.checkpoint import (
 )
 from pqcad_deploy.compress import compress
 from pqcad_deploy.config import PRESET_CALIBRATION, CalibrationConfig, CompressConfig
+from pqcad_deploy.distill.rounds import DISTILL_CHECKPOINT_EVERY
 from pqcad_deploy.errors import CheckpointError, ConfigError, OutputPathError
 from pqcad_deploy.methods import pqcad as PQ
 from pqcad_deploy.progressive import TransitionRule
@@ -309,13 +310,12 @@ def test_cli_resume(small_unet_dir, reference, tmp_path):
 @contextlib.contextmanager
 def _tiny_distill_presets():
     """CAD at 10 iterations of batch 2 on 8 C_DC pairs, checkpointed every 3 iterations."""
-    from pqcad_deploy import compress as C
     from pqcad_deploy.distill import cad, dc
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(cad.PRESET_DISTILL, "fast", cad.DistillConfig(iters=10, batch_size=2))
         mp.setitem(dc.PRESET_DC, "fast", dc.DCConfig(size=8, batch_size=4))
-        mp.setitem(C.DISTILL_CHECKPOINT_EVERY, "fast", 3)
+        mp.setitem(DISTILL_CHECKPOINT_EVERY, "fast", 3)
         yield
 
 
