@@ -10,8 +10,8 @@ weights are still travelling in pieces (docs/RESULTS.md section 15):
   calibration SQNR, per-channel means, the report's summaries). The PQ student of a row is compressed
   once per distinct PQ row (``--device cuda --preset default --no-distill``, ``CACHE/pq_NAME``) and
   shared by every row that starts from it, across workers. A row without ``cad`` samples it at the
-  teacher's steps (entry ``NAME``) or at each ``sample=K1+K2`` (entries ``NAME@K``); a ``cad`` row
-  distils it round by round (distill.rounds) and samples after every round (entries ``NAME@K``).
+  teacher's steps (entry ``NAME``) or at each ``sample=K1+K2`` (entries ``NAME_atK``); a ``cad`` row
+  distils it round by round (distill.rounds) and samples after every round (entries ``NAME_atK``).
   A row with ``NAME.done`` is skipped (resumable).
 - ``score``: FID of every cached row against its model's shipped reference statistics, written to
   ``OUT/results.json`` with the FP rows' channel means beside each row's.
@@ -197,7 +197,7 @@ def _save_entry(cache: Path, entry: str, info: dict, images) -> None:
 
 def make_cad(row: str, cache: Path, steps: int, n: int, preset: str, device: str) -> None:
     """A CAD row from the shared PQ student: distil it round by round (distill.rounds) and sample the
-    kept student after every round, one entry ``NAME@K`` per round (K: the round's student steps)."""
+    kept student after every round, one entry ``NAME_atK`` per round (K: the round's student steps)."""
     import tempfile
 
     import torch
@@ -233,7 +233,7 @@ def make_cad(row: str, cache: Path, steps: int, n: int, preset: str, device: str
         info = {**base, "round": r + 1, "sample_steps": k, "distill_seconds": distill_seconds,
                 "generate_seconds": gen.seconds, "guard": report.get("guard"), "heldout": report.get("heldout"),
                 "final_loss": (report.get("losses") or [None])[-1], "distill_overrides": changes}
-        _save_entry(cache, f"{name}@{k}", info, gen.images)
+        _save_entry(cache, f"{name}_at{k}", info, gen.images)
         round_started[0] = time.perf_counter()
 
     with distill_overrides(row, preset) as changes, tempfile.TemporaryDirectory() as tmp:
@@ -242,7 +242,7 @@ def make_cad(row: str, cache: Path, steps: int, n: int, preset: str, device: str
 
 
 def make_plain(row: str, cache: Path, steps: int, n: int, preset: str, device: str) -> None:
-    """An FP or PQ row (no CAD), sampled at each of its ``sample=`` step counts (entries ``NAME@K``)
+    """An FP or PQ row (no CAD), sampled at each of its ``sample=`` step counts (entries ``NAME_atK``)
     or at the teacher's steps (entry ``NAME``); a PQ row's student is the shared PQ artifact."""
     import torch
 
@@ -272,7 +272,7 @@ def make_plain(row: str, cache: Path, steps: int, n: int, preset: str, device: s
         gen = generate_images(unet, loaded.scheduler_config, n, k, seed=0, batch_size=1000, device=device,
                               progress=False)
         entry = name if samples == [steps] and not any(f.startswith("sample=") for f in row.split(":")) \
-            else f"{name}@{k}"
+            else f"{name}_at{k}"
         _save_entry(cache, entry, {**info, "sample_steps": k, "generate_seconds": gen.seconds}, gen.images)
 
 

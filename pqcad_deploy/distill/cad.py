@@ -137,8 +137,12 @@ class DistillConfig:
 
 PRESET_DISTILL: dict[str, DistillConfig] = {
     "fast": DistillConfig(iters=100, batch_size=8, heldout_every=50),
-    "default": DistillConfig(iters=2000, batch_size=16),
+    "default": DistillConfig(iters=1000, batch_size=64),
 }
+"""default: batch 64 x 1,000 iterations on fresh C_DC pairs (dc.PRESET_DC) beat the first CAD (fixed
+1,024 pairs, batch 16 x 2,000) at 20 -> 10 steps on both builtin models at 10k FID (RESULTS section 18:
+Fashion-MNIST 14.06 -> 12.39, CIFAR-10 23.78 -> 23.75), and one round of it took at most 451 s on an
+H200 shared by ten processes. fast: a CPU minute (README's main job)."""
 
 
 @dataclass

@@ -111,6 +111,6 @@ def distill_round(config: CompressConfig, student: torch.nn.Module, teacher: tor
     report = report.to_dict()
     student, report["guard"] = guard_distillation(fp_unet, student, undistilled, scheduler_config, steps,
                                                   len(grid.student), PRESET_GUARD[config.preset], seed=seed,
-                                                  device=device)
+                                                  device=device, also_against=config.teacher_steps)
     report["round"] = round_index
     return student, report, [int(t) for t in grid.student]

@@ -50,3 +50,23 @@ def test_the_guard_samples_on_the_students_grid(unet_and_scheduler):
     for teacher_steps in (4, 20, 100):
         grid = distill_grid(scheduler_config, teacher_steps)
         assert list(grid.student) == ddim_timesteps(scheduler_config, teacher_steps // 2), teacher_steps
+
+
+def test_a_later_round_records_its_psnr_against_the_original_teacher_too(unet_and_scheduler):
+    """Round 2 of 20 -> 10 -> 5 is judged against FP-10 and also measured against FP-20; the decision
+    stays FP-10's. Round 1 (whose teacher steps are the original ones) records nothing extra."""
+    fp, scheduler_config = unet_and_scheduler
+    good, bad = copy.deepcopy(fp), _damaged(fp)
+    _, report = guard_distillation(fp, bad, good, scheduler_config, teacher_steps=4, student_steps=2,
+                                   config=GuardConfig(images=2), seed=0, device="cpu", also_against=8)
+    extra = report["also_against"]
+    assert extra["reference_steps"] == 8 and report["reference_steps"] == 4
+    assert report["kept"] == "undistilled"
+    _, direct = guard_distillation(fp, bad, good, scheduler_config, teacher_steps=8, student_steps=2,
+                                   config=GuardConfig(images=2), seed=0, device="cpu")
+    assert extra["psnr_distilled_db"] == pytest.approx(direct["psnr_distilled_db"], abs=1e-9)
+    assert extra["psnr_undistilled_db"] == pytest.approx(direct["psnr_undistilled_db"], abs=1e-9)
+    assert extra["psnr_distilled_db"] != pytest.approx(report["psnr_distilled_db"], abs=1e-3)
+    _, first = guard_distillation(fp, bad, good, scheduler_config, teacher_steps=4, student_steps=2,
+                                  config=GuardConfig(images=2), seed=0, device="cpu", also_against=4)
+    assert "also_against" not in first

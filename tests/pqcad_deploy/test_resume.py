@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import cli
 from pqcad_deploy import reconstruct as R
@@ -425,6 +426,7 @@ def test_two_rounds_resume_across_rounds_equals_an_uninterrupted_run(call, note,
     assert rounds[0]["grid"]["teacher"] == ddim_timesteps(scheduler_config, 4)
     assert rounds[1]["grid"]["teacher"] == ddim_timesteps(scheduler_config, 2)
     assert [r["guard"]["reference_steps"] for r in rounds] == [4, 2]
+    assert "also_against" not in rounds[0]["guard"] and rounds[1]["guard"]["also_against"]["reference_steps"] == 4
     assert all(r["guard"]["kept"] in ("distilled", "undistilled") for r in rounds)
 
     out, logs = tmp_path / "art", []
@@ -438,3 +440,42 @@ def test_two_rounds_resume_across_rounds_equals_an_uninterrupted_run(call, note,
         entry["resumed_from"] = None  # the one honest difference
     (out / "report.json").write_text(json.dumps(resumed))
     assert_same_artifact(reference_art, out, report_edited=True)
+
+
+@pytest.mark.slow  # two pqcad compressions and four CAD rounds: about a minute on two cores
+def test_distilling_a_pq_artifacts_student_round_by_round_equals_compress_distill(small_unet_dir, tmp_path,
+                                                                                  tiny_distill):
+    """The GPU table's path (compress --no-distill once, then distill.rounds on the artifact's student,
+    seeing each round through on_round) makes the same student as compress --distill --rounds 2, for
+    a method whose student keeps latent weights on the grid (pqcad hardens AdaRound: latent = codes x
+    scale, which is what the artifact stores; minmax keeps the FP weights as latents, so it would not)."""
+    from safetensors.torch import load_file
+
+    from pqcad_deploy.artifact import load_artifact, student_state_from_model
+    from pqcad_deploy.checkpoint import Checkpoint
+    from pqcad_deploy.distill.rounds import distill_rounds
+    from pqcad_deploy.models import load_model
+    from pqcad_deploy.schedule import ddim_timesteps
+
+    config = dataclasses.replace(_config(small_unet_dir, "pqcad"), distill=True, rounds=2)
+    reference_art = compress(config, tmp_path / "reference", progress=False).artifact
+    pq = compress(dataclasses.replace(config, distill=False, rounds=1), tmp_path / "pq", progress=False).artifact
+    artifact = load_artifact(pq)
+    loaded = load_model(str(small_unet_dir))
+    seen: list[tuple[int, list[int], str]] = []
+
+    def on_round(r, student, report, timesteps):
+        seen.append((r, timesteps, report["guard"]["kept"]))
+
+    student, report, timesteps = distill_rounds(config, artifact.build_student(), loaded.unet.eval(),
+                                                loaded.scheduler_config, tuple(artifact.manifest.image_shape), "cpu",
+                                                False, Checkpoint(tmp_path / "checkpoint", "test"), on_round=on_round)
+    reference = json.loads((reference_art / "report.json").read_text())["distillation"]["rounds"]
+    assert seen == [(r, ddim_timesteps(loaded.scheduler_config, 4 // 2 ** (r + 1)), reference[r]["guard"]["kept"])
+                    for r in (0, 1)]
+    assert timesteps == ddim_timesteps(loaded.scheduler_config, 1)
+    expected = load_file(str(reference_art / "student.safetensors"))
+    actual = student_state_from_model(student)
+    assert expected.keys() == actual.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, actual[name]), name
