@@ -63,6 +63,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pqcad_deploy.eval.psnr import mean_psnr as mean_psnr_db  # noqa: E402  (numpy only; the proxy's one definition)
+from pqcad_deploy.eval.sqnr import sqnr_db  # noqa: E402  (numpy only; the one SQNR)
+from engines.ort_session import ort_session  # noqa: E402  (the one session factory)
 
 __all__ = [
     "ORT_CONFIGS",
@@ -230,18 +232,13 @@ def _calibrator_threads(threads: int | None):
     if threads is None:
         yield
         return
-    import onnxruntime as ort
     from onnxruntime.quantization import calibrate
 
     original = calibrate.CalibraterBase.create_inference_session
 
     def create_inference_session(self) -> None:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as ORT's own
-        options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = 1
-        self.infer_session = ort.InferenceSession(self.augmented_model_path, sess_options=options,
-                                                  providers=self.execution_providers)
+        self.infer_session = ort_session(self.augmented_model_path, optimization_level="disabled",  # as ORT's own
+                                         threads=threads, inter_op_threads=1, providers=self.execution_providers)
 
     calibrate.CalibraterBase.create_inference_session = create_inference_session
     try:
@@ -396,15 +393,8 @@ def _modelopt_worker(spec_json: str) -> int:
 
 def session(onnx_path: str | os.PathLike, threads: int = 1, optimized_path: str | os.PathLike | None = None):
     """A CPU InferenceSession, ORT_ENABLE_ALL, `threads` intra-op threads (optionally saving the optimized graph)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads)
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if optimized_path is not None:
-        options.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+    return ort_session(onnx_path, optimization_level="all", threads=threads, inter_op_threads=1,
+                       optimized_model_path=optimized_path)
 
 
 def run_model(sess, inputs: dict[str, np.ndarray], batch_size: int = 64) -> np.ndarray:
@@ -413,10 +403,6 @@ def run_model(sess, inputs: dict[str, np.ndarray], batch_size: int = 64) -> np.n
     outs = [sess.run(None, {k: v[s:s + batch_size] for k, v in inputs.items()})[0] for s in range(0, n, batch_size)]
     return np.concatenate(outs)
 
-
-def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
-    ref, err = reference.astype(np.float64), test.astype(np.float64) - reference.astype(np.float64)
-    return float(10 * np.log10(np.sum(ref ** 2) / max(np.sum(err ** 2), 1e-30)))
 
 
 def sample_onnx(onnx_path: str | os.PathLike, manifest, n: int = 64, seed: int = 0, steps: int = 100,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engines.ort_session import ort_session
 from pqcad_deploy.artifact import load_artifact
 from pqcad_deploy.quant.primitives import act_qrange
 from pqcad_deploy.quant.replace import quant_layers
@@ -142,15 +143,12 @@ def _torch_codes(student: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
 _OUTPUT_SUFFIX = ":output"  # key of a layer's output codes (ort-qlinear)
 
 
-_ORT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-               "all": "ORT_ENABLE_ALL"}
 
 
 def _onnx_codes(model, x: np.ndarray, t: np.ndarray,
                 optimization_level: str = "disabled") -> tuple[np.ndarray, dict, list[str]]:
     """Run the loaded ONNX `model` (probe outputs are appended to it in place) and read its codes."""
     import onnx
-    import onnxruntime as ort
 
     inits = {i.name: i for i in model.graph.initializer}
     q_outputs: dict[str, str] = {}
@@ -170,9 +168,7 @@ def _onnx_codes(model, x: np.ndarray, t: np.ndarray,
         probe = f"{q_outputs[name]}/parity_codes"
         model.graph.node.append(onnx.helper.make_node("Cast", [q_outputs[name]], [probe], to=onnx.TensorProto.INT32))
         model.graph.output.append(onnx.ValueInfoProto(name=probe))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[optimization_level])
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(model.SerializeToString(), optimization_level=optimization_level)
     results = session.run(None, {"sample": x, "timestep": t})
     out = results[0]
     codes = {name: results[1 + i].astype(np.int32) - zero_points[name] for i, name in enumerate(order)}

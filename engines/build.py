@@ -14,12 +14,12 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Literal, get_args
 
 import numpy as np
 
 from ._atomic import staged_directory
 from ._lazy import ORT_HINT, lazy_import
+from .ort_session import OPTIMIZATION_LEVELS, OptimizationLevel, ort_session
 from .ddim import DDIMConfig
 from .errors import BuildError, ConfigError
 from .manifest import (
@@ -33,9 +33,6 @@ from .manifest import (
 
 __all__ = ["OptimizationLevel", "OPTIMIZATION_LEVELS", "ORT_MODEL_FILE", "build_onnxruntime_engine", "check_buildable"]
 
-OptimizationLevel = Literal["disabled", "basic", "extended", "all"]
-OPTIMIZATION_LEVELS: tuple[str, ...] = get_args(OptimizationLevel)
-_ORT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 ORT_MODEL_FILE = "model.onnx"
 
 
@@ -91,23 +88,20 @@ def build_onnxruntime_engine(
         raise BuildError(f"optimization_level={optimization_level!r} is not one of {', '.join(OPTIMIZATION_LEVELS)}.")
     onnx_path = Path(onnx_path)
     manifest = check_buildable(onnx_path)
-    ort = lazy_import("onnxruntime", ORT_HINT)
+    lazy_import("onnxruntime", ORT_HINT)  # before staging anything: the clear error when it is missing
     with staged_directory(out_dir, overwrite=overwrite, error=BuildError, kind="engine") as tmp:
         model_path = tmp / ORT_MODEL_FILE
-        options = ort.SessionOptions()
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[optimization_level])
-        options.optimized_model_filepath = str(model_path)
         try:
-            ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+            ort_session(onnx_path, optimization_level=optimization_level, optimized_model_path=model_path)
         except Exception as exc:
-            if _input_loads(ort, onnx_path):  # so it was saving the optimized model that failed
+            if _input_loads(onnx_path):  # so it was saving the optimized model that failed
                 raise _write_failure(out_dir, tmp, exc) from exc
             raise BuildError(f"ONNX Runtime could not load {onnx_path} ({type(exc).__name__}: {exc}); check the export.") from exc
         if not model_path.is_file():
             raise _write_failure(out_dir, tmp, None)
         if smoke_test:
             try:
-                _smoke_test(ort, model_path, manifest)
+                _smoke_test(model_path, manifest)
             except BuildError as exc:  # a truncated write reads as a broken model
                 if _disk_full(tmp):
                     raise _write_failure(out_dir, tmp, exc) from exc
@@ -135,12 +129,10 @@ def _disk_full(path: Path, margin: int = 1 << 20) -> bool:
     return free is not None and free < margin
 
 
-def _input_loads(ort: object, onnx_path: Path) -> bool:
+def _input_loads(onnx_path: Path) -> bool:
     """Whether ONNX Runtime loads the input when it writes nothing (tells a bad input from a bad output)."""
-    options = ort.SessionOptions()  # type: ignore[attr-defined]
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # type: ignore[attr-defined]
     try:
-        ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])  # type: ignore[attr-defined]
+        ort_session(onnx_path, optimization_level="disabled")
     except Exception:
         return False
     return True
@@ -158,12 +150,12 @@ def _write_failure(out_dir: str | os.PathLike[str], tmp: Path, exc: BaseExceptio
                       "another -o location.")
 
 
-def _smoke_test(ort: object, model_path: Path, manifest: OnnxManifest) -> None:
+def _smoke_test(model_path: Path, manifest: OnnxManifest) -> None:
     c, h, w = manifest.image_shape
     feed = {"sample": np.zeros((1, c, h, w), np.float32),
             "timestep": np.full((1,), manifest.student_timesteps[0], np.float32)}
     try:
-        session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])  # type: ignore[attr-defined]
+        session = ort_session(model_path)
         (out,) = session.run([manifest.output_name], feed)
     except Exception as exc:
         raise BuildError(f"The optimized model does not run ({type(exc).__name__}: {exc}); try optimization_level='basic'.") from exc

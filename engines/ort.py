@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from ._lazy import ORT_HINT, lazy_import
-from .errors import RunnerError
+from .errors import BackendUnavailableError, RunnerError
 from .manifest import OnnxManifest
+from .ort_session import ort_session
 from .runner import Runner
 
 __all__ = ["OnnxRuntimeRunner"]
@@ -42,13 +42,10 @@ class OnnxRuntimeRunner(Runner):
         self._session: Any = None
 
     def activate_impl(self) -> None:
-        ort = lazy_import("onnxruntime", ORT_HINT)
-        options = ort.SessionOptions()
-        if self.intra_op_threads is not None:
-            options.intra_op_num_threads = int(self.intra_op_threads)
-        providers = self.providers or ["CPUExecutionProvider"]
         try:
-            session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=providers)
+            session = ort_session(self.model_path, threads=self.intra_op_threads, providers=self.providers)
+        except BackendUnavailableError:
+            raise
         except Exception as exc:
             raise RunnerError(f"ONNX Runtime cannot load {self.model_path} ({type(exc).__name__}: {exc}); rebuild the engine.") from exc
         inputs = [i.name for i in session.get_inputs()]

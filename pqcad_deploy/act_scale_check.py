@@ -14,7 +14,7 @@ Weights are not touched.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -22,23 +22,13 @@ import torch
 from pqcad_deploy.calibration.trajectories import CalibrationSet
 from pqcad_deploy.eval.generate import generate_images
 from pqcad_deploy.eval.psnr import mean_psnr
+from pqcad_deploy.presets import ScaleCheckConfig
 from pqcad_deploy.quant.replace import quant_layers
 
-__all__ = ["ScaleCheckConfig", "PRESET_SCALE_CHECK", "keep_better_activation_scales"]
+__all__ = ["ScaleCheckConfig", "keep_better_activation_scales"]
 
 _SEED_OFFSET = 1_000_003
 """Check images are seeded away from the calibration noise (which uses seed, seed + 1, ...)."""
-
-
-@dataclass(frozen=True)
-class ScaleCheckConfig:
-    """How many images the check samples (each from seed + offset + i) with the teacher's steps."""
-
-    images: int = 16
-
-
-PRESET_SCALE_CHECK: dict[str, ScaleCheckConfig] = {"fast": ScaleCheckConfig(images=4),
-                                                   "default": ScaleCheckConfig(images=16)}
 
 
 def _act_scales(student: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pqcad_deploy.errors import ArtifactError, ConfigError, OutputPathError
+from pqcad_deploy.eval.sqnr import sqnr_db_from_powers
 
 __all__ = ["ANALYSIS_KIND", "AnalysisResult", "analyze_artifact", "measure", "summary_lines"]
 
@@ -51,7 +52,7 @@ class AnalysisResult:
 def _rel(err: float, ref: float) -> dict:
     """{"rel_mse", "sqnr_db"}; sqnr_db is None where the error is exactly 0 (infinite SQNR)."""
     rel = err / ref if ref > 0 else (0.0 if err == 0 else math.inf)
-    return {"rel_mse": rel, "sqnr_db": None if rel == 0 or not math.isfinite(rel) else -10.0 * math.log10(rel)}
+    return {"rel_mse": rel, "sqnr_db": None if rel == 0 or not math.isfinite(rel) else sqnr_db_from_powers(ref, err)}
 
 
 def _channel_shift(d: torch.Tensor) -> list[float]:

@@ -42,15 +42,16 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from engines._atomic import atomic_file
 from pqcad_deploy.calibration.trajectories import CalibrationSet
 from pqcad_deploy.config import CompressConfig, config_to_dict
 from pqcad_deploy.errors import CheckpointError, ConfigError, OutputPathError
+from pqcad_deploy.presets import PresetSettings, preset_to_dict
 from pqcad_deploy.provenance import package_versions
 from pqcad_deploy.quant.replace import quant_layers
 
@@ -122,11 +123,14 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def run_fingerprint(config: CompressConfig, fp_unet: torch.nn.Module) -> dict:
-    """What must be equal for a resume to give the same artifact: options, FP weights, versions."""
+def run_fingerprint(config: CompressConfig, fp_unet: torch.nn.Module, settings: PresetSettings | None = None) -> dict:
+    """What must be equal for a resume to give the same artifact: options, the preset's resolved
+    settings (an edited presets table must not resume with other sizes), FP weights, versions."""
     versions = package_versions()
+    settings = settings if settings is not None else config.settings
     return {
         "config": config_to_dict(config),
+        "preset_settings": preset_to_dict(settings),
         "model_sha256": state_sha256(fp_unet.state_dict()),
         "versions": {name: versions[name] for name in _VERSIONED_PACKAGES},
     }
@@ -146,6 +150,8 @@ def _fingerprint_differences(saved: dict, now: dict) -> list[str]:
             out.append(f"{key} settings")
         else:
             out.append(f"--{key.replace('_', '-')} ({old!r} there, {new!r} here)")
+    if saved.get("preset_settings") != now.get("preset_settings"):
+        out.append(f"the settings of --preset {new_cfg.get('preset')} (presets.PRESETS was edited between the runs)")
     if saved.get("model_sha256") != now["model_sha256"]:
         out.append("model weights")
     old_v, new_v = saved.get("versions") or {}, now["versions"]
@@ -160,20 +166,12 @@ def _sha256(data: bytes) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary sibling, flush it to disk and rename it to `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write `data` through engines._atomic.atomic_file (temporary sibling, user modes, rename), flushed
+    to disk before the rename: a checkpoint must survive the crash it exists for."""
+    with atomic_file(path, error=OutputPathError) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,12 @@ from pqcad_deploy.checkpoint import Checkpoint, check_checkpoint_dir, checkpoint
 from pqcad_deploy.config import CompressConfig, config_to_dict
 from pqcad_deploy.distill.rounds import distill_rounds
 from pqcad_deploy.errors import ConfigError
+from pqcad_deploy.eval.sqnr import sqnr_db_from_powers
 from pqcad_deploy.fsutil import check_output_dir, output_lock
 from pqcad_deploy.layer_precision import apply_first_last
 from pqcad_deploy.methods.minmax import minmax_quantize
 from pqcad_deploy.models import load_model
+from pqcad_deploy.presets import PresetSettings, preset_to_dict
 from pqcad_deploy.precision_policy import apply_precision_policy, precision_policy_report
 from pqcad_deploy.provenance import provenance
 from pqcad_deploy.quant.layers import QuantConv2d
@@ -95,39 +97,36 @@ def quantization_report(fp_unet: torch.nn.Module, student: torch.nn.Module,
         signal += float(ref.double().pow(2).sum())
         noise += float((out - ref).double().pow(2).sum())
         count += ref.numel()
-    sqnr = 10.0 * torch.log10(torch.tensor(signal / max(noise, 1e-30))).item()
-    return {"layers": layers, "noise_pred_sqnr_db": sqnr, "noise_pred_mse": noise / max(count, 1)}
+    return {"layers": layers, "noise_pred_sqnr_db": sqnr_db_from_powers(signal, noise), "noise_pred_mse": noise / max(count, 1)}
 
 
-def _run_method(config: CompressConfig, fp_unet, plan, calibration, batch_size: int, device: str,
-                progress: bool, checkpoint: Checkpoint | None = None) -> tuple[torch.nn.Module, dict]:
+def _run_method(config: CompressConfig, settings: PresetSettings, fp_unet, plan, calibration, batch_size: int,
+                device: str, progress: bool, checkpoint: Checkpoint | None = None) -> tuple[torch.nn.Module, dict]:
     """Quantize with the configured method; returns the student and the method's own report."""
     if config.method == "minmax":
         return minmax_quantize(fp_unet, plan, calibration, batch_size, device, progress), {}
-    from pqcad_deploy.reconstruct import PRESET_RECONSTRUCTION
-
-    rcfg = dataclasses.replace(PRESET_RECONSTRUCTION[config.preset], seed=config.seed,
+    rcfg = dataclasses.replace(settings.reconstruction, seed=config.seed,
                                layer_loss=config.layer_loss)
     if config.method == "brecq":
         from pqcad_deploy.methods.brecq import brecq_quantize
 
         return brecq_quantize(fp_unet, plan, calibration, rcfg, device, progress, capture_batch_size=batch_size,
                               checkpoint=checkpoint, act_scale_init=config.activation_scale_init)
-    from pqcad_deploy.methods.pqcad import PRESET_PQ_RULE, PQConfig, pq_quantize
+    from pqcad_deploy.methods.pqcad import PQConfig, pq_quantize
 
     return pq_quantize(fp_unet, plan, calibration,
-                       PQConfig(reconstruction=rcfg, rule=PRESET_PQ_RULE[config.preset],
+                       PQConfig(reconstruction=rcfg, rule=settings.pq_rule,
                                 act_scale_init=config.activation_scale_init), device, progress,
                        capture_batch_size=batch_size, checkpoint=checkpoint)
 
 
-def _open_checkpoint(config: CompressConfig, fp_unet: torch.nn.Module, out: Path, resume: bool,
-                     log: Callable[[str], None]) -> Checkpoint:
+def _open_checkpoint(config: CompressConfig, settings: PresetSettings, fp_unet: torch.nn.Module, out: Path,
+                     resume: bool, log: Callable[[str], None]) -> Checkpoint:
     """The run's checkpoint: loaded when resuming (refused if another run made it), else discarded.
 
     check_checkpoint_dir has already refused to discard one without --overwrite.
     """
-    checkpoint = Checkpoint(checkpoint_dir(out), run_fingerprint(config, fp_unet))
+    checkpoint = Checkpoint(checkpoint_dir(out), run_fingerprint(config, fp_unet, settings))
     if resume:
         point = checkpoint.load()
         if point is not None:
@@ -196,9 +195,10 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
     device = _resolve_device(config.device)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
+    settings = config.settings  # resolved once: every stage below reads these, the report records them
     loaded = load_model(config.model)
     fp_unet = loaded.unet.to(device).eval()
-    checkpoint = _open_checkpoint(config, fp_unet, out, resume, log)
+    checkpoint = _open_checkpoint(config, settings, fp_unet, out, resume, log)
     ucfg = dict(fp_unet.config)
     sample_size = ucfg["sample_size"]
     h, w = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
@@ -218,15 +218,15 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
     teacher_state = fp_unet.state_dict()  # before any rewrite: the rewrites replace modules, never edit these
     plan, plan_report["rewrites"] = _apply_rewrites(config, fp_unet, plan, calibration, cal_cfg.batch_size, device)
     try:
-        student, method_report = _run_method(config, fp_unet, plan, calibration, cal_cfg.batch_size, device,
-                                             progress, checkpoint)
+        student, method_report = _run_method(config, settings, fp_unet, plan, calibration, cal_cfg.batch_size,
+                                             device, progress, checkpoint)
     except KeyboardInterrupt as exc:
         note = _interrupted(checkpoint)
         if note is None:
             raise
         raise note from exc
     if config.method != "minmax" and config.act_scale_check:
-        method_report["act_scale_check"] = _check_act_scales(config, fp_unet, student, calibration,
+        method_report["act_scale_check"] = _check_act_scales(config, settings, fp_unet, student, calibration,
                                                              loaded.scheduler_config, cal_cfg.batch_size, device)
     if config.bias_correction:
         method_report["bias_correction"] = _correct_biases(config, fp_unet, student, calibration,
@@ -235,12 +235,13 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
     report.update(method_report)
     report.update(plan_report)
     report["method"] = config.method
+    report["preset_settings"] = preset_to_dict(settings)
     timesteps = ddim_timesteps(loaded.scheduler_config, config.teacher_steps)
     if config.distill:
         try:
             student, report["distillation"], timesteps = distill_rounds(
                 config, student, fp_unet, loaded.scheduler_config, image_shape, device, progress, checkpoint,
-                resume, log)
+                resume, log, settings=settings)
         except KeyboardInterrupt as exc:
             note = _interrupted(checkpoint) if checkpoint.last_distill_iteration is not None else None
             if note is None:
@@ -336,13 +337,14 @@ def _correct_biases(config: CompressConfig, fp_unet: torch.nn.Module, student: t
     return {"data": config.bias_correction_data, **report}
 
 
-def _check_act_scales(config: CompressConfig, fp_unet: torch.nn.Module, student: torch.nn.Module, calibration,
-                      scheduler_config: dict, batch_size: int, device: str) -> dict:
+def _check_act_scales(config: CompressConfig, settings: PresetSettings, fp_unet: torch.nn.Module,
+                      student: torch.nn.Module, calibration, scheduler_config: dict, batch_size: int,
+                      device: str) -> dict:
     """Stage 2's learned activation scales against its starting ones on sampled images (act_scale_check)."""
-    from pqcad_deploy.act_scale_check import PRESET_SCALE_CHECK, keep_better_activation_scales
+    from pqcad_deploy.act_scale_check import keep_better_activation_scales
 
     return keep_better_activation_scales(fp_unet, student, calibration, scheduler_config, config.teacher_steps,
-                                         config.activation_scale_init, batch_size, PRESET_SCALE_CHECK[config.preset],
+                                         config.activation_scale_init, batch_size, settings.scale_check,
                                          seed=config.seed, device=device)
 
 

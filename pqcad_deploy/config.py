@@ -12,66 +12,16 @@ import math
 from dataclasses import dataclass, field
 
 from pqcad_deploy.choices import (
-    ACT_BITS, ACT_SCALE_INIT_DEFAULTS, ACT_SCALE_INITS, BIAS_CORRECTION_DATA, CALIBRATION_SELECTIONS, DEVICES, FIRST_LAST_DEFAULTS, FIRST_LAST_POLICIES, METHODS,
+    ACT_BITS, ACT_SCALE_INIT_DEFAULTS, ACT_SCALE_INITS, BIAS_CORRECTION_DATA, DEVICES, FIRST_LAST_DEFAULTS, FIRST_LAST_POLICIES, METHODS,
     PRECISION_POLICY_NAMES, PRESETS, SPLIT_CONCAT,
-    TIMESTEP_SAMPLINGS, WEIGHT_BITS, ActScaleInit, CalibrationSelection, Device, FirstLastPolicy, Method, Preset,
-    TimestepSampling, check_choice,
+    WEIGHT_BITS, ActScaleInit, Device, FirstLastPolicy, Method, Preset, check_choice,
 )
 from pqcad_deploy.errors import ConfigError
+from pqcad_deploy.presets import CalibrationConfig, PresetSettings, preset_settings
 
-__all__ = ["CalibrationConfig", "CompressConfig", "PRESET_CALIBRATION", "config_to_dict"]
+__all__ = ["CalibrationConfig", "CompressConfig", "config_to_dict"]
 
 CONFIG_VERSION = 1
-
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    """How the data-free calibration set is drawn from the FP model's own DDIM trajectories.
-
-    Args:
-        num_trajectories: FP DDIM trajectories started from Gaussian noise.
-        timesteps_kept: how many timesteps of each trajectory are kept as (x_t, t) pairs.
-        batch_size: trajectories run together.
-        timestep_sampling: "uniform" keeps evenly spread steps of every trajectory; "normal" keeps
-            steps drawn from Normal(timestep_mean * T, timestep_std * T) snapped to the grid
-            (PTQ4DM's normally distributed timestep calibration, used by PQ's C_QC).
-        timestep_mean / timestep_std: as fractions of T (our defaults, method.md section 1).
-        selection: "none" keeps every drawn pair; "density_diversity" draws `selection_oversample`
-            times as many trajectories and keeps the num_trajectories * timesteps_kept pairs picked
-            by density and diversity of their FP mid-block features (EDA-DM; calibration.selection).
-        selection_oversample: candidates per kept pair with a selection (an integer >= 2).
-    """
-
-    num_trajectories: int = 32
-    timesteps_kept: int = 16
-    batch_size: int = 32
-    timestep_sampling: TimestepSampling = "uniform"
-    timestep_mean: float = 0.4
-    timestep_std: float = 0.3
-    selection: CalibrationSelection = "none"
-    selection_oversample: int = 4
-
-    def __post_init__(self) -> None:
-        for name in ("num_trajectories", "timesteps_kept", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"calibration {name} must be a positive integer; got {value!r}.")
-        check_choice("--timestep-sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
-        if not 0.0 <= self.timestep_mean <= 1.0 or not self.timestep_std > 0.0:
-            raise ConfigError(
-                f"--timestep-mean must be in [0, 1] and --timestep-std > 0; "
-                f"got {self.timestep_mean!r}, {self.timestep_std!r}.")
-        check_choice("--calibration-selection", self.selection, CALIBRATION_SELECTIONS)
-        oversample = self.selection_oversample
-        if not isinstance(oversample, int) or isinstance(oversample, bool) or oversample < 2:
-            raise ConfigError(f"--calibration-oversample must be an integer >= 2 (candidates drawn per kept "
-                              f"calibration sample); got {oversample!r}.")
-
-
-PRESET_CALIBRATION: dict[str, CalibrationConfig] = {
-    "fast": CalibrationConfig(num_trajectories=4, timesteps_kept=8, batch_size=4),
-    "default": CalibrationConfig(num_trajectories=32, timesteps_kept=16, batch_size=32),
-}
 
 
 @dataclass(frozen=True)
@@ -223,11 +173,16 @@ class CompressConfig:
         return self.act_scale_init if self.act_scale_init is not None else ACT_SCALE_INIT_DEFAULTS[self.method]
 
     @property
+    def settings(self) -> PresetSettings:
+        """The preset's settings (presets.PRESETS); compress reads them once, at its start."""
+        return preset_settings(self.preset)
+
+    @property
     def calibration_config(self) -> CalibrationConfig:
         """The given calibration, else the preset's; for pqcad with normally distributed timesteps (C_QC)."""
         if self.calibration is not None:
             return self.calibration
-        preset = PRESET_CALIBRATION[self.preset]
+        preset = self.settings.calibration
         return dataclasses.replace(preset, timestep_sampling="normal") if self.method == "pqcad" else preset
 
 

@@ -16,34 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pqcad_deploy.errors import ConfigError
+from pqcad_deploy.presets import TransitionRule
 
 __all__ = ["TransitionRule", "TransitionTracker", "Transition", "bit_ladder"]
-
-
-@dataclass(frozen=True)
-class TransitionRule:
-    """When to leave a bit level.
-
-    Args:
-        beta: momentum of the loss improvement (0 <= beta < 1).
-        threshold: converged when momentum < threshold * current loss.
-        min_iters: never step down before this many iterations at a level.
-        max_iters: always step down after this many iterations at a level.
-    """
-
-    beta: float = 0.9
-    threshold: float = 1e-3
-    min_iters: int = 50
-    max_iters: int = 500
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.beta < 1.0:
-            raise ConfigError(f"transition beta must be in [0, 1); got {self.beta!r}.")
-        if self.threshold < 0:
-            raise ConfigError(f"transition threshold must be >= 0; got {self.threshold!r}.")
-        if not 1 <= self.min_iters <= self.max_iters:
-            raise ConfigError(
-                f"transition iterations need 1 <= min_iters <= max_iters; got {self.min_iters}, {self.max_iters}.")
 
 
 @dataclass(frozen=True)

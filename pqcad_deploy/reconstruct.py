@@ -25,7 +25,6 @@ from the previous one's result.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
@@ -35,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pqcad_deploy.calibration.trajectories import CalibrationSet
-from pqcad_deploy.errors import ConfigError
+from pqcad_deploy.presets import ReconstructionConfig
 from pqcad_deploy.quant import adaround as A
 from pqcad_deploy.quant import primitives as P
 from pqcad_deploy.quant.layers import QuantConv2d, QuantLinear
@@ -43,7 +42,6 @@ from pqcad_deploy.quant.replace import quant_layers, quantizable_layers
 
 __all__ = [
     "ReconstructionConfig",
-    "PRESET_RECONSTRUCTION",
     "Block",
     "BlockData",
     "BlockResult",
@@ -61,72 +59,6 @@ __all__ = [
 Stage = Literal["weights", "activations"]
 OnIteration = Callable[[str, int, float], bool]
 """on_iteration(block_name, iteration, reconstruction_loss) -> True to stop this block early."""
-
-
-@dataclass(frozen=True)
-class ReconstructionConfig:
-    """Settings of block reconstruction.
-
-    Args:
-        iters: Adam iterations per block in the weight stage.
-        act_iters: Adam iterations per block in the activation stage (0: min-max only).
-        batch_size: calibration samples per iteration (drawn with replacement from the set).
-        lr: Adam learning rate of the AdaRound logits V (h(V) moves from 0 to 1 over about 5 units).
-        scale_lr: Adam learning rate of the weight scales, relative to each layer's mean scale.
-        act_scale_lr: Adam learning rate of the activation scales, relative to the scale.
-        learn_weight_scale: learn the weight scales with the rounding (LSQ-style); else keep the init.
-        weight_scale_init: "mse" (per-channel clipping search) or "minmax".
-        round_lambda: weight of the rounding regulariser (mean over the block's weights).
-        beta_start / beta_end: annealing range of the regulariser's exponent.
-        warmup: fraction of iterations without the regulariser.
-        layer_loss: add the per-layer output errors inside the block (EDA-DM).
-        layer_loss_weight: their weight relative to the block output error.
-        input_source: "quantized" (BRECQ: the partially quantized student feeds the block) or "fp".
-        seed: seeds the batch sampling.
-    """
-
-    iters: int = 300
-    act_iters: int = 100
-    batch_size: int = 32
-    lr: float = 5e-2
-    scale_lr: float = 1e-4
-    act_scale_lr: float = 1e-3
-    learn_weight_scale: bool = True
-    weight_scale_init: Literal["mse", "minmax"] = "mse"
-    round_lambda: float = 1e-1
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warmup: float = 0.2
-    layer_loss: bool = False
-    layer_loss_weight: float = 1.0
-    input_source: Literal["quantized", "fp"] = "quantized"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("iters", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"reconstruction {name} must be a positive integer; got {value!r}.")
-        if not isinstance(self.act_iters, int) or self.act_iters < 0:
-            raise ConfigError(f"reconstruction act_iters must be a non-negative integer; got {self.act_iters!r}.")
-        for name in ("lr", "scale_lr", "act_scale_lr", "beta_start", "beta_end"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                raise ConfigError(f"reconstruction {name} must be a positive number; got {value!r}.")
-        if not (isinstance(self.round_lambda, (int, float)) and self.round_lambda >= 0):
-            raise ConfigError(f"reconstruction round_lambda must be >= 0; got {self.round_lambda!r}.")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ConfigError(f"reconstruction warmup must be in [0, 1); got {self.warmup!r}.")
-        if self.weight_scale_init not in ("mse", "minmax"):
-            raise ConfigError(f"weight_scale_init must be 'mse' or 'minmax'; got {self.weight_scale_init!r}.")
-        if self.input_source not in ("quantized", "fp"):
-            raise ConfigError(f"input_source must be 'quantized' or 'fp'; got {self.input_source!r}.")
-
-
-PRESET_RECONSTRUCTION: dict[str, ReconstructionConfig] = {
-    "fast": ReconstructionConfig(iters=60, act_iters=20, batch_size=8),
-    "default": ReconstructionConfig(iters=300, act_iters=100, batch_size=32),
-}
 
 
 # ============================================================================ blocks

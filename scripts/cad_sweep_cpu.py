@@ -52,10 +52,11 @@ def main() -> int:
     from pqcad_deploy.artifact import load_artifact
     from pqcad_deploy.compress import compress
     from pqcad_deploy.config import CompressConfig
-    from pqcad_deploy.distill.cad import PRESET_DISTILL, distill
-    from pqcad_deploy.distill.dc import HELDOUT_SEED_OFFSET, PRESET_DC, PRESET_HELDOUT, collect_dc
+    from pqcad_deploy.distill.cad import distill
+    from pqcad_deploy.distill.dc import HELDOUT_SEED_OFFSET, collect_dc
     from pqcad_deploy.distill.grid import distill_grid
     from pqcad_deploy.distill.guard import GuardConfig, guard_distillation
+    from pqcad_deploy.presets import PRESETS
 
     with tempfile.TemporaryDirectory() as tmp:
         art_dir = Path(tmp) / "art"
@@ -66,15 +67,15 @@ def main() -> int:
     sched = art.manifest.scheduler_config
     shape = tuple(art.manifest.image_shape)
     grid = distill_grid(sched, args.steps)
-    heldout = collect_dc(fp, sched, grid, shape, dataclasses.replace(PRESET_HELDOUT["fast"], size=32,
+    heldout = collect_dc(fp, sched, grid, shape, dataclasses.replace(PRESETS["fast"].heldout, size=32,
                                                                      seed=HELDOUT_SEED_OFFSET), progress=False)
     rows = {}
     for name in args.variants.split(","):
         d_over, dc_over = VARIANTS[name]
         iters = 2 * args.iters if "iters" in d_over else args.iters
         d_over = {k: v for k, v in d_over.items() if k != "iters"}
-        dcfg = dataclasses.replace(PRESET_DISTILL["fast"], iters=iters, heldout_every=max(iters // 4, 1), **d_over)
-        dc_set = collect_dc(fp, sched, grid, shape, dataclasses.replace(PRESET_DC["fast"], **dc_over), progress=False)
+        dcfg = dataclasses.replace(PRESETS["fast"].distill, iters=iters, heldout_every=max(iters // 4, 1), **d_over)
+        dc_set = collect_dc(fp, sched, grid, shape, dataclasses.replace(PRESETS["fast"].dc, **dc_over), progress=False)
         started = time.perf_counter()
         student, report = distill(copy.deepcopy(student0), fp, sched, args.steps, dc_set, dcfg, progress=False,
                                   heldout=heldout)

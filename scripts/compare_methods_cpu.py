@@ -41,6 +41,7 @@ def main() -> int:
     from pqcad_deploy.config import CalibrationConfig, CompressConfig
     from pqcad_deploy.eval.generate import generate_images
     from pqcad_deploy.eval.psnr import mean_psnr
+    from pqcad_deploy.eval.sqnr import sqnr_db
     from pqcad_deploy.models import load_model
 
     fp = load_model("builtin")
@@ -54,7 +55,7 @@ def main() -> int:
         with torch.no_grad():
             ref = fp.unet(held_out.x, held_out.t).sample.double()
             out = student(held_out.x, held_out.t).sample.double()
-        return float(10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum()))
+        return sqnr_db(ref.numpy(), out.numpy())
 
     rows = []
     for bits in args.bits.split(","):

@@ -102,7 +102,7 @@ def distill_overrides(row: str, preset: str):
     import contextlib
     import dataclasses
 
-    from pqcad_deploy.distill import cad, dc
+    from pqcad_deploy import presets
 
     changes: dict[str, dict] = {"distill": {}, "dc": {}}
     for flag in row.split(":")[4:]:
@@ -117,13 +117,14 @@ def distill_overrides(row: str, preset: str):
 
     @contextlib.contextmanager
     def patched():
-        saved = cad.PRESET_DISTILL[preset], dc.PRESET_DC[preset]
-        cad.PRESET_DISTILL[preset] = dataclasses.replace(saved[0], **changes["distill"])
-        dc.PRESET_DC[preset] = dataclasses.replace(saved[1], **changes["dc"])
+        saved = presets.PRESETS[preset]
+        presets.PRESETS[preset] = dataclasses.replace(
+            saved, distill=dataclasses.replace(saved.distill, **changes["distill"]),
+            dc=dataclasses.replace(saved.dc, **changes["dc"]))
         try:
             yield changes
         finally:
-            cad.PRESET_DISTILL[preset], dc.PRESET_DC[preset] = saved
+            presets.PRESETS[preset] = saved
     return patched()
 
 

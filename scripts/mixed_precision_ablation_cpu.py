@@ -43,6 +43,7 @@ def main() -> int:
     from pqcad_deploy.calibration.trajectories import collect_trajectory_calibration
     from pqcad_deploy.compress import uniform_plan
     from pqcad_deploy.config import CalibrationConfig
+    from pqcad_deploy.eval.sqnr import sqnr_db
     from pqcad_deploy.methods.minmax import minmax_quantize
     from pqcad_deploy.models import load_model
     from pqcad_deploy.quant import primitives as P
@@ -67,7 +68,7 @@ def main() -> int:
             layer.input_quantizer.enabled = acts
         with torch.no_grad():
             out = student(held_out.x, held_out.t).sample.double()
-        return float(10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum()))
+        return sqnr_db(ref.numpy(), out.numpy())
 
     layers = quantizable_layers(unet)
     base = uniform_plan(unet, 4, 8)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-_LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+_LEVELS = ("basic", "extended", "all")  # engines.ort_session.OPTIMIZATION_LEVELS less "disabled"
 # Op types that run integer arithmetic (ONNX standard and onnxruntime contrib names).
 INTEGER_OPS = ("ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat",
                "DynamicQuantizeMatMul", "QGemm", "MatMulNBits")
@@ -42,15 +42,11 @@ def op_counts(model) -> dict[str, int]:
 def load(path: Path, *, batch: int, threads: int, level: str) -> tuple[object, dict, dict]:
     """(session, feed, row without timings) for one ONNX, with its optimized graph's op counts."""
     import onnx
-    import onnxruntime as ort
+    from engines.ort_session import ort_session
 
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort_session(path, optimization_level=level, threads=threads, inter_op_threads=1,
+                              optimized_model_path=Path(tmp) / "optimized.onnx")
         optimized = onnx.load(str(Path(tmp) / "optimized.onnx"), load_external_data=False)
     source = onnx.load(str(path), load_external_data=False)
     dims = [d.dim_value for d in source.graph.input[0].type.tensor_type.shape.dim[1:]]

@@ -23,15 +23,10 @@ import numpy as np
 
 
 def _session(model, optimized_path: str | None = None):
-    import onnxruntime as ort
+    from engines.ort_session import ort_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    if optimized_path:
-        options.optimized_model_filepath = optimized_path
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort_session(model.SerializeToString(), optimization_level="extended", threads=1, inter_op_threads=1,
+                       optimized_model_path=optimized_path or None)
 
 
 def _model(nodes, inputs, outputs, inits):

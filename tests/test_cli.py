@@ -498,7 +498,7 @@ def test_compress_mixed_precision_and_calibration_selection(small_unet_dir: Path
 def test_calibration_selection_keeps_the_methods_preset_calibration(monkeypatch, tmp_path: Path) -> None:
     """The flag changes only the selection: pqcad's preset keeps its normally distributed timesteps."""
     import pqcad_deploy.compress
-    from pqcad_deploy.config import PRESET_CALIBRATION
+    from pqcad_deploy.presets import PRESETS
 
     seen = []
 
@@ -511,7 +511,7 @@ def test_calibration_selection_keeps_the_methods_preset_calibration(monkeypatch,
              "--out", tmp_path / "art")
     cal = seen[0].calibration
     assert (cal.selection, cal.selection_oversample, cal.timestep_sampling) == ("density_diversity", 4, "normal")
-    assert cal.num_trajectories == PRESET_CALIBRATION["fast"].num_trajectories
+    assert cal.num_trajectories == PRESETS["fast"].calibration.num_trajectories
 
 
 def test_compress_missing_model_through_the_console_script(outdir: Path) -> None:

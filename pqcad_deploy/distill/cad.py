@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -52,97 +51,13 @@ from pqcad_deploy.distill.grid import DistillGrid, distill_grid
 from pqcad_deploy.distill.target import (DDIMCoefficients, predict_x0, teacher_target,
                                          truncated_snr_weight)
 from pqcad_deploy.errors import ConfigError
+from pqcad_deploy.presets import LR_DECAYS, DistillConfig
 from pqcad_deploy.quant.replace import quant_layers
 
-__all__ = ["DistillConfig", "PRESET_DISTILL", "DistillReport", "TrainableGroups", "trainable_groups",
+__all__ = ["DistillConfig", "LR_DECAYS", "DistillReport", "TrainableGroups", "trainable_groups",
            "compute_targets", "rdd_loss", "distill_loss", "distill"]
 
 _MIN_SCALE = 1e-8
-LR_DECAYS: tuple[str, ...] = ("constant", "cosine")
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Settings of CAD.
-
-    Args:
-        iters: Adam iterations.
-        batch_size: C_DC pairs per iteration (drawn with replacement).
-        lr: Adam learning rate of the latent weights and the other float parameters.
-        scale_lr: learning rate of the weight scales, relative to each layer's mean scale.
-        act_scale_lr: learning rate of the activation scales, relative to the scale.
-        train_other: also train the student's unquantized float parameters (module docstring).
-        rdd_weight: weight of the relational (RDD) term; 0 disables it.
-        grad_clip: max global gradient norm (None: no clipping); guards against the large SNR
-            weights near t = 0.
-        checkpoint_every: iterations between ``on_checkpoint`` calls (0: never).
-        seed: seeds the batch draws.
-        warmup_iters: the learning rates rise linearly from 1/warmup_iters of their value over these
-            first iterations (0: none).
-        lr_decay: "constant", or "cosine" (to 0 at the last iteration, after the warm-up).
-        ema_decay: None, or the decay of an exponential moving average of the trained parameters,
-            which the student ends with (and the held-out curve measures).
-        heldout_every: iterations between two held-out losses when ``distill`` gets a held-out set
-            (also measured before the first and after the last iteration).
-    """
-
-    iters: int = 2000
-    batch_size: int = 16
-    lr: float = 1e-5
-    scale_lr: float = 1e-4
-    act_scale_lr: float = 1e-3
-    train_other: bool = True
-    rdd_weight: float = 0.0
-    grad_clip: float | None = 1.0
-    checkpoint_every: int = 0
-    seed: int = 0
-    warmup_iters: int = 0
-    lr_decay: str = "constant"
-    ema_decay: float | None = None
-    heldout_every: int = 100
-
-    def __post_init__(self) -> None:
-        for name in ("iters", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"distillation {name} must be a positive integer; got {value!r}.")
-        for name in ("lr", "scale_lr", "act_scale_lr"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
-                raise ConfigError(f"distillation {name} must be a non-negative number; got {value!r}.")
-        if not (isinstance(self.rdd_weight, (int, float)) and self.rdd_weight >= 0):
-            raise ConfigError(f"distillation rdd_weight must be >= 0; got {self.rdd_weight!r}.")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ConfigError(f"distillation grad_clip must be positive or None; got {self.grad_clip!r}.")
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            raise ConfigError(f"distillation checkpoint_every must be >= 0; got {self.checkpoint_every!r}.")
-        if not isinstance(self.warmup_iters, int) or isinstance(self.warmup_iters, bool) or self.warmup_iters < 0:
-            raise ConfigError(f"distillation warmup_iters must be an integer >= 0; got {self.warmup_iters!r}.")
-        if self.lr_decay not in LR_DECAYS:
-            raise ConfigError(f"distillation lr_decay must be one of {', '.join(LR_DECAYS)}; got {self.lr_decay!r}.")
-        if self.ema_decay is not None and not (isinstance(self.ema_decay, float) and 0.0 < self.ema_decay < 1.0):
-            raise ConfigError(f"distillation ema_decay must be None or a float in (0, 1); got {self.ema_decay!r}.")
-        if not isinstance(self.heldout_every, int) or self.heldout_every < 1:
-            raise ConfigError(f"distillation heldout_every must be a positive integer; got {self.heldout_every!r}.")
-
-    def lr_factor(self, iteration: int) -> float:
-        """The multiplier of every learning rate at `iteration` (0-based): warm-up, then the decay."""
-        if iteration < self.warmup_iters:
-            return (iteration + 1) / self.warmup_iters
-        if self.lr_decay == "cosine":
-            span = max(self.iters - self.warmup_iters, 1)
-            return 0.5 * (1.0 + math.cos(math.pi * (iteration - self.warmup_iters) / span))
-        return 1.0
-
-
-PRESET_DISTILL: dict[str, DistillConfig] = {
-    "fast": DistillConfig(iters=100, batch_size=8, heldout_every=50),
-    "default": DistillConfig(iters=1000, batch_size=64),
-}
-"""default: batch 64 x 1,000 iterations on fresh C_DC pairs (dc.PRESET_DC) beat the first CAD (fixed
-1,024 pairs, batch 16 x 2,000) at 20 -> 10 steps on both builtin models at 10k FID (RESULTS section 18:
-Fashion-MNIST 14.06 -> 12.39, CIFAR-10 23.78 -> 23.75), and one round of it took at most 451 s on an
-H200 shared by ten processes. fast: a CPU minute (README's main job)."""
 
 
 @dataclass

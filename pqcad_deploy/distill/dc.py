@@ -24,71 +24,21 @@ Deterministic for a seed: every draw comes from one seeded ``torch.Generator`` i
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from pqcad_deploy.distill.grid import DistillGrid
 from pqcad_deploy.distill.target import DDIMCoefficients
-from pqcad_deploy.errors import ConfigError
+from pqcad_deploy.presets import DC_SOURCES, DCConfig, DCSource
 from pqcad_deploy.schedule import make_ddim_scheduler
 
-__all__ = ["DC_SOURCES", "DCSource", "DCConfig", "PRESET_DC", "PRESET_HELDOUT", "HELDOUT_SEED_OFFSET", "DCSet",
+__all__ = ["DC_SOURCES", "DCSource", "DCConfig", "HELDOUT_SEED_OFFSET", "DCSet",
            "DCBatch", "stratified_timesteps", "collect_dc"]
 
-DCSource = Literal["trajectories", "noise_injection"]
-DC_SOURCES: tuple[str, ...] = ("trajectories", "noise_injection")
 
 
-@dataclass(frozen=True)
-class DCConfig:
-    """How C_DC is drawn.
-
-    Args:
-        size: number of (x_t, t) pairs.
-        source: "trajectories" or "noise_injection" (module docstring).
-        perturbation: std of the extra Gaussian perturbation as a fraction of sigma_t (0: none).
-        batch_size: trajectories run together.
-        seed: seeds the noise, the timestep assignment and the perturbation.
-        fresh: draw new pairs for every training batch (:meth:`DCSet.draw`) instead of reusing `size`.
-        mix: with `fresh`, the probability that a pair comes from noise injection (else a trajectory).
-        trajectories: FP trajectories in the pools; None: ceil(size / K), enough for the fixed set.
-    """
-
-    size: int = 512
-    source: DCSource = "trajectories"
-    perturbation: float = 0.02
-    batch_size: int = 32
-    seed: int = 0
-    fresh: bool = False
-    mix: float = 0.5
-    trajectories: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("size", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"C_DC {name} must be a positive integer; got {value!r}.")
-        if self.source not in DC_SOURCES:
-            raise ConfigError(f"C_DC source must be one of {', '.join(DC_SOURCES)}; got {self.source!r}.")
-        if not (isinstance(self.perturbation, (int, float)) and 0 <= self.perturbation < 1
-                and math.isfinite(self.perturbation)):
-            raise ConfigError("C_DC perturbation must be in [0, 1) (a fraction of sigma_t); "
-                              f"got {self.perturbation!r}.")
-        if not (isinstance(self.mix, (int, float)) and 0 <= self.mix <= 1):
-            raise ConfigError(f"C_DC mix must be in [0, 1] (the share of noise-injection pairs); got {self.mix!r}.")
-        if self.trajectories is not None and (not isinstance(self.trajectories, int) or self.trajectories < 1):
-            raise ConfigError(f"C_DC trajectories must be a positive integer or None; got {self.trajectories!r}.")
-
-
-PRESET_DC: dict[str, DCConfig] = {"fast": DCConfig(size=64), "default": DCConfig(size=1024, fresh=True)}
-"""default draws fresh pairs for every batch from pools of FP trajectories sized for 1,024 pairs (RESULTS
-section 18); fast keeps 64 fixed pairs (its 100 iterations see each a dozen times)."""
-PRESET_HELDOUT: dict[str, DCConfig] = {"fast": DCConfig(size=16), "default": DCConfig(size=256)}
-"""The held-out pairs whose loss the report tracks (never trained on: drawn from other seeds)."""
 HELDOUT_SEED_OFFSET = 7_919
 
 

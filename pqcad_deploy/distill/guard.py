@@ -11,28 +11,19 @@ report (``distillation.guard``).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from pqcad_deploy.eval.generate import generate_images
 from pqcad_deploy.eval.psnr import mean_psnr
+from pqcad_deploy.presets import GuardConfig
 
-__all__ = ["GuardConfig", "PRESET_GUARD", "GUARD_SEED_OFFSET", "guard_distillation"]
+__all__ = ["GuardConfig", "GUARD_SEED_OFFSET", "guard_distillation"]
 
 GUARD_SEED_OFFSET = 2_000_003
 """Guard images are seeded away from the calibration noise, C_DC and the activation-scale check."""
-
-
-@dataclass(frozen=True)
-class GuardConfig:
-    """How many images each student samples for the comparison (image i from seed + offset + i)."""
-
-    images: int = 32
-
-
-PRESET_GUARD: dict[str, GuardConfig] = {"fast": GuardConfig(images=4), "default": GuardConfig(images=32)}
 
 
 @torch.no_grad()

@@ -15,11 +15,9 @@ import torch
 
 from pqcad_deploy.checkpoint import Checkpoint
 from pqcad_deploy.config import CompressConfig
+from pqcad_deploy.presets import PresetSettings
 
-__all__ = ["DISTILL_CHECKPOINT_EVERY", "RoundHook", "distill_rounds", "distill_round"]
-
-DISTILL_CHECKPOINT_EVERY: dict[str, int] = {"fast": 25, "default": 200}
-"""CAD iterations between distillation checkpoints, per preset."""
+__all__ = ["RoundHook", "distill_rounds", "distill_round"]
 
 RoundHook = Callable[[int, torch.nn.Module, dict, list[int]], None]
 """on_round(round index, the kept student, the round's report, its timesteps)."""
@@ -28,14 +26,15 @@ RoundHook = Callable[[int, torch.nn.Module, dict, list[int]], None]
 def distill_rounds(config: CompressConfig, student: torch.nn.Module, fp_unet: torch.nn.Module, scheduler_config: dict,
                    image_shape: tuple[int, int, int], device: str, progress: bool, checkpoint: Checkpoint,
                    resume: bool = False, log: Callable[[str], None] = print,
-                   on_round: RoundHook | None = None) -> tuple[torch.nn.Module, dict, list[int]]:
+                   on_round: RoundHook | None = None,
+                   settings: PresetSettings | None = None) -> tuple[torch.nn.Module, dict, list[int]]:
     """CAD: distil the quantized student to N/2 steps (N/2^rounds with ``rounds``); (student, report, timesteps).
 
     Round r trains on C_DC drawn from the FP model on the N/2^r grid, with the FP model as the teacher
     in round 0 and the previous round's student after that (progressive distillation). After each
     round the guard (distill.guard) keeps the new student only if it samples at least as close to FP
     at the round's teacher steps as its starting point does on the same halved grid
-    (``report["guard"]``). Checkpointed every ``DISTILL_CHECKPOINT_EVERY[preset]`` iterations and at
+    (``report["guard"]``). Checkpointed every ``settings.distill_checkpoint_every`` iterations and at
     the end of every round but the last; `resume` continues from the last one (C_DC is redrawn: it is
     seeded). With one round the report is that round's; with more it is the last round's plus
     ``rounds`` (every round's). `on_round(r, student, report, timesteps)` sees each round's kept
@@ -44,6 +43,7 @@ def distill_rounds(config: CompressConfig, student: torch.nn.Module, fp_unet: to
     """
     import copy
 
+    settings = settings if settings is not None else config.settings
     state = checkpoint.load_distill() if resume else None
     first, teacher, reports = 0, fp_unet, []
     if state is not None:
@@ -56,15 +56,14 @@ def distill_rounds(config: CompressConfig, student: torch.nn.Module, fp_unet: to
             first, state = first + 1, None
             log(f"resuming the distillation at round {first + 1} of {config.rounds}")
         else:
-            from pqcad_deploy.distill.cad import PRESET_DISTILL
-
             where = f" in round {first + 1} of {config.rounds}" if config.rounds > 1 else ""
             log(f"resuming the distillation from iteration {state['iteration']} of "
-                f"{PRESET_DISTILL[config.preset].iters}{where}")
+                f"{settings.distill.iters}{where}")
     steps = config.teacher_steps // 2 ** first
     for r in range(first, config.rounds):
         student, report, timesteps = distill_round(config, student, teacher, fp_unet, scheduler_config, steps,
-                                                    image_shape, device, progress, checkpoint, state, r, reports)
+                                                    image_shape, device, progress, checkpoint, state, r, reports,
+                                                    settings)
         state = None
         reports.append(report)
         if on_round is not None:
@@ -81,23 +80,23 @@ def distill_rounds(config: CompressConfig, student: torch.nn.Module, fp_unet: to
 def distill_round(config: CompressConfig, student: torch.nn.Module, teacher: torch.nn.Module,
                    fp_unet: torch.nn.Module, scheduler_config: dict, steps: int, image_shape: tuple[int, int, int],
                    device: str, progress: bool, checkpoint: Checkpoint, state: dict | None, round_index: int,
-                   reports: list[dict]) -> tuple[torch.nn.Module, dict, list[int]]:
+                   reports: list[dict], settings: PresetSettings) -> tuple[torch.nn.Module, dict, list[int]]:
     """One CAD round at `steps` teacher steps, then its guard; (student, report, the student's timesteps)."""
     import copy
 
-    from pqcad_deploy.distill.cad import PRESET_DISTILL, distill
-    from pqcad_deploy.distill.dc import HELDOUT_SEED_OFFSET, PRESET_DC, PRESET_HELDOUT, collect_dc
+    from pqcad_deploy.distill.cad import distill
+    from pqcad_deploy.distill.dc import HELDOUT_SEED_OFFSET, collect_dc
     from pqcad_deploy.distill.grid import distill_grid
-    from pqcad_deploy.distill.guard import PRESET_GUARD, guard_distillation
+    from pqcad_deploy.distill.guard import guard_distillation
 
     grid = distill_grid(scheduler_config, steps)
     seed = config.seed + round_index
-    dcfg = dataclasses.replace(PRESET_DISTILL[config.preset], seed=seed,
-                               checkpoint_every=DISTILL_CHECKPOINT_EVERY[config.preset])
+    dcfg = dataclasses.replace(settings.distill, seed=seed,
+                               checkpoint_every=settings.distill_checkpoint_every)
     dc_set = collect_dc(fp_unet, scheduler_config, grid, image_shape,
-                        dataclasses.replace(PRESET_DC[config.preset], seed=seed), device=device, progress=progress)
+                        dataclasses.replace(settings.dc, seed=seed), device=device, progress=progress)
     heldout = collect_dc(fp_unet, scheduler_config, grid, image_shape,
-                         dataclasses.replace(PRESET_HELDOUT[config.preset], seed=seed + HELDOUT_SEED_OFFSET),
+                         dataclasses.replace(settings.heldout, seed=seed + HELDOUT_SEED_OFFSET),
                          device=device, progress=False)
     teacher_state = None if teacher is fp_unet else teacher.state_dict()  # frozen: it never changes
 
@@ -110,7 +109,7 @@ def distill_round(config: CompressConfig, student: torch.nn.Module, teacher: tor
                               progress=progress, on_checkpoint=save, resume=state, heldout=heldout)
     report = report.to_dict()
     student, report["guard"] = guard_distillation(fp_unet, student, undistilled, scheduler_config, steps,
-                                                  len(grid.student), PRESET_GUARD[config.preset], seed=seed,
+                                                  len(grid.student), settings.guard, seed=seed,
                                                   device=device, also_against=config.teacher_steps)
     report["round"] = round_index
     return student, report, [int(t) for t in grid.student]

@@ -13,7 +13,6 @@ processed differently is meaningless; :func:`fid_from_images` refuses such pairs
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
+from engines._atomic import atomic_file
 from pqcad_deploy.eval.errors import StatisticsError
 
 __all__ = [
@@ -192,15 +192,9 @@ class FidStatistics:
             arrays = {"sigma_triu": self.sigma[np.triu_indices(self.sigma.shape[0])].astype(np.float32)}
         else:
             arrays = {"sigma": self.sigma}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: rename is atomic
-        try:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, mu=self.mu, count=np.int64(self.count),
-                         description=np.array(json.dumps(meta, sort_keys=True)), **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path, error=StatisticsError) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, mu=self.mu, count=np.int64(self.count),
+                     description=np.array(json.dumps(meta, sort_keys=True)), **arrays)
         return path
 
     @classmethod

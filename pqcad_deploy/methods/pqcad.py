@@ -33,13 +33,7 @@ from pqcad_deploy.reconstruct import (
 if TYPE_CHECKING:
     from pqcad_deploy.checkpoint import Checkpoint
 
-__all__ = ["PQConfig", "PRESET_PQ_RULE", "pq_quantize"]
-
-PRESET_PQ_RULE: dict[str, TransitionRule] = {
-    "fast": TransitionRule(beta=0.9, threshold=1e-3, min_iters=15, max_iters=60),
-    "default": TransitionRule(beta=0.9, threshold=1e-3, min_iters=50, max_iters=300),
-}
-
+__all__ = ["PQConfig", "pq_quantize"]
 
 @dataclass(frozen=True)
 class PQConfig:

@@ -11,8 +11,9 @@ from pqcad_deploy.choices import (
     ACT_BITS, CALIBRATION_SELECTIONS, DEVICES, LADDER_WEIGHT_BITS, METHODS, PRESETS, WEIGHT_BITS,
 )
 from pqcad_deploy.config import (
-    CONFIG_VERSION, PRESET_CALIBRATION, CalibrationConfig, CompressConfig, config_to_dict,
+    CONFIG_VERSION, CalibrationConfig, CompressConfig, config_to_dict,
 )
+from pqcad_deploy.presets import PRESETS as PRESET_SETTINGS
 from pqcad_deploy.errors import ConfigError
 
 
@@ -106,7 +107,7 @@ def test_calibration_comes_from_preset_unless_given():
     assert CompressConfig(preset="default", method="brecq").calibration_config == CalibrationConfig(32, 16, 32)
     # pqcad (the default) draws C_QC with normally distributed timesteps
     assert CompressConfig(preset="fast").calibration_config == CalibrationConfig(4, 8, 4, timestep_sampling="normal")
-    assert PRESET_CALIBRATION["fast"] == CalibrationConfig(num_trajectories=4, timesteps_kept=8, batch_size=4)
+    assert PRESET_SETTINGS["fast"].calibration == CalibrationConfig(num_trajectories=4, timesteps_kept=8, batch_size=4)
     custom = CalibrationConfig(num_trajectories=2, timesteps_kept=3, batch_size=1)
     assert CompressConfig(preset="fast", calibration=custom).calibration_config is custom
 
@@ -146,7 +147,7 @@ def test_config_to_dict_calibration():
 def test_pqcad_preset_calibration_draws_normal_timesteps():
     # recorded in the artifact's options as used; an explicit calibration is taken as given
     assert CompressConfig(method="pqcad", preset="fast").calibration_config == dataclasses.replace(
-        PRESET_CALIBRATION["fast"], timestep_sampling="normal")
+        PRESET_SETTINGS["fast"].calibration, timestep_sampling="normal")
     assert config_to_dict(CompressConfig(method="pqcad"))["calibration"]["timestep_sampling"] == "normal"
     custom = CalibrationConfig(num_trajectories=2, timesteps_kept=3, batch_size=1)
     assert CompressConfig(method="pqcad", calibration=custom).calibration_config is custom

@@ -9,7 +9,7 @@ import torch
 
 from pqcad_deploy.compress import compress
 from pqcad_deploy.config import CompressConfig
-from pqcad_deploy.reconstruct import PRESET_RECONSTRUCTION
+from pqcad_deploy.presets import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_pq_report_ladder_and_transitions(pq_artifact):
             assert s["reason"] in ("converged", "max_iters") and s["iteration"] >= 1
         # the target level is never cut short: AdaRound's annealing must finish before hardening
         assert steps[-1]["reason"] == "target level: full schedule", (block, steps[-1])
-        assert steps[-1]["iteration"] == PRESET_RECONSTRUCTION["fast"].iters
+        assert steps[-1]["iteration"] == PRESETS["fast"].reconstruction.iters
     assert manifest["layers"]["conv_in"]["weight_bits"] == 8 and manifest["layers"]["conv_out"]["weight_bits"] == 8
     # default first/last policy: float inputs (no activation quantizer, no Q/DQ)
     assert manifest["layers"]["conv_in"]["act_bits"] is None and manifest["layers"]["conv_out"]["act_bits"] is None

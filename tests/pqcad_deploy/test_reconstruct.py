@@ -17,8 +17,9 @@ from pqcad_deploy.methods.minmax import minmax_quantize
 from pqcad_deploy.models import load_model
 from pqcad_deploy.quant import primitives as P
 from pqcad_deploy.quant.replace import quant_layers, swap_in_quant_layers
+from pqcad_deploy.presets import PRESETS
 from pqcad_deploy.reconstruct import (
-    PRESET_RECONSTRUCTION, ReconstructionConfig, block_loss, capture_block_data, init_weight_scales,
+    ReconstructionConfig, block_loss, capture_block_data, init_weight_scales,
     reconstruct_block, reconstruct_model, reconstruction_blocks,
 )
 
@@ -176,7 +177,7 @@ def test_brecq_w4a8_beats_minmax_on_the_small_unet(small_fp):
     baseline = _sqnr(small_fp, minmax_quantize(small_fp, plan, cal, 32, progress=False), cal)
     # half the fast preset's iterations, to keep the test short (the fast preset itself: 60/20
     # iterations on 32 samples, minmax 13.19 dB -> brecq 17.12 dB)
-    config = dataclasses.replace(PRESET_RECONSTRUCTION["fast"], iters=30, act_iters=5)
+    config = dataclasses.replace(PRESETS["fast"].reconstruction, iters=30, act_iters=5)
     student, report = brecq_quantize(small_fp, plan, cal, config, progress=False)
     sqnr = _sqnr(small_fp, student, cal)
     # measured: minmax 13.27 dB, brecq 17.12 dB

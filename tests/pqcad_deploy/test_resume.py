@@ -25,10 +25,10 @@ from pqcad_deploy.checkpoint import (
     CHECKPOINT_FORMAT, Checkpoint, ResumePoint, check_checkpoint_dir, checkpoint_dir,
 )
 from pqcad_deploy.compress import compress
-from pqcad_deploy.config import PRESET_CALIBRATION, CalibrationConfig, CompressConfig
-from pqcad_deploy.distill.rounds import DISTILL_CHECKPOINT_EVERY
+from pqcad_deploy.config import CalibrationConfig, CompressConfig
 from pqcad_deploy.errors import CheckpointError, ConfigError, OutputPathError
 from pqcad_deploy.methods import pqcad as PQ
+from pqcad_deploy.presets import PRESETS
 from pqcad_deploy.progressive import TransitionRule
 
 STEPS = 4
@@ -37,9 +37,10 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def tiny_presets():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(PRESET_CALIBRATION, "fast", CalibrationConfig(num_trajectories=2, timesteps_kept=3, batch_size=2))
-        mp.setitem(R.PRESET_RECONSTRUCTION, "fast", R.ReconstructionConfig(iters=6, act_iters=3, batch_size=4))
-        mp.setitem(PQ.PRESET_PQ_RULE, "fast", TransitionRule(min_iters=2, max_iters=5))
+        mp.setitem(PRESETS, "fast", dataclasses.replace(
+            PRESETS["fast"], calibration=CalibrationConfig(num_trajectories=2, timesteps_kept=3, batch_size=2),
+            reconstruction=R.ReconstructionConfig(iters=6, act_iters=3, batch_size=4),
+            pq_rule=TransitionRule(min_iters=2, max_iters=5)))
         yield
 
 
@@ -205,6 +206,28 @@ def test_resume_refuses_a_checkpoint_of_another_run(pq_copy, small_unet_dir, cha
     assert _tree(pq_copy.parent) == before
 
 
+def test_resume_refuses_a_checkpoint_made_under_other_preset_settings(pq_copy, small_unet_dir):
+    """The preset's resolved settings are in the fingerprint: editing presets.PRESETS between an
+    interrupted run and its --resume is refused, where the preset's name alone would have matched."""
+    config = _config(small_unet_dir, "pqcad")
+    before = _tree(pq_copy.parent)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(PRESETS, "fast", dataclasses.replace(
+            PRESETS["fast"], pq_rule=dataclasses.replace(PRESETS["fast"].pq_rule, max_iters=4)))
+        with pytest.raises(ConfigError, match=re.escape(
+                "(it differs in the settings of --preset fast (presets.PRESETS was edited between the runs))")):
+            compress(config, pq_copy, progress=False, resume=True, log=print)
+    assert _tree(pq_copy.parent) == before
+
+
+def test_the_report_records_the_resolved_preset_settings(small_unet_dir, tmp_path):
+    out = tmp_path / "minmax"
+    compress(_config(small_unet_dir, "minmax"), out, progress=False)
+    recorded = json.loads((out / "report.json").read_text())["preset_settings"]
+    assert recorded["pq_rule"] == {"beta": 0.9, "threshold": 1e-3, "min_iters": 2, "max_iters": 5}  # tiny_presets
+    assert recorded["calibration"]["num_trajectories"] == 2 and recorded["distill"]["iters"] == PRESETS["fast"].distill.iters
+
+
 def test_resume_refuses_other_model_weights(pq_copy, small_unet_dir, tmp_path):
     import torch
     from diffusers import UNet2DModel
@@ -311,12 +334,12 @@ def test_cli_resume(small_unet_dir, reference, tmp_path):
 @contextlib.contextmanager
 def _tiny_distill_presets():
     """CAD at 10 iterations of batch 2 on 8 C_DC pairs, checkpointed every 3 iterations."""
-    from pqcad_deploy.distill import cad, dc
+    from pqcad_deploy.presets import DCConfig, DistillConfig
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(cad.PRESET_DISTILL, "fast", cad.DistillConfig(iters=10, batch_size=2))
-        mp.setitem(dc.PRESET_DC, "fast", dc.DCConfig(size=8, batch_size=4))
-        mp.setitem(DISTILL_CHECKPOINT_EVERY, "fast", 3)
+        mp.setitem(PRESETS, "fast", dataclasses.replace(
+            PRESETS["fast"], distill=DistillConfig(iters=10, batch_size=2), dc=DCConfig(size=8, batch_size=4),
+            distill_checkpoint_every=3))
         yield
 
 

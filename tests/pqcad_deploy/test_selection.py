@@ -97,9 +97,10 @@ def test_selection_reaches_the_artifact(small_unet_dir, tmp_path):
     import json
 
     from pqcad_deploy.compress import compress
-    from pqcad_deploy.config import PRESET_CALIBRATION, CompressConfig
+    from pqcad_deploy.config import CompressConfig
+    from pqcad_deploy.presets import PRESETS
 
-    calibration = dataclasses.replace(PRESET_CALIBRATION["fast"], selection="density_diversity",
+    calibration = dataclasses.replace(PRESETS["fast"].calibration, selection="density_diversity",
                                       selection_oversample=2)
     compress(CompressConfig(model=str(small_unet_dir), method="minmax", distill=False, teacher_steps=10, preset="fast",
                             calibration=calibration),
