@@ -318,15 +318,9 @@ def export(artifact, onnx_path, fp, opset, target, weight_storage, parity, parit
 def build_engine(onnx_path, backend, out, optimization_level, overwrite) -> None:
     """Build an engine directory (optimized model + manifest) from an ONNX written by export."""
     started = time.perf_counter()
-    if backend == "tensorrt":
-        from engines.tensorrt_build import build_tensorrt_engine
+    from engines.backends import build_engine as build
 
-        manifest = build_tensorrt_engine(onnx_path, out, overwrite=overwrite)
-    else:
-        from engines.build import build_onnxruntime_engine
-
-        manifest = build_onnxruntime_engine(onnx_path, out, optimization_level=optimization_level,
-                                            overwrite=overwrite)
+    manifest = build(backend, onnx_path, out, overwrite=overwrite, optimization_level=optimization_level)
     click.echo(f"wrote {out} ({manifest.backend}, {manifest.onnx.precision}, "
                f"{manifest.onnx.student_steps} sampling steps, {time.perf_counter() - started:.1f} s)")
 

@@ -26,6 +26,7 @@ from torch import nn
 from converters.naming import qdq_names
 from converters.parity import ParityVerdict
 from converters.qdq import to_export_layer
+from converters.targets import EXPORT_TARGETS, export_target
 from engines.manifest import OnnxManifest, output_name_for, write_onnx_manifest
 from pqcad_deploy.artifact import CompressedArtifact, artifact_digest, load_artifact
 from pqcad_deploy.errors import ExportError, OutputPathError
@@ -39,12 +40,10 @@ DEFAULT_OPSET = 17
 # 13: per-axis QuantizeLinear/DequantizeLinear. 21: INT4 Q/DQ (4-bit activations).
 SUPPORTED_OPSETS: tuple[int, ...] = tuple(range(13, 22))
 _TORCHSCRIPT_MAX_OPSET = 20
-# qdq: int8 symmetric Q/DQ around every quantized layer (TensorRT, and any QDQ reader). ort-x86: the
-# same values laid out for ONNX Runtime's x86 CPU integer kernels (converters.ort_x86). ort-qlinear: plus an
-# int8 rounding of every quantized Conv output, so ONNX Runtime fuses QLinearConv (converters.ort_qlinear).
-# onnxruntime: whichever of these ONNX Runtime runs fastest for the artifact (resolve_target):
-# ort-qlinear when every quantized layer has 8-bit activations, else qdq (ONNX Runtime has no 4-bit kernels).
-TARGETS: tuple[str, ...] = ("onnxruntime", "qdq", "ort-x86", "ort-qlinear")
+# The concrete targets are converters.targets.EXPORT_TARGETS (qdq, ort-x86, ort-qlinear). onnxruntime:
+# whichever of these ONNX Runtime runs fastest for the artifact (resolve_target): ort-qlinear when every
+# quantized layer has 8-bit activations, else qdq (ONNX Runtime has no 4-bit kernels).
+TARGETS: tuple[str, ...] = ("onnxruntime", *EXPORT_TARGETS)
 DEFAULT_TARGET = "onnxruntime"  # the CLI's default; export_onnx's own default stays "qdq"
 # How 4-bit weight codes are stored. int4: ONNX INT4 initializers, two codes a byte (opset >= 21).
 # int8: the codes in an INT8 container (any opset). auto: int4 where the target and opset allow it.
@@ -156,14 +155,11 @@ def _weight_storage(storage: str, target: str, opset: int, fp: bool) -> str:
         if opset < _INT4_MIN_OPSET:
             raise ExportError(f"--weight-storage int4 needs --opset {_INT4_MIN_OPSET} (INT4 DequantizeLinear); "
                               f"got {opset}.")
-        if target == "ort-x86":
-            raise ExportError("--target ort-x86 stores weights as uint8 (ConvInteger); use --weight-storage int8 "
-                              "or auto.")
-        if target == "ort-qlinear":
-            raise ExportError("--target ort-qlinear stores weights as int8 (QLinearConv); use --weight-storage int8 "
-                              "or auto.")
+        if (refusal := export_target(target).int4_refusal) is not None:
+            raise ExportError(refusal)
     if storage == "auto":
-        return "int4" if opset >= _INT4_MIN_OPSET and target == "qdq" and not fp else "int8"
+        holds_int4 = export_target(target).int4_refusal is None
+        return "int4" if opset >= _INT4_MIN_OPSET and holds_int4 and not fp else "int8"
     return storage
 
 
@@ -319,30 +315,22 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
                                            weight_storage, fp)
     storage = _weight_storage(weight_storage, target, opset, fp)
     _check_opset(opset, artifact, fp)
-    if target == "ort-x86" and not fp:
-        from converters.ort_x86 import check_ort_x86
-
-        check_ort_x86({name: r.act_bits for name, r in artifact.manifest.layers.items()})
-    if target == "ort-qlinear" and not fp:
-        from converters.ort_qlinear import check_ort_qlinear, check_output_statistic
-
-        check_ort_qlinear({name: r.act_bits for name, r in artifact.manifest.layers.items()})
-        check_output_statistic(output_statistic)
+    spec = export_target(target)
     m = artifact.manifest
+    layer_act_bits = {name: r.act_bits for name, r in m.layers.items()}
+    if spec.check is not None and not fp:
+        spec.check(layer_act_bits, output_statistic)
     unet = artifact.build_teacher() if fp else artifact.build_student()
-    calibration_seconds = 0.0
-    if target == "ort-qlinear" and not fp:
-        from converters.ort_qlinear import calibrate_output_ranges, output_scales
-
+    calibration_seconds, target_state = 0.0, None
+    if spec.calibrate is not None and not fp:
         started = time.perf_counter()
-        conv_output_scales = output_scales(calibrate_output_ranges(unet, m, output_statistic))
+        target_state = spec.calibrate(unet, m, output_statistic)
         calibration_seconds = time.perf_counter() - started
     n_quant = 0 if fp else _swap_in_export_twins(unet)
     wrapper = _UNetForExport(unet).eval()
     output_name = output_name_for(m.prediction_type)
     c, h, w = m.image_shape
     example = (torch.zeros(2, c, h, w), torch.full((2,), float(m.student_timesteps[0])))
-    layer_act_bits = {name: r.act_bits for name, r in m.layers.items()}
 
     verdict = None
     with atomic_file(out_path, error=OutputPathError) as tmp:  # moved into place only if all of this passes
@@ -358,14 +346,8 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
             model = onnx.load(str(tmp))
             _tidy_graph(model, {} if fp else layer_act_bits)
             n_int4 = 0
-            if not fp and target == "ort-x86":
-                from converters.ort_x86 import to_ort_x86
-
-                to_ort_x86(model, layer_act_bits)
-            elif not fp and target == "ort-qlinear":
-                from converters.ort_qlinear import to_ort_qlinear
-
-                to_ort_qlinear(model, layer_act_bits, conv_output_scales)
+            if not fp and spec.rewrite is not None:
+                spec.rewrite(model, layer_act_bits, target_state)
             elif not fp and storage == "int4":
                 n_int4 = _store_int4_weights(model, {name: r.weight_bits for name, r in m.layers.items()})
             if opset > _TORCHSCRIPT_MAX_OPSET:
@@ -418,7 +400,7 @@ def _check_parity(artifact_path: Path, onnx_path: Path, target: str, n: int) -> 
     it (what an engine runs) for the ONNX Runtime targets."""
     from converters.parity import parity_report, parity_verdict
 
-    level = "disabled" if target == "qdq" else "extended"
+    level = export_target(target).parity_level
     return parity_verdict(parity_report(artifact_path, onnx_path, n=n, optimization_level=level))
 
 

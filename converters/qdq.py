@@ -33,7 +33,7 @@ class _ActivationQDQ(torch.autograd.Function):
     @staticmethod
     def symbolic(g, x, scale, bits: int):  # noqa: D102
         # int8 zero-point here; a 4-bit activation's zero-point is retyped to INT4 after export
-        # (torch has no int4 dtype), see export_onnx._retype_int4_zero_points.
+        # (torch has no int4 dtype) by export_onnx._tidy_graph.
         zero_point = g.op("Constant", value_t=torch.tensor(0, dtype=torch.int8))
         q = g.op("QuantizeLinear", x, scale, zero_point)
         return g.op("DequantizeLinear", q, scale, zero_point)

@@ -81,14 +81,9 @@ def open_runner(engine_dir: str | os.PathLike[str], threads: int | None = None) 
 
 
 def runner_for(engine_dir: str | os.PathLike[str], manifest: EngineManifest, threads: int | None = None) -> Runner:
-    model = Path(engine_dir) / manifest.model_file
-    if manifest.backend == "tensorrt":
-        from .tensorrt_runner import TensorRTRunner
+    from .backends import engine_backend
 
-        return TensorRTRunner(model, manifest.onnx)
-    from .ort import OnnxRuntimeRunner
-
-    return OnnxRuntimeRunner(model, manifest.onnx, intra_op_threads=threads)
+    return engine_backend(manifest.backend).runner(Path(engine_dir) / manifest.model_file, manifest.onnx, threads)
 
 
 def partial_dir(out_dir: str | os.PathLike[str]) -> Path:

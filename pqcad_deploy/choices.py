@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pqcad_deploy.errors import ConfigError
+from pqcad_deploy.methods.registry import METHOD_REGISTRY
 
 __all__ = [
     "METHODS",
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 Method = Literal["minmax", "brecq", "pqcad"]
-METHODS: tuple[str, ...] = ("minmax", "brecq", "pqcad")
+METHODS: tuple[str, ...] = tuple(METHOD_REGISTRY)  # the method facts live in methods.registry
 
 WEIGHT_BITS: tuple[int, ...] = (8, 4)
 # Bit-widths a weight quantizer can hold: the targets plus PQ's intermediate ladder level.
@@ -60,15 +61,12 @@ DEVICES: tuple[str, ...] = ("cpu", "cuda")
 # precision of conv_in / conv_out (pqcad_deploy.layer_precision)
 FirstLastPolicy = Literal["w8-fp-input", "w8a8", "target"]
 FIRST_LAST_POLICIES: tuple[str, ...] = ("w8-fp-input", "w8a8", "target")
-# minmax stays the plain baseline; the reconstruction methods keep the float inputs
-FIRST_LAST_DEFAULTS: dict[str, str] = {"minmax": "target", "brecq": "w8-fp-input", "pqcad": "w8-fp-input"}
+FIRST_LAST_DEFAULTS: dict[str, str] = {name: m.first_last_default for name, m in METHOD_REGISTRY.items()}
 
 # how stage 2 initialises the activation scales before learning them (methods.brecq.calibrate_activations)
 ActScaleInit = Literal["minmax", "percentile", "mse"]
 ACT_SCALE_INITS: tuple[str, ...] = ("minmax", "percentile", "mse")
-# the default per method: minmax has no stage 2; the learned methods start from the MSE-optimal clipping
-# (10,000-sample FID, PQ W8A8: 17.44 -> 14.27 on Fashion-MNIST, 24.15 -> 22.62 on CIFAR-10; RESULTS section 15)
-ACT_SCALE_INIT_DEFAULTS: dict[str, str] = {"minmax": "minmax", "brecq": "mse", "pqcad": "mse"}
+ACT_SCALE_INIT_DEFAULTS: dict[str, str] = {name: m.act_scale_init_default for name, m in METHOD_REGISTRY.items()}
 
 
 # which layers quantize at all (pqcad_deploy.precision_policy.PRECISION_POLICIES holds what each keeps float)

@@ -25,7 +25,7 @@ from pqcad_deploy.errors import ConfigError
 from pqcad_deploy.eval.sqnr import sqnr_db_from_powers
 from pqcad_deploy.fsutil import check_output_dir, output_lock
 from pqcad_deploy.layer_precision import apply_first_last
-from pqcad_deploy.methods.minmax import minmax_quantize
+from pqcad_deploy.methods.registry import MethodJob, method_spec
 from pqcad_deploy.models import load_model
 from pqcad_deploy.presets import PresetSettings, preset_to_dict
 from pqcad_deploy.precision_policy import apply_precision_policy, precision_policy_report
@@ -102,22 +102,9 @@ def quantization_report(fp_unet: torch.nn.Module, student: torch.nn.Module,
 
 def _run_method(config: CompressConfig, settings: PresetSettings, fp_unet, plan, calibration, batch_size: int,
                 device: str, progress: bool, checkpoint: Checkpoint | None = None) -> tuple[torch.nn.Module, dict]:
-    """Quantize with the configured method; returns the student and the method's own report."""
-    if config.method == "minmax":
-        return minmax_quantize(fp_unet, plan, calibration, batch_size, device, progress), {}
-    rcfg = dataclasses.replace(settings.reconstruction, seed=config.seed,
-                               layer_loss=config.layer_loss)
-    if config.method == "brecq":
-        from pqcad_deploy.methods.brecq import brecq_quantize
-
-        return brecq_quantize(fp_unet, plan, calibration, rcfg, device, progress, capture_batch_size=batch_size,
-                              checkpoint=checkpoint, act_scale_init=config.activation_scale_init)
-    from pqcad_deploy.methods.pqcad import PQConfig, pq_quantize
-
-    return pq_quantize(fp_unet, plan, calibration,
-                       PQConfig(reconstruction=rcfg, rule=settings.pq_rule,
-                                act_scale_init=config.activation_scale_init), device, progress,
-                       capture_batch_size=batch_size, checkpoint=checkpoint)
+    """Quantize with the configured method (methods.registry); the student and the method's own report."""
+    return method_spec(config.method).quantize(MethodJob(config, settings, fp_unet, plan, calibration, batch_size,
+                                                         device, progress, checkpoint))
 
 
 def _open_checkpoint(config: CompressConfig, settings: PresetSettings, fp_unet: torch.nn.Module, out: Path,
@@ -131,8 +118,8 @@ def _open_checkpoint(config: CompressConfig, settings: PresetSettings, fp_unet: 
         point = checkpoint.load()
         if point is not None:
             log(f"resuming from {checkpoint.path}: {point.describe()}")
-        elif config.method == "minmax":
-            log("--resume: minmax has no blocks to resume; running it from the start")
+        elif not method_spec(config.method).resumable:
+            log(f"--resume: {config.method} has no blocks to resume; running it from the start")
         else:
             log(f"--resume: no checkpoint at {checkpoint.path}; starting from scratch")
     elif checkpoint.path.exists():
@@ -225,7 +212,7 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
         if note is None:
             raise
         raise note from exc
-    if config.method != "minmax" and config.act_scale_check:
+    if method_spec(config.method).learns_activation_scales and config.act_scale_check:
         method_report["act_scale_check"] = _check_act_scales(config, settings, fp_unet, student, calibration,
                                                              loaded.scheduler_config, cal_cfg.batch_size, device)
     if config.bias_correction:

@@ -17,6 +17,7 @@ from pqcad_deploy.choices import (
     WEIGHT_BITS, ActScaleInit, Device, FirstLastPolicy, Method, Preset, check_choice,
 )
 from pqcad_deploy.errors import ConfigError
+from pqcad_deploy.methods.registry import METHOD_REGISTRY, method_spec
 from pqcad_deploy.presets import CalibrationConfig, PresetSettings, preset_settings
 
 __all__ = ["CalibrationConfig", "CompressConfig", "config_to_dict"]
@@ -145,9 +146,12 @@ class CompressConfig:
         if isinstance(self.keep_float, str) or not all(isinstance(p, str) and p for p in self.keep_float):
             raise ConfigError(f"--keep-float takes non-empty layer-name patterns; got {self.keep_float!r}.")
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
-        if self.method == "minmax" and (self.act_scale_init not in (None, "minmax") or self.layer_loss):
-            raise ConfigError("--act-scale-init and --layer-loss apply to the learned methods; "
-                              "use --method brecq or --method pqcad, or drop them for minmax.")
+        spec = method_spec(self.method)
+        if not spec.learns_activation_scales and (self.act_scale_init not in (None, spec.act_scale_init_default)
+                                                  or self.layer_loss):
+            learned = " or ".join(f"--method {name}" for name, s in METHOD_REGISTRY.items() if s.learns_activation_scales)
+            raise ConfigError(f"--act-scale-init and --layer-loss apply to the learned methods; use {learned}, or "
+                              f"drop them for {self.method}.")
 
     def _check_avg_weight_bits(self) -> None:
         value = self.avg_weight_bits
@@ -183,7 +187,8 @@ class CompressConfig:
         if self.calibration is not None:
             return self.calibration
         preset = self.settings.calibration
-        return dataclasses.replace(preset, timestep_sampling="normal") if self.method == "pqcad" else preset
+        sampling = method_spec(self.method).calibration_timesteps
+        return preset if preset.timestep_sampling == sampling else dataclasses.replace(preset, timestep_sampling=sampling)
 
 
 def config_to_dict(config: object) -> dict:

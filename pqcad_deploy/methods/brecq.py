@@ -20,6 +20,7 @@ import torch
 from pqcad_deploy.calibration.trajectories import CalibrationSet
 from pqcad_deploy.choices import ACT_SCALE_INITS
 from pqcad_deploy.methods.minmax import calibrate_activations_minmax
+from pqcad_deploy.methods.registry import MethodJob
 from pqcad_deploy.quant import primitives as P
 from pqcad_deploy.quant.replace import LayerBits, quant_layers, swap_in_quant_layers
 from pqcad_deploy.reconstruct import (
@@ -109,6 +110,13 @@ def activation_stage(fp_unet: torch.nn.Module, student: torch.nn.Module, calibra
             capture_batch_size=capture_batch_size, device=device, progress=progress,
             on_iteration=on_iteration, on_block=on_block,
             start=resume.blocks_done_in("activations") if resume is not None else 0)
+
+
+def run(job: MethodJob) -> tuple[torch.nn.Module, dict]:
+    """The registry's entry point (methods.registry)."""
+    return brecq_quantize(job.fp_unet, job.plan, job.calibration, job.reconstruction_config(), job.device,
+                          job.progress, capture_batch_size=job.batch_size, checkpoint=job.checkpoint,
+                          act_scale_init=job.config.activation_scale_init)
 
 
 def brecq_quantize(

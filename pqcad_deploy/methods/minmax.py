@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pqcad_deploy.calibration.trajectories import CalibrationSet
+from pqcad_deploy.methods.registry import MethodJob
 from pqcad_deploy.quant import primitives as P
 from pqcad_deploy.quant.replace import LayerBits, quant_layers, swap_in_quant_layers
 
@@ -40,6 +41,11 @@ def calibrate_activations_minmax(student: torch.nn.Module, calibration: Calibrat
         quantizer.enabled = True
         amax = float(quantizer.observed_amax)
         quantizer.set_scale(P.minmax_activation_scale(amax if amax > 0 else 1.0, quantizer.bits))
+
+
+def run(job: MethodJob) -> tuple[torch.nn.Module, dict]:
+    """The registry's entry point (methods.registry): min-max has no report of its own."""
+    return minmax_quantize(job.fp_unet, job.plan, job.calibration, job.batch_size, job.device, job.progress), {}
 
 
 @torch.no_grad()

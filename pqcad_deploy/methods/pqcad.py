@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from pqcad_deploy.calibration.trajectories import CalibrationSet
 from pqcad_deploy.methods.brecq import activation_stage, weights_first_student
+from pqcad_deploy.methods.registry import MethodJob
 from pqcad_deploy.progressive import Transition, TransitionRule, TransitionTracker, bit_ladder
 from pqcad_deploy.quant.replace import LayerBits, quant_layers
 from pqcad_deploy.reconstruct import (
@@ -43,6 +44,14 @@ class PQConfig:
     rule: TransitionRule
     ladder: tuple[int, ...] | None = None
     act_scale_init: str = "minmax"  # "minmax" | "percentile" | "mse" (choices.ACT_SCALE_INITS)
+
+
+def run(job: MethodJob) -> tuple[torch.nn.Module, dict]:
+    """The registry's entry point (methods.registry)."""
+    config = PQConfig(reconstruction=job.reconstruction_config(), rule=job.settings.pq_rule,
+                      act_scale_init=job.config.activation_scale_init)
+    return pq_quantize(job.fp_unet, job.plan, job.calibration, config, job.device, job.progress,
+                       capture_batch_size=job.batch_size, checkpoint=job.checkpoint)
 
 
 def pq_quantize(
