@@ -52,7 +52,7 @@ import numpy as np
 from converters.graph_index import index_graph, replace_nodes
 from converters.naming import qdq_names
 from pqcad_deploy.errors import ExportError
-from pqcad_deploy.quant.primitives import act_qrange
+from pqcad_deploy.quant.primitives import act_qrange, quantize_activation_codes
 
 __all__ = ["CALIBRATION_IMAGES", "CALIBRATION_SEED", "OUTPUT_STATISTICS", "calibrate_output_ranges",
            "check_ort_qlinear", "check_output_statistic", "output_rounding", "output_scales", "quantize_bias",
@@ -265,13 +265,12 @@ def rounded_conv_outputs(student, rounding: dict[str, tuple[float, np.ndarray | 
     import torch
 
     modules = dict(student.named_modules())
-    qmin, qmax = act_qrange(_OUTPUT_BITS)
 
     def hook(module, inputs, output, layer):
         scale, bias = rounding[layer]
         if bias is not None:
             output = output + (torch.from_numpy(bias) - module.bias.detach()).reshape(1, -1, 1, 1)
-        c = torch.clamp(torch.round(output / scale), qmin, qmax)
+        c = quantize_activation_codes(output, scale, _OUTPUT_BITS)
         if codes is not None:
             codes[layer] = c.detach().numpy()
         return c * scale

@@ -5,7 +5,7 @@ whose `symbolic` emits the ONNX nodes: QuantizeLinear -> DequantizeLinear on an 
 integer initializer -> DequantizeLinear for a weight. The weight codes and scales are buffers taken
 from the artifact as they are: nothing is re-calibrated here.
 
-Placement (docs/CONTRACTS.md 2, shared/docs/tensorrt.md): both inputs of every quantized Conv and
+Placement (docs/CONTRACTS.md 2): both inputs of every quantized Conv and
 MatMul are Q/DQ'd, outputs stay float, each layer has its own activation Q/DQ pair. A Linear is
 emitted as MatMul with a pre-transposed [in, out] weight, quantized per channel on axis 1, so no
 Transpose sits between the DequantizeLinear and the MatMul (TensorRT and ONNX Runtime both want
@@ -27,8 +27,7 @@ __all__ = ["ExportConv2d", "ExportLinear", "to_export_layer"]
 class _ActivationQDQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, bits: int):  # noqa: D102
-        qmin, qmax = P.act_qrange(bits)
-        return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+        return P.quantize_activation_codes(x, scale, bits) * scale
 
     @staticmethod
     def symbolic(g, x, scale, bits: int):  # noqa: D102

@@ -1,7 +1,7 @@
 """Build a TensorRT 10 engine directory (``model.plan`` + ``engine.json``) from our ONNX.
 
 Written against TensorRT 10's documented Python API; it cannot run in this project's workplace (no
-TensorRT there, see docs/tensorrt.md) and its tests skip without ``tensorrt``. The steps are small
+TensorRT there, as README's introduction says) and its tests skip without ``tensorrt``. The steps are small
 callables, each usable alone: ONNX path -> network (:func:`parse_onnx`) -> plan bytes
 (:func:`build_plan`) -> engine directory (:func:`build_tensorrt_engine`).
 

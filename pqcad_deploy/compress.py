@@ -194,7 +194,7 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
     plan_report["precision_policy"] = precision_policy_report(
         fp_unet, image_shape, uniform_plan(fp_unet, config.weight_bits, config.act_bits), config.precision_policy,
         config.keep_float)
-    cal_cfg = config.calibration_config  # pqcad: normally distributed timesteps (C_QC, method.md section 1)
+    cal_cfg = config.calibration_config  # pqcad: normally distributed timesteps (C_QC, docs/ARCHITECTURE.md, The method)
     if checkpoint.resume is not None:  # the interrupted run's own set, bit for bit
         calibration = checkpoint.calibration()
     else:

@@ -4,7 +4,7 @@ Three policies (``--first-last``):
 
 - ``w8-fp-input`` (default of brecq and pqcad): 8-bit weights, input kept in floating point (no
   Q/DQ on it; TensorRT runs the layer in FP16 with the int8 weights dequantized).
-- ``w8a8``: 8-bit weights and 8-bit input (method.md's "first and last conv at 8 bits").
+- ``w8a8``: 8-bit weights and 8-bit input (the method's "first and last conv at 8 bits").
 - ``target``: the same bits as every other layer (the plain fixed-bit baseline; minmax's default).
 
 Why the float input is the default: measured on the embedded model (docs/RESULTS.md section 5,

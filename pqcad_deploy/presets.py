@@ -42,7 +42,7 @@ class CalibrationConfig:
         timestep_sampling: "uniform" keeps evenly spread steps of every trajectory; "normal" keeps
             steps drawn from Normal(timestep_mean * T, timestep_std * T) snapped to the grid
             (PTQ4DM's normally distributed timestep calibration, used by PQ's C_QC).
-        timestep_mean / timestep_std: as fractions of T (our defaults, method.md section 1).
+        timestep_mean / timestep_std: as fractions of T (our defaults, docs/ARCHITECTURE.md, The method).
         selection: "none" keeps every drawn pair; "density_diversity" draws `selection_oversample`
             times as many trajectories and keeps the num_trajectories * timesteps_kept pairs picked
             by density and diversity of their FP mid-block features (EDA-DM; calibration.selection).

@@ -1,4 +1,4 @@
-"""C_QC, the quantization calibration set that compress uses (method.md, section 1).
+"""C_QC, the quantization calibration set that compress uses (docs/ARCHITECTURE.md, The method).
 
 FP DDIM trajectories from seeded noise, (x_t, t) kept at uniform or normally distributed timesteps
 (calibration.trajectories); optionally followed by EDA-DM's density-and-diversity selection

@@ -2,7 +2,7 @@
 
 Quantization calibration should see the timesteps where activations matter most; PTQ4DM draws
 t ~ Normal(mu * T, s * T), clipped to [0, T-1]. Our samplers only ever evaluate the model on their
-own grid, so each draw is snapped to the nearest grid timestep (method.md, section 1).
+own grid, so each draw is snapped to the nearest grid timestep (docs/ARCHITECTURE.md, The method).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def normal_timesteps_on_grid(grid: list[int] | np.ndarray, count: int, mean: flo
     Args:
         grid: the sampler's timesteps (any order).
         count: how many to draw (repeats allowed: a timestep drawn twice gets twice the weight).
-        mean, std: as fractions of T = num_train_timesteps (defaults are our choice, method.md).
+        mean, std: as fractions of T = num_train_timesteps (defaults are our choice, docs/ARCHITECTURE.md).
         seed: seeds the draw.
 
     Returns:

@@ -1,4 +1,4 @@
-"""CAD: quantization-aware distillation of the PQ student to half the DDIM steps (method.md section 3).
+"""CAD: quantization-aware distillation of the PQ student to half the DDIM steps (docs/ARCHITECTURE.md, The method).
 
 Each iteration draws a batch of (x_t, t) from C_DC; the FP teacher's two DDIM steps t -> t' -> t''
 give x0_target (for a fixed set computed once up front: the teacher is frozen and the set is fixed,

@@ -1,4 +1,4 @@
-"""C_DC, the distillation calibration set (method.md section 1): (x_t, t) pairs for CAD.
+"""C_DC, the distillation calibration set (docs/ARCHITECTURE.md, The method): (x_t, t) pairs for CAD.
 
 t is drawn uniformly over the student's grid, *stratified*: with K student steps and M pairs every
 step gets floor(M/K) pairs and M mod K seeded-random steps one more, so the histogram is uniform up to
@@ -10,7 +10,7 @@ x_t comes from one of two FP sources, both data-free:
   student timesteps (the points the student will actually visit; distinct trajectories per step).
 - "noise_injection": the same trajectories' final samples x_0, pushed forward with q(x_t | x_0) =
   N(alpha_t x_0, sigma_t^2 I) with fresh seeded noise (more diversity off the teacher's own paths).
-Then each x_t gets an extra Gaussian perturbation of std `perturbation * sigma_t` (method.md: 0.01-0.05
+Then each x_t gets an extra Gaussian perturbation of std `perturbation * sigma_t` (the method's 0.01-0.05
 of sigma_t) so the student also sees the neighbourhood of the trajectory.
 
 With ``fresh`` the fixed pairs are only the start: :meth:`DCSet.draw` makes new pairs for every

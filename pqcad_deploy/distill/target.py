@@ -1,6 +1,6 @@
 """DDIM quantities and the progressive-distillation x0 target (Salimans & Ho), as pure functions.
 
-Notation (method.md): alpha_t = sqrt(alphabar_t), sigma_t = sqrt(1 - alphabar_t); x_t = alpha_t x0 +
+Notation (docs/ARCHITECTURE.md, The method): alpha_t = sqrt(alphabar_t), sigma_t = sqrt(1 - alphabar_t); x_t = alpha_t x0 +
 sigma_t eps. A DDIM step (eta 0) from t to s with a prediction (x0, eps) is x_s = alpha_s x0 + sigma_s
 eps, exactly as diffusers' ``DDIMScheduler.step`` (with its ``clip_sample`` applied to x0 only, the
 eps direction is not recomputed). After the grid's last timestep (``PAST_ZERO``) alphabar is

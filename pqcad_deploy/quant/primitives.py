@@ -16,6 +16,7 @@ from pqcad_deploy.choices import ACT_BITS, LADDER_WEIGHT_BITS, check_choice
 __all__ = [
     "weight_qmax",
     "act_qrange",
+    "quantize_activation_codes",
     "round_ste",
     "per_channel_view",
     "quantize_weight_codes",
@@ -72,6 +73,13 @@ def fake_quantize_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int) -
     return torch.clamp(round_ste(weight / s), -qmax, qmax) * s
 
 
+def quantize_activation_codes(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
+    """Integer codes (as floats, not differentiable) of an activation on the per-tensor grid `scale`:
+    what a QuantizeLinear with zero-point 0 computes (round half to even, then saturate)."""
+    qmin, qmax = act_qrange(bits)
+    return torch.clamp(torch.round(x / scale), qmin, qmax)
+
+
 def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize-dequantize an activation with one per-tensor scale (STE, LSQ-style gradients)."""
     qmin, qmax = act_qrange(bits)
@@ -105,12 +113,12 @@ def mse_activation_scale(samples: torch.Tensor, amax: float, bits: int, num_cand
     Candidates are r * amax / qmax for r evenly spread in [min_ratio, 1]; r = 1 is min-max, so the
     result is never worse than min-max on these samples.
     """
-    qmin, qmax = act_qrange(bits)
     x = samples.detach().flatten().float()
+    qmax = act_qrange(bits)[1]
     best_scale, best_err = None, float("inf")
     for r in torch.linspace(1.0, min_ratio, num_candidates).tolist():
         s = max(r * float(amax) / qmax, _MIN_SCALE)
-        err = float((torch.clamp(torch.round(x / s), qmin, qmax) * s - x).pow(2).mean())
+        err = float((quantize_activation_codes(x, s, bits) * s - x).pow(2).mean())
         if err < best_err:
             best_scale, best_err = s, err
     return torch.tensor(best_scale, dtype=torch.float32)

@@ -37,7 +37,7 @@ def test_tensorrt_runner_without_tensorrt(make_tiny_onnx, make_manifest) -> None
 
 @pytest.mark.tensorrt
 def test_tensorrt_build_and_run(make_tiny_onnx, tmp_path: Path, tiny_reference) -> None:
-    pytest.importorskip("tensorrt", reason="TensorRT 10 is not installable in this workplace (docs/tensorrt.md); runs on a Jetson / TensorRT machine")
+    pytest.importorskip("tensorrt", reason="TensorRT 10 is not installable in this workplace (README, introduction); runs on a Jetson / TensorRT machine")
     from engines.manifest import verify_engine
     from engines.tensorrt_runner import TensorRTRunner
 
