@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,6 +129,20 @@ def _open_checkpoint(config: CompressConfig, settings: PresetSettings, fp_unet: 
     return checkpoint
 
 
+@contextlib.contextmanager
+def _saying_what_is_kept(checkpoint: Checkpoint, distillation: bool = False) -> Iterator[None]:
+    """Re-raise Ctrl-C inside the block as the note naming what the checkpoint holds, when it holds
+    something (of the distillation, with `distillation`); a plain interrupt otherwise."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        saved = checkpoint.last_distill_iteration is not None if distillation else True
+        note = _interrupted(checkpoint) if saved else None
+        if note is None:
+            raise
+        raise note from exc
+
+
 def _interrupted(checkpoint: Checkpoint) -> KeyboardInterrupt | None:
     """The Ctrl-C note naming what the checkpoint holds (None when nothing was saved yet)."""
     if checkpoint.last_distill_iteration is not None:
@@ -204,14 +218,9 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
     checkpoint.use_calibration(calibration)
     teacher_state = fp_unet.state_dict()  # before any rewrite: the rewrites replace modules, never edit these
     plan, plan_report["rewrites"] = _apply_rewrites(config, fp_unet, plan, calibration, cal_cfg.batch_size, device)
-    try:
+    with _saying_what_is_kept(checkpoint):
         student, method_report = _run_method(config, settings, fp_unet, plan, calibration, cal_cfg.batch_size,
                                              device, progress, checkpoint)
-    except KeyboardInterrupt as exc:
-        note = _interrupted(checkpoint)
-        if note is None:
-            raise
-        raise note from exc
     if method_spec(config.method).learns_activation_scales and config.act_scale_check:
         method_report["act_scale_check"] = _check_act_scales(config, settings, fp_unet, student, calibration,
                                                              loaded.scheduler_config, cal_cfg.batch_size, device)
@@ -225,15 +234,10 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
     report["preset_settings"] = preset_to_dict(settings)
     timesteps = ddim_timesteps(loaded.scheduler_config, config.teacher_steps)
     if config.distill:
-        try:
+        with _saying_what_is_kept(checkpoint, distillation=True):
             student, report["distillation"], timesteps = distill_rounds(
                 config, student, fp_unet, loaded.scheduler_config, image_shape, device, progress, checkpoint,
                 resume, log, settings=settings)
-        except KeyboardInterrupt as exc:
-            note = _interrupted(checkpoint) if checkpoint.last_distill_iteration is not None else None
-            if note is None:
-                raise
-            raise note from exc
     layers = {name: LayerRecord(kind=r["kind"], weight_bits=r["weight_bits"], act_bits=r["act_bits"],
                                 weight_shape=list(quant_layers(student)[name].weight.shape))
               for name, r in report["layers"].items()}
