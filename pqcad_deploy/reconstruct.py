@@ -37,8 +37,8 @@ from pqcad_deploy.calibration.trajectories import CalibrationSet
 from pqcad_deploy.presets import ReconstructionConfig
 from pqcad_deploy.quant import adaround as A
 from pqcad_deploy.quant import primitives as P
-from pqcad_deploy.quant.layers import QuantConv2d, QuantLinear
-from pqcad_deploy.quant.replace import quant_layers, quantizable_layers
+from pqcad_deploy.quant.layers import QuantLayer
+from pqcad_deploy.quant.replace import is_quant_layer, quant_layers, quantizable_layers
 
 __all__ = [
     "ReconstructionConfig",
@@ -247,7 +247,7 @@ class BlockResult:
         return d
 
 
-def init_weight_scales(layers: dict[str, QuantConv2d | QuantLinear], method: str) -> None:
+def init_weight_scales(layers: dict[str, QuantLayer], method: str) -> None:
     """Set each layer's weight scale from its latent weight: "mse" search or "minmax"."""
     for layer in layers.values():
         w, bits = layer.weight.detach(), layer.weight_bits
@@ -269,9 +269,9 @@ def block_loss(block: nn.Module, data: BlockData, device: str, batch_size: int =
     return err / max(ref, 1e-30)
 
 
-def _block_layers(block: nn.Module, prefix: str) -> dict[str, QuantConv2d | QuantLinear]:
+def _block_layers(block: nn.Module, prefix: str) -> dict[str, QuantLayer]:
     return {(f"{prefix}.{n}" if n else prefix): m for n, m in block.named_modules()
-            if isinstance(m, (QuantConv2d, QuantLinear))}
+            if is_quant_layer(m)}
 
 
 class _LayerOutputs:

@@ -10,15 +10,20 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pqcad_deploy.quant.layers import QuantConv2d, QuantLinear
+from pqcad_deploy.quant.layers import QuantConv2d, QuantLayer, QuantLinear
 
-__all__ = ["QUANT_LAYER_REGISTRY", "LayerBits", "quantizable_layers", "swap_in_quant_layers",
+__all__ = ["QUANT_LAYER_REGISTRY", "LayerBits", "is_quant_layer", "quantizable_layers", "swap_in_quant_layers",
            "quant_layers"]
 
 QUANT_LAYER_REGISTRY: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv2d: QuantConv2d,
     nn.Linear: QuantLinear,
 }
+
+
+def is_quant_layer(module: nn.Module) -> bool:
+    """Whether `module` is one of the registry's quantized types (already swapped)."""
+    return isinstance(module, tuple(QUANT_LAYER_REGISTRY.values()))
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,7 @@ class LayerBits:
 
 
 def _registry_target(module: nn.Module) -> type[nn.Module] | None:
-    if isinstance(module, (QuantConv2d, QuantLinear)):
+    if is_quant_layer(module):
         return None
     for float_type, quant_type in QUANT_LAYER_REGISTRY.items():
         if isinstance(module, float_type):
@@ -59,6 +64,6 @@ def swap_in_quant_layers(model: nn.Module, plan: dict[str, LayerBits]) -> dict[s
     return swapped
 
 
-def quant_layers(model: nn.Module) -> dict[str, QuantConv2d | QuantLinear]:
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
     """Name -> quantized layer of a model that has been swapped."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+    return {n: m for n, m in model.named_modules() if is_quant_layer(m)}
