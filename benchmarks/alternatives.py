@@ -34,7 +34,7 @@ not leak into the ORT rows), from an isolated ``--modelopt-site`` directory so t
 Example (the issue 6 numbers; about 15 minutes on 2 shared CPU cores):
     pqcad-deploy compress --method minmax --preset fast --out /tmp/h2/art --overwrite
     pqcad-deploy export /tmp/h2/art --fp --onnx /tmp/h2/fp32.onnx --overwrite
-    python benchmarks/alternatives.py --fp32 /tmp/h2/fp32.onnx --work /tmp/h2/alt \\
+    python -m benchmarks.alternatives --fp32 /tmp/h2/fp32.onnx --work /tmp/h2/alt \\
         --ours minmax_fast_w8a8=/tmp/h2/ours_minmax_fast_w8a8.onnx \\
         --modelopt-site /tmp/modelopt_site --json docs/measurements/issue6_alternatives.json
 """
@@ -59,9 +59,6 @@ from typing import Any, Iterator
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 from pqcad_deploy.eval.psnr import mean_psnr as mean_psnr_db  # noqa: E402  (numpy only; the proxy's one definition)
 from pqcad_deploy.eval.sqnr import sqnr_db  # noqa: E402  (numpy only; the one SQNR)
 from engines.ort_session import ort_session  # noqa: E402  (the one session factory)

@@ -14,7 +14,7 @@ slice is denoised with ``engines.sampler.denoise`` (the same numpy DDIM loop), s
 changes nothing. FID as everywhere in docs/RESULTS.md (``pqcad_deploy.eval``: standard Inception
 weights, the shipped Fashion-MNIST reference statistics).
 
-    python3 benchmarks/onnx_fid.py --fp32 fp32.onnx --model fp32=fp32.onnx \\
+    python -m benchmarks.onnx_fid --fp32 fp32.onnx --model fp32=fp32.onnx \\
         --model ort_entropy=alt/ort_s8s8_entropy2048_convmatmul.onnx --model ours=w8a8.onnx@own \\
         --n 10000 --steps 100 --workers 16 --weights default_1.pt --device cuda --out results/
 
@@ -40,9 +40,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 CHUNK = 125  # images per worker task: 80 tasks for 10k images keep 16 workers busy to the end
 PARTIAL_SAVE_S = 30.0  # how often finished chunks are written to NAME.partial.npz
 

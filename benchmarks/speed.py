@@ -4,8 +4,8 @@ Why this script exists: the speed figures of issue 6 were first measured with th
 hand-made files (docs/measurements/issue6_ort_integer_kernels.md). This script reproduces the whole
 table with one documented command, through the real user commands and the runtime's own code:
 
-    python benchmarks/speed.py --work bench --out bench.json          # full table
-    python benchmarks/speed.py --work bench --out bench.json --quick  # batch 1 and 8, 3 repetitions
+    python -m benchmarks.speed --work bench --out bench.json          # full table
+    python -m benchmarks.speed --work bench --out bench.json --quick  # batch 1 and 8, 3 repetitions
 
 1. Preparation (skipped per stage when its output exists in --work, so a rerun resumes), each a
    subprocess call of the ``pqcad-deploy`` console script:
@@ -56,9 +56,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 UNET_BATCHES = (1, 8, 64)
 QUICK_UNET_BATCHES = (1, 8)
 UNET_TIMESTEP = 500

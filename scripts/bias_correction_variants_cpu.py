@@ -16,7 +16,7 @@ FP model's images from the same seeds and the mean PSNR against them:
 - ``out``: only conv_out corrected, on the calibration set;
 - ``weights_only``: no correction, every input quantizer switched off (the weights' share of the drift).
 
-    python scripts/bias_correction_variants_cpu.py ART [--n 32] [--variants none,qc,uniform,student,out]
+    python -m scripts.bias_correction_variants_cpu ART [--n 32] [--variants none,qc,uniform,student,out]
 """
 
 from __future__ import annotations
@@ -24,11 +24,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> int:

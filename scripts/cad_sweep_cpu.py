@@ -7,8 +7,8 @@ sampled at the student's K steps against the FP model's at 2K steps from the sam
 measure, distill.guard), beside the undistilled student's PSNR at K steps (plain step halving). It is
 a proxy (a few images, a short training), not FID.
 
-    python scripts/cad_sweep_cpu.py --model builtin --steps 20 --json fm.json
-    python scripts/cad_sweep_cpu.py --model builtin:cifar10 --steps 20 --json cf.json
+    python -m scripts.cad_sweep_cpu --model builtin --steps 20 --json fm.json
+    python -m scripts.cad_sweep_cpu --model builtin:cifar10 --steps 20 --json cf.json
 
 Every variant changes one setting of the base (lr 1e-5, 200 iterations of batch 8, 64 fixed pairs, every
 float parameter trained): the learning rate first measured 1e-4 and 1e-3 as much worse on both models.

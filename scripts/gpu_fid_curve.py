@@ -19,8 +19,8 @@ call computes the statistics and FIDs from it (and generates any row still missi
 The models are loaded directly with diffusers (the same calls as pqcad_deploy.models at the time of
 writing: ``UNet2DModel.from_pretrained`` + the scheduler config converted to a DDIMScheduler config).
 
-    python3 scripts/gpu_fid_curve.py --generate-only --cifar-model /tmp/cifar10_ddpm --out $OUT
-    python3 scripts/gpu_fid_curve.py --weights /tmp/default_1.pt --cifar-data /tmp/cifar10 \
+    python -m scripts.gpu_fid_curve --generate-only --cifar-model /tmp/cifar10_ddpm --out $OUT
+    python -m scripts.gpu_fid_curve --weights /tmp/default_1.pt --cifar-data /tmp/cifar10 \
         --cifar-model /tmp/cifar10_ddpm --out $OUT
 """
 
@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 FMNIST_DIR = ROOT / "pqcad_deploy" / "builtin" / "fashion_mnist_ddpm"
 FMNIST_STATS = ROOT / "pqcad_deploy" / "eval" / "data" / "fashion_mnist_train_fid_stats.npz"
@@ -161,7 +158,7 @@ def main() -> int:
 
     from pqcad_deploy.eval.fid import FidStatistics, compute_statistics
     from pqcad_deploy.eval.inception import InceptionFeatures
-    from train_reference import read_cifar10_images
+    from scripts.train_reference import read_cifar10_images
 
     if args.weights is None:
         raise SystemExit("--weights is needed to compute FIDs")

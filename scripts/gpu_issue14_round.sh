@@ -9,7 +9,7 @@ set -u
 CACHE=${1:-/tmp/q14}
 mkdir -p "$CACHE"
 for model in builtin builtin:cifar10; do
-  python3 benchmarks/gpu_speed.py --model "$model" --sampler-batches 64,512 --steps 10,5,50 \
+  python3 -m benchmarks.gpu_speed --model "$model" --sampler-batches 64,512 --steps 10,5,50 \
     --pipeline-steps 100,20 --unet-batches 64 --reps 5 --out "$CACHE/speed_${model/:/_}"
 done
 # Row grammar: scripts/gpu_quant_table.py's docstring. In priority order (workers take rows round-robin):
@@ -28,4 +28,4 @@ ROWS=(
   fmnist:pqcad:4:8:sample=50 cifar10:pqcad:4:8:sample=50
   fmnist:pqcad:4:8:cad:$F cifar10:pqcad:4:8:cad:$F
 )
-python3 scripts/gpu_quant_table.py launch --workers 10 --cache "$CACHE" --rows "$(IFS=,; echo "${ROWS[*]}")"
+python3 -m scripts.gpu_quant_table launch --workers 10 --cache "$CACHE" --rows "$(IFS=,; echo "${ROWS[*]}")"

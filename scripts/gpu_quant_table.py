@@ -29,8 +29,8 @@ them), ``r=R`` (``--rounds``), and the distillation settings ``it=`` iterations,
 norm, ``fresh`` (fresh C_DC pairs), ``mix=`` (their noise-injection share), ``dcn=`` (C_DC size),
 ``traj=`` (pool trajectories), e.g. ``cifar10:pqcad:8:8:cad:steps=20:fresh:ema=0.999:cos:it=4000``.
 
-    python3 scripts/gpu_quant_table.py make --rows fmnist:pqcad:8:8,... --cache /tmp/q13
-    python3 scripts/gpu_quant_table.py score --weights /tmp/default_1.pt --cache /tmp/q13 --out $OUT \\
+    python -m scripts.gpu_quant_table make --rows fmnist:pqcad:8:8,... --cache /tmp/q13
+    python -m scripts.gpu_quant_table score --weights /tmp/default_1.pt --cache /tmp/q13 --out $OUT \\
         [--expect 40 --follow-s 600]   # score rows as they are made
 """
 
@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MODELS = {"fmnist": "builtin:fashion-mnist", "cifar10": "builtin:cifar10"}
 REFERENCES = {"fmnist": ROOT / "pqcad_deploy/eval/data/fashion_mnist_train_fid_stats.npz",
@@ -347,8 +346,9 @@ def launch(rows: list[str], workers: int, cache: Path, extra: list[str]) -> None
         if not mine:
             continue
         log = open(cache / f"worker_{k}.log", "w")
-        subprocess.Popen([sys.executable, __file__, "make", "--rows", ",".join(mine), "--cache", str(cache), *extra],
-                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        subprocess.Popen([sys.executable, "-m", "scripts.gpu_quant_table", "make", "--rows", ",".join(mine),
+                          "--cache", str(cache), *extra],
+                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=ROOT)
         print(f"worker {k}: {','.join(mine)}", flush=True)
 
 

@@ -6,7 +6,7 @@ warm-up, `--runs` times (the files take turns, one run each), and report the med
 Single-threaded by default so numbers from a shared machine are comparable. Prints one JSON line per
 file and writes them all to --out.
 
-    OMP_NUM_THREADS=1 python scripts/ort_cpu_latency.py fp32.onnx w8a8.onnx w8a8_x86.onnx --batch 8
+    OMP_NUM_THREADS=1 python -m scripts.ort_cpu_latency fp32.onnx w8a8.onnx w8a8_x86.onnx --batch 8
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Part 2 times one 3x3 convolution ([batch, 128, 16, 16] -> 128 channels, single t
 Conv, as ConvInteger with each pair of operand types (checking the int32 result is exact), and as
 QLinearConv (which requantizes its output: not exact, shown as the ceiling).
 
-    OMP_NUM_THREADS=1 python scripts/ort_qdq_fusion_probe.py
+    OMP_NUM_THREADS=1 python -m scripts.ort_qdq_fusion_probe
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Why a script: every FID in the plot is read from the JSON that the measuring run
 row are listed in FID_POINTS below, the same files RESULTS.md cites), and the speed bars from
 ``benchmarks/speed.py``'s output; rerunning it after a new measurement redraws both.
 
-    python scripts/plot_results.py --speed docs/measurements/issue6_speed_cpu.json --out docs/images
+    python -m scripts.plot_results --speed docs/measurements/issue6_speed_cpu.json --out docs/images
 
 Writes ``fid_vs_bits.png`` (FID at 10k samples against the W/A bit widths, one line per method, log
 scale) and ``cpu_speed.png`` (UNet latency at batch 8 and sampler images/s per row, with the ratios).

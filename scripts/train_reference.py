@@ -16,7 +16,7 @@ Data: the original idx files (``train-images-idx3-ubyte.gz``), e.g. from the Deb
 
 Retrain the shipped pqcad_deploy/builtin/fashion_mnist_ddpm (GPU; see its MODEL_CARD.md):
     mkdir -p .data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .data/fashion-mnist/
-    PYTHONUNBUFFERED=1 python3 scripts/train_reference.py --data-dir .data/fashion-mnist \
+    PYTHONUNBUFFERED=1 python3 -m scripts.train_reference --data-dir .data/fashion-mnist \
         --out out/fashion_mnist_ddpm --seed 0 --steps 9500 --stop-at 9330 --batch-size 256 \
         --max-minutes 7 --log-every 500
 
@@ -30,7 +30,7 @@ flips, with the larger ``CIFAR10_MODEL_CONFIG``. Data: ``train_jpg.npz`` of ../s
 (JPEG bytes + offsets, decoded with Pillow), or the same file xz-compressed as ``train_jpg.npz.xz``
 (lossless, 15 MB instead of 47 MB, so it travels to a GPU machine with room to spare):
     mkdir -p .data/cifar10 && xz -9 -k -c ../shared/data/cifar10/train_jpg.npz > .data/cifar10/train_jpg.npz.xz
-    PYTHONUNBUFFERED=1 python3 scripts/train_reference.py --dataset cifar10 --data-dir .data/cifar10 \
+    PYTHONUNBUFFERED=1 python3 -m scripts.train_reference --dataset cifar10 --data-dir .data/cifar10 \
         --out out/cifar10_ddpm --seed 0 --steps auto --batch-size 256 --lr 8e-4 --max-minutes 9 \
         --channels-last auto --log-every 500
 (see pqcad_deploy/builtin/cifar10_ddpm/MODEL_CARD.md for the shipped run's exact command).
