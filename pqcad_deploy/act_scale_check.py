@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pqcad_deploy.calibration.trajectories import CalibrationSet
-from pqcad_deploy.eval.generate import generate_images
+from pqcad_deploy.eval.pipeline_sampling import generate_images
 from pqcad_deploy.eval.psnr import mean_psnr
 from pqcad_deploy.presets import ScaleCheckConfig
 from pqcad_deploy.quant.replace import quant_layers

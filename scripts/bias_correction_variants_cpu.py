@@ -42,7 +42,7 @@ def main() -> int:
     from pqcad_deploy.calibration.qc import collect_qc_calibration
     from pqcad_deploy.calibration.trajectories import collect_trajectory_calibration
     from pqcad_deploy.config import CalibrationConfig
-    from pqcad_deploy.eval.generate import generate_images
+    from pqcad_deploy.eval.pipeline_sampling import generate_images
     from pqcad_deploy.eval.psnr import mean_psnr
     from pqcad_deploy.layer_precision import LAST_LAYER
     from pqcad_deploy.quant.bias_correction import correct_biases

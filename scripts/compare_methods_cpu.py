@@ -36,7 +36,7 @@ def main() -> int:
     from pqcad_deploy.calibration.trajectories import collect_trajectory_calibration
     from pqcad_deploy.compress import compress
     from pqcad_deploy.config import CalibrationConfig, CompressConfig
-    from pqcad_deploy.eval.generate import generate_images
+    from pqcad_deploy.eval.pipeline_sampling import generate_images
     from pqcad_deploy.eval.psnr import mean_psnr
     from pqcad_deploy.eval.sqnr import sqnr_db
     from pqcad_deploy.models import load_model

@@ -39,7 +39,7 @@ def main() -> int:
     from pqcad_deploy.config import CompressConfig
     from pqcad_deploy.eval.fid import FidStatistics, compute_statistics
     from pqcad_deploy.eval.fid_sources import default_reference_path
-    from pqcad_deploy.eval.generate import generate_images
+    from pqcad_deploy.eval.pipeline_sampling import generate_images
     from pqcad_deploy.eval.inception import InceptionFeatures
     from pqcad_deploy.models import load_model
     from pqcad_deploy.quant.replace import quant_layers

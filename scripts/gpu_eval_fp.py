@@ -3,7 +3,7 @@
 1. Reference statistics of the 60,000 Fashion-MNIST training images (project code, standard FID
    Inception weights), written compact so they fit the machine's 16 MiB return limit.
 2. FID of the embedded FP model with DDIM 100 and 50 steps, 10,000 samples each, image i seeded
-   with seed + i (pqcad_deploy.eval.generate), plus a rerun of DDIM-100 with the same seeds to show
+   with seed + i (pqcad_deploy.eval.pipeline_sampling), plus a rerun of DDIM-100 with the same seeds to show
    the number reproduces.
 3. If time is left: the min-max PTQ baselines (W8A8, W4A8, W4A4) at DDIM-100 on the same seeds.
 Everything printed also goes to results.json in --out.
@@ -36,7 +36,7 @@ def main() -> int:
 
     from engines.images import save_grid
     from pqcad_deploy.eval.fid import FidStatistics, compute_statistics
-    from pqcad_deploy.eval.generate import generate_images
+    from pqcad_deploy.eval.pipeline_sampling import generate_images
     from pqcad_deploy.eval.inception import InceptionFeatures
     from pqcad_deploy.eval.reference_stats import reference_statistics
     from pqcad_deploy.models import load_model

@@ -6,7 +6,7 @@
    weights in full fp32), written compact (float32 upper triangle) as ``cifar10_train_fid_stats.npz``
    so it fits the machine's 16 MiB return limit and can ship in pqcad_deploy/eval/data/.
 2. FP FID at 10,000 samples for DDIM 100, 50, 20, 10 and 5 steps for both builtin models, with the
-   protocol of docs/RESULTS.md section 1: pqcad_deploy.eval.generate.generate_images (diffusers
+   protocol of docs/RESULTS.md section 1: pqcad_deploy.eval.pipeline_sampling.generate_images (diffusers
    ``DDIMPipeline``, eta 0, image i seeded with seed + i, batch 1000, fp32 UNet), Fashion-MNIST against
    the shipped ``fashion_mnist_train_fid_stats.npz``, CIFAR-10 against the statistics of step 1.
    Also recorded: images/s, the per-channel pixel means of each 10k set (0-255; issue 13 tracks a
@@ -92,7 +92,7 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from pqcad_deploy.eval.generate import generate_images
+    from pqcad_deploy.eval.pipeline_sampling import generate_images
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -112,7 +112,7 @@ def main() -> int:
         "issue": 13, "n": args.n, "seed": args.seed, "batch_size": args.batch_size, "device": args.device,
         "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "protocol": "pqcad_deploy.eval.generate.generate_images: diffusers DDIMPipeline, eta 0, image i "
+        "protocol": "pqcad_deploy.eval.pipeline_sampling.generate_images: diffusers DDIMPipeline, eta 0, image i "
                     "seeded with torch.Generator('cpu').manual_seed(seed + i), fp32 UNet, output rounded "
                     "to uint8; FID with pqcad_deploy.eval (standard FID Inception weights, full fp32)",
         "models": {m: str(model_dirs[m]) for m in models},

@@ -5,7 +5,7 @@ Two phases, so that the work runs as detached processes side by side on the one 
 weights are still travelling in pieces (docs/RESULTS.md section 15):
 
 - ``make ROWS``: for each row, sample its student through diffusers' DDIMPipeline
-  (pqcad_deploy.eval.generate: image i seeded with i, the protocol of every FID in RESULTS) and write
+  (pqcad_deploy.eval.pipeline_sampling: image i seeded with i, the protocol of every FID in RESULTS) and write
   one entry per sampling, ``CACHE/ENTRY.npy`` (uint8 images) and ``CACHE/ENTRY.json`` (times,
   calibration SQNR, per-channel means, the report's summaries). The PQ student of a row is compressed
   once per distinct PQ row (``--device cuda --preset default --no-distill``, ``CACHE/pq_NAME``) and
@@ -206,7 +206,7 @@ def make_cad(row: str, cache: Path, steps: int, n: int, preset: str, device: str
     from pqcad_deploy.checkpoint import Checkpoint
     from pqcad_deploy.config import CompressConfig
     from pqcad_deploy.distill.rounds import distill_rounds
-    from pqcad_deploy.eval.generate import generate_images
+    from pqcad_deploy.eval.pipeline_sampling import generate_images
     from pqcad_deploy.models import load_model
     from pqcad_deploy.schedule import ddim_timesteps
 
@@ -247,7 +247,7 @@ def make_plain(row: str, cache: Path, steps: int, n: int, preset: str, device: s
     import torch
 
     from pqcad_deploy.artifact import load_artifact
-    from pqcad_deploy.eval.generate import generate_images
+    from pqcad_deploy.eval.pipeline_sampling import generate_images
     from pqcad_deploy.models import load_model
 
     name = row_name(row)

@@ -16,7 +16,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from pqcad_deploy.eval.generate import generate_images
+from pqcad_deploy.eval.pipeline_sampling import generate_images
 from pqcad_deploy.eval.psnr import mean_psnr
 from pqcad_deploy.presets import GuardConfig
 

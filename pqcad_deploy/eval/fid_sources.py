@@ -258,7 +258,7 @@ def images_from_source(source: str | os.PathLike[str], n: int | None = None, ste
                                    progress=progress)
         images, used_steps = result.images, len(result.timesteps)
     else:
-        from pqcad_deploy.eval.generate import generate_images
+        from pqcad_deploy.eval.pipeline_sampling import generate_images
 
         if kind == "artifact":
             from pqcad_deploy.artifact import load_artifact
