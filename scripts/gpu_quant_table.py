@@ -127,12 +127,12 @@ def distill_overrides(row: str, preset: str):
     return patched()
 
 
-def row_samples(row: str, default: int) -> list[int]:
-    """The step counts a non-CAD row samples at (``sample=10+5``), else [`default`]."""
+def row_samples(row: str) -> list[int] | None:
+    """The step counts a non-CAD row samples at (``sample=10+5``), or None without the flag."""
     for flag in row.split(":")[4:]:
         if flag.startswith("sample="):
             return [int(k) for k in flag.partition("=")[2].split("+")]
-    return [default]
+    return None
 
 
 def pq_row(row: str) -> str:
@@ -267,12 +267,11 @@ def make_plain(row: str, cache: Path, steps: int, n: int, preset: str, device: s
         if "act_scale_check" in report:
             info["act_scale_check"] = report["act_scale_check"]
         unet = load_artifact(art).build_student()
-    samples = row_samples(row, steps)
-    for k in samples:
+    samples = row_samples(row)
+    entries = [(name, steps)] if samples is None else [(f"{name}_at{k}", k) for k in samples]
+    for entry, k in entries:
         gen = generate_images(unet, loaded.scheduler_config, n, k, seed=0, batch_size=1000, device=device,
                               progress=False)
-        entry = name if samples == [steps] and not any(f.startswith("sample=") for f in row.split(":")) \
-            else f"{name}_at{k}"
         _save_entry(cache, entry, {**info, "sample_steps": k, "generate_seconds": gen.seconds}, gen.images)
 
 

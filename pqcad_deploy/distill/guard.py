@@ -44,7 +44,8 @@ def guard_distillation(fp_unet: torch.nn.Module, distilled: torch.nn.Module, und
         return generate_images(unet, scheduler_config, config.images, steps, seed=check_seed,
                                batch_size=config.images, device=device, progress=False).images
 
-    students, reference = (images(distilled, student_steps), images(undistilled, student_steps)), images(fp_unet, teacher_steps)
+    students = images(distilled, student_steps), images(undistilled, student_steps)
+    reference = images(fp_unet, teacher_steps)
     psnr_distilled, psnr_undistilled = (mean_psnr(x, reference) for x in students)
     kept = "distilled" if psnr_distilled >= psnr_undistilled else "undistilled"
     report = {"config": asdict(config), "seed": check_seed, "reference_steps": teacher_steps,
