@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14's second GPU round (planned, not yet run): what the first round (RESULTS section 18) left.
+# Issue 14's second GPU round (run 2026-11-29: RESULTS section 20): what the first round (section 18) left.
 # The 100 -> 50 rows of both models at W8A8 and W4A8 (PQ at 50 steps and CAD-fresh, the default
 # preset's CAD), then two rounds 20 -> 10 -> 5 with a cosine decay at W8A8 and W4A8 (round 2's held-out loss rose at a
 # constant rate), and warm-up + cosine at 20 -> 10. Every CAD row's guard now also records the PSNR

@@ -108,8 +108,10 @@ def distill_round(config: CompressConfig, student: torch.nn.Module, teacher: tor
     student, report = distill(student, teacher, scheduler_config, steps, dc_set, dcfg, device=device,
                               progress=progress, on_checkpoint=save, resume=state, heldout=heldout)
     report = report.to_dict()
-    student, report["guard"] = guard_distillation(fp_unet, student, undistilled, scheduler_config, steps,
-                                                  len(grid.student), settings.guard, seed=seed,
-                                                  device=device, also_against=config.teacher_steps)
+    # Every round is judged against FP at the original teacher steps, the quality the rounds aim at;
+    # the round's own teacher steps are recorded beside it (guard_distillation's docstring says why).
+    student, report["guard"] = guard_distillation(fp_unet, student, undistilled, scheduler_config,
+                                                  config.teacher_steps, len(grid.student), settings.guard,
+                                                  seed=seed, device=device, also_against=steps)
     report["round"] = round_index
     return student, report, [int(t) for t in grid.student]

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["mean_psnr"]
+__all__ = ["mean_psnr", "psnr_per_image"]
 
 
-def mean_psnr(images: np.ndarray, reference: np.ndarray) -> float:
-    """Mean over images of the PSNR (dB, uint8 range) of `images` against `reference`.
+def psnr_per_image(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """PSNR (dB, uint8 range) of each image of `images` against the same-index image of `reference`.
 
     A per-image MSE is floored at 1e-12, so an identical image counts as about 168 dB, not infinity.
     """
     diff = images.astype(np.float64) - reference.astype(np.float64)
     mse = (diff ** 2).reshape(len(images), -1).mean(axis=1)
-    return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12))))
+    return 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12))
+
+
+def mean_psnr(images: np.ndarray, reference: np.ndarray) -> float:
+    """Mean over images of :func:`psnr_per_image`."""
+    return float(np.mean(psnr_per_image(images, reference)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,8 +54,8 @@ def test_the_guard_samples_on_the_students_grid(unet_and_scheduler):
 
 
 def test_a_later_round_records_its_psnr_against_the_original_teacher_too(unet_and_scheduler):
-    """Round 2 of 20 -> 10 -> 5 is judged against FP-10 and also measured against FP-20; the decision
-    stays FP-10's. Round 1 (whose teacher steps are the original ones) records nothing extra."""
+    """`also_against` measures both students against FP at other steps without changing the decision
+    (distill_rounds passes a later round's own teacher steps); equal steps record nothing extra."""
     fp, scheduler_config = unet_and_scheduler
     good, bad = copy.deepcopy(fp), _damaged(fp)
     _, report = guard_distillation(fp, bad, good, scheduler_config, teacher_steps=4, student_steps=2,
@@ -70,3 +71,26 @@ def test_a_later_round_records_its_psnr_against_the_original_teacher_too(unet_an
     _, first = guard_distillation(fp, bad, good, scheduler_config, teacher_steps=4, student_steps=2,
                                   config=GuardConfig(images=2), seed=0, device="cpu", also_against=4)
     assert "also_against" not in first
+
+
+def test_a_gain_within_the_checks_noise_keeps_the_undistilled_student(unet_and_scheduler):
+    """The same model as both students: zero gain, so plain step halving stays (no coin toss for CAD)."""
+    fp, scheduler_config = unet_and_scheduler
+    distilled, undistilled = copy.deepcopy(fp), copy.deepcopy(fp)
+    kept, report = guard_distillation(fp, distilled, undistilled, scheduler_config, teacher_steps=4, student_steps=2,
+                                      config=GuardConfig(images=2), seed=0, device="cpu")
+    assert report["kept"] == "undistilled" and kept is undistilled
+    assert report["psnr_gain_db"] == 0.0 and report["psnr_gain_standard_error_db"] == 0.0
+
+
+def test_the_paired_gain_needs_to_clear_min_z_standard_errors():
+    """GPU round 2's failure: a 0.012 dB mean gain with per-image gains of both signs is noise."""
+    from pqcad_deploy.distill.guard import paired_gain
+
+    undistilled = np.array([30.0, 31.0, 29.0, 32.0])
+    gain, error = paired_gain(undistilled + np.array([0.5, -0.45, 0.4, -0.4]), undistilled)
+    assert gain == pytest.approx(0.0125) and error == pytest.approx(np.std([0.5, -0.45, 0.4, -0.4], ddof=1) / 2)
+    assert not gain > 2.0 * error
+    gain, error = paired_gain(undistilled + np.array([3.0, 2.5, 3.5, 2.8]), undistilled)
+    assert gain == pytest.approx(2.95) and gain > 2.0 * error
+    assert paired_gain(np.array([31.0]), np.array([30.0])) == (1.0, 0.0)
