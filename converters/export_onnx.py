@@ -27,7 +27,7 @@ from converters.naming import qdq_names
 from converters.parity import ParityVerdict
 from converters.qdq import to_export_layer
 from converters.targets import EXPORT_TARGETS, export_target
-from engines.manifest import OnnxManifest, output_name_for, write_onnx_manifest
+from engines.manifest import INPUT_NAMES, OnnxManifest, output_name_for, write_onnx_manifest
 from pqcad_deploy.artifact import CompressedArtifact, artifact_digest, load_artifact
 from pqcad_deploy.errors import ExportError, OutputPathError
 from pqcad_deploy.layer_precision import FIRST_LAYER, LAST_LAYER
@@ -106,12 +106,13 @@ def _act_bit_histogram(layers: list) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _swap_in_export_twins(unet: nn.Module) -> int:
+def _swap_in_export_twins(unet: nn.Module, artifact: CompressedArtifact) -> int:
+    """Replace each quantized layer by its export twin, carrying the artifact's stored codes and scales."""
     layers = quant_layers(unet)
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet
-        setattr(parent, child, to_export_layer(layer))
+        setattr(parent, child, to_export_layer(layer, artifact.layer_tensors(name)))
     return len(layers)
 
 
@@ -326,7 +327,7 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
         started = time.perf_counter()
         target_state = spec.calibrate(unet, m, output_statistic)
         calibration_seconds = time.perf_counter() - started
-    n_quant = 0 if fp else _swap_in_export_twins(unet)
+    n_quant = 0 if fp else _swap_in_export_twins(unet, artifact)
     wrapper = _UNetForExport(unet).eval()
     output_name = output_name_for(m.prediction_type)
     c, h, w = m.image_shape
@@ -339,7 +340,7 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     wrapper, example, str(tmp), dynamo=False, opset_version=min(opset, _TORCHSCRIPT_MAX_OPSET),
-                    input_names=["sample", "timestep"], output_names=[output_name],
+                    input_names=list(INPUT_NAMES), output_names=[output_name],
                     dynamic_axes={"sample": {0: "batch"}, "timestep": {0: "batch"}, output_name: {0: "batch"}},
                     do_constant_folding=True,
                 )
@@ -360,7 +361,6 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
                 scheduler_config=m.scheduler_config,
                 prediction_type=m.prediction_type,
                 teacher_steps=m.teacher_steps,
-                student_steps=m.teacher_steps if fp else m.student_steps,
                 student_timesteps=tuple(_teacher_timesteps(m) if fp else m.student_timesteps),
                 artifact_sha256=artifact_digest(artifact.path),
                 weight_bits={str(k): v for k, v in sorted(Counter(r.weight_bits for r in layers).items())},

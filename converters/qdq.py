@@ -2,8 +2,10 @@
 
 Each piece is an autograd Function whose `forward` computes what the fake-quant model computes and
 whose `symbolic` emits the ONNX nodes: QuantizeLinear -> DequantizeLinear on an activation, and an
-integer initializer -> DequantizeLinear for a weight. The weight codes and scales are buffers taken
-from the artifact as they are: nothing is re-calibrated here.
+integer initializer -> DequantizeLinear for a weight. The weight codes and the weight and activation
+scales are buffers read from the artifact's tensors as they are stored (`CompressedArtifact.layer_tensors`):
+nothing is re-quantized or re-calibrated here, and the quantizers' internals are never read; the student
+layer gives only its geometry (stride, padding, ...), its bias and its activation bits.
 
 Placement (docs/CONTRACTS.md 2): both inputs of every quantized Conv and
 MatMul are Q/DQ'd, outputs stay float, each layer has its own activation Q/DQ pair. A Linear is
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pqcad_deploy.artifact import LayerTensors
 from pqcad_deploy.quant import primitives as P
 from pqcad_deploy.quant.layers import QuantConv2d, QuantLinear
 
@@ -53,15 +56,15 @@ class _WeightDQ(torch.autograd.Function):
 class ExportConv2d(nn.Module):
     """A QuantConv2d as Q/DQ(input) + DQ(int8 codes, axis 0) -> Conv (no input Q/DQ for a float input)."""
 
-    def __init__(self, layer: QuantConv2d) -> None:
+    def __init__(self, layer: QuantConv2d, tensors: LayerTensors) -> None:
         super().__init__()
         self.stride, self.padding = layer.stride, layer.padding
         self.dilation, self.groups = layer.dilation, layer.groups
         self.act_bits = layer.act_bits
-        self.register_buffer("weight_codes", layer.weight_codes().clone())
-        self.register_buffer("weight_scale", layer.weight_quantizer.scale.detach().float().clone())
+        self.register_buffer("weight_codes", tensors.weight_codes.clone())
+        self.register_buffer("weight_scale", tensors.weight_scale.float().clone())
         self.register_buffer("weight_zero_point", torch.zeros(layer.out_channels, dtype=torch.int8))
-        self.register_buffer("act_scale", layer.input_quantizer.scale.detach().float().clone())
+        self.register_buffer("act_scale", tensors.act_scale.float().clone())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,13 +77,13 @@ class ExportConv2d(nn.Module):
 class ExportLinear(nn.Module):
     """A QuantLinear as Q/DQ(input) + DQ(int8 codes^T, axis 1) -> MatMul (+ bias Add)."""
 
-    def __init__(self, layer: QuantLinear) -> None:
+    def __init__(self, layer: QuantLinear, tensors: LayerTensors) -> None:
         super().__init__()
         self.act_bits = layer.act_bits
-        self.register_buffer("weight_codes", layer.weight_codes().t().contiguous().clone())
-        self.register_buffer("weight_scale", layer.weight_quantizer.scale.detach().float().clone())
+        self.register_buffer("weight_codes", tensors.weight_codes.t().contiguous().clone())
+        self.register_buffer("weight_scale", tensors.weight_scale.float().clone())
         self.register_buffer("weight_zero_point", torch.zeros(layer.out_features, dtype=torch.int8))
-        self.register_buffer("act_scale", layer.input_quantizer.scale.detach().float().clone())
+        self.register_buffer("act_scale", tensors.act_scale.float().clone())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,10 +94,10 @@ class ExportLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def to_export_layer(layer: nn.Module) -> nn.Module:
-    """The export twin of a quantized layer."""
+def to_export_layer(layer: nn.Module, tensors: LayerTensors) -> nn.Module:
+    """The export twin of a quantized layer, carrying the artifact's `tensors` for it."""
     if isinstance(layer, QuantConv2d):
-        return ExportConv2d(layer)
+        return ExportConv2d(layer, tensors)
     if isinstance(layer, QuantLinear):
-        return ExportLinear(layer)
+        return ExportLinear(layer, tensors)
     raise TypeError(f"{type(layer).__name__} has no export twin")

@@ -23,8 +23,10 @@ from .errors import EngineDirectoryError, ManifestError
 __all__ = [
     "ONNX_FORMAT",
     "ONNX_VERSION",
+    "V1_COPIES",
     "ENGINE_FORMAT",
     "ENGINE_VERSION",
+    "ONNX_VERSION_IN_ENGINE",
     "METADATA_KEY",
     "ENGINE_MANIFEST_FILE",
     "INPUT_NAMES",
@@ -50,9 +52,16 @@ __all__ = [
 ]
 
 ONNX_FORMAT = "pqcad-onnx"
-ONNX_VERSION = 1
+ONNX_VERSION = 2
+"""2: no ``student_steps``, ``input_names``, ``output_name``: they copied ``len(student_timesteps)``,
+:data:`INPUT_NAMES` and ``OUTPUT_NAMES[prediction_type]`` and are properties now (:data:`V1_COPIES`).
+Version 1 is still read: its copies are checked once, then dropped."""
+V1_COPIES: tuple[str, ...] = ("student_steps", "input_names", "output_name")
 ENGINE_FORMAT = "pqcad-engine"
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2
+"""engine.json flattens the ONNX manifest, so it changes with it: 2 holds ONNX manifest version 2's
+keys, 1 version 1's (still read)."""
+ONNX_VERSION_IN_ENGINE: dict[int, int] = {1: 1, 2: 2}
 METADATA_KEY = "pqcad.manifest"
 ENGINE_MANIFEST_FILE = "engine.json"
 INPUT_NAMES: tuple[str, str] = ("sample", "timestep")
@@ -104,12 +113,9 @@ class OnnxManifest:
         precision: the quantization recipe's name, for reports.
         image_shape: ``(C, H, W)`` of one sample; the batch dimension is dynamic.
         scheduler_config: a diffusers ``DDIMScheduler``-compatible config dict (read by ``ddim``).
-        prediction_type: what the network predicts; fixes ``output_name``.
+        prediction_type: what the network predicts; fixes :attr:`output_name`.
         teacher_steps: steps of the FP teacher's sampler, for reports.
-        student_steps: ``len(student_timesteps)``.
         student_timesteps: the descending timestep list the student was calibrated / distilled for.
-        input_names: always ``("sample", "timestep")``.
-        output_name: ``OUTPUT_NAMES[prediction_type]``.
         artifact_sha256: checksum of the compressed artifact the ONNX came from (provenance).
         weight_bits / act_bits: ``{"8": n_layers, "4": m_layers}`` histograms.
     """
@@ -119,13 +125,10 @@ class OnnxManifest:
     scheduler_config: dict[str, Any]
     prediction_type: PredictionType
     teacher_steps: int
-    student_steps: int
     student_timesteps: tuple[int, ...]
     artifact_sha256: str
     weight_bits: dict[str, int] = field(default_factory=dict)
     act_bits: dict[str, int] = field(default_factory=dict)
-    input_names: tuple[str, ...] = INPUT_NAMES
-    output_name: str = ""
     format: str = ONNX_FORMAT
     version: int = ONNX_VERSION
 
@@ -152,10 +155,9 @@ class OnnxManifest:
             raise ManifestError(
                 f"Manifest prediction_type {self.prediction_type!r} disagrees with scheduler_config's {sched_pt!r}; re-export the ONNX."
             )
-        for name in ("teacher_steps", "student_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ManifestError(f"Manifest field {name} must be a positive integer, got {v!r}.")
+        v = self.teacher_steps
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ManifestError(f"Manifest field teacher_steps must be a positive integer, got {v!r}.")
         ts = tuple(self.student_timesteps) if isinstance(self.student_timesteps, (list, tuple)) else None
         if not ts or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ts):
             raise ManifestError(f"Manifest field student_timesteps must be a non-empty list of non-negative integers, got {self.student_timesteps!r}.")
@@ -164,28 +166,31 @@ class OnnxManifest:
         n_train = self.scheduler_config.get("num_train_timesteps", 1000)
         if isinstance(n_train, int) and ts[0] >= n_train:
             raise ManifestError(f"Manifest student_timesteps start at {ts[0]}, beyond num_train_timesteps={n_train}.")
-        if len(ts) != self.student_steps:
-            raise ManifestError(f"Manifest student_steps={self.student_steps} but student_timesteps has {len(ts)} entries.")
         set_("student_timesteps", ts)
-        if tuple(self.input_names) != INPUT_NAMES:
-            raise ManifestError(f"Manifest input_names must be {list(INPUT_NAMES)}, got {list(self.input_names)}.")
-        set_("input_names", INPUT_NAMES)
-        expected = OUTPUT_NAMES[self.prediction_type]
-        if self.output_name == "":
-            set_("output_name", expected)
-        elif self.output_name != expected:
-            raise ManifestError(
-                f"Manifest output_name {self.output_name!r} does not match prediction_type {self.prediction_type!r} (expected {expected!r})."
-            )
         if not isinstance(self.artifact_sha256, str):
             raise ManifestError(f"Manifest field artifact_sha256 must be a string, got {self.artifact_sha256!r}.")
         set_("weight_bits", _bit_histogram("weight_bits", self.weight_bits))
         set_("act_bits", _bit_histogram("act_bits", self.act_bits))
 
+    @property
+    def student_steps(self) -> int:
+        """The student's sampling steps: one per entry of ``student_timesteps``."""
+        return len(self.student_timesteps)
+
+    @property
+    def input_names(self) -> tuple[str, str]:
+        """The graph's inputs, the same for every ONNX we export (:data:`INPUT_NAMES`)."""
+        return INPUT_NAMES
+
+    @property
+    def output_name(self) -> str:
+        """The graph's output, named after what it predicts (:data:`OUTPUT_NAMES`)."""
+        return OUTPUT_NAMES[self.prediction_type]
+
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON-ready dict (tuples become lists)."""
         d = dataclasses.asdict(self)
-        for k in ("image_shape", "student_timesteps", "input_names"):
+        for k in ("image_shape", "student_timesteps"):
             d[k] = list(d[k])
         return d
 
@@ -209,7 +214,12 @@ class OnnxManifest:
             raise ManifestError(
                 f"{source}: manifest version {version!r} is newer than this runtime reads ({ONNX_VERSION}); upgrade pqcad-deploy."
             )
-        return _construct(cls, data, source)
+        if version != 1:
+            return _construct(cls, data, source)
+        rest = {k: v for k, v in data.items() if k not in V1_COPIES}
+        manifest = _construct(cls, {**rest, "version": ONNX_VERSION}, source)
+        _check_v1_copies(manifest, data, source)
+        return manifest
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "manifest") -> OnnxManifest:
@@ -223,6 +233,22 @@ class OnnxManifest:
         except (json.JSONDecodeError, TypeError) as exc:
             raise ManifestError(f"{source}: the manifest is not valid JSON ({exc}).") from exc
         return cls.from_dict(data, source=source)
+
+
+def _check_v1_copies(manifest: OnnxManifest, data: dict[str, Any], source: str) -> None:
+    """A version 1 manifest's copies (:data:`V1_COPIES`) must equal what they copy.
+
+    export always wrote them equal, so a difference means the manifest was edited: which output
+    name or step count the graph really has is then unknown, and it is refused rather than guessed.
+    """
+    def plain(value: object) -> object:  # JSON lists and our tuples compare alike
+        return list(value) if isinstance(value, tuple) else value
+
+    for name in V1_COPIES:
+        if name in data and plain(data[name]) != plain(getattr(manifest, name)):
+            raise ManifestError(f"{source}: the version 1 manifest's {name} is {data[name]!r}, but its other fields "
+                                f"give {plain(getattr(manifest, name))!r}; the manifest was edited: re-export the ONNX "
+                                "(or rebuild the engine).")
 
 
 def _construct(cls: type, data: dict[str, Any], source: str) -> Any:
@@ -246,7 +272,8 @@ class EngineManifest:
     """``engine.json``: which backend, which model file, its checksum, and the ONNX manifest.
 
     On disk the ONNX manifest's keys are flattened next to the engine keys (docs/CONTRACTS.md 3);
-    the ONNX manifest's own ``format``/``version`` are implied by the engine version.
+    the ONNX manifest's own ``format``/``version`` are implied by the engine version
+    (:data:`ONNX_VERSION_IN_ENGINE`).
     """
 
     backend: Backend
@@ -306,7 +333,8 @@ class EngineManifest:
         if missing:
             raise ManifestError(f"{source}: the engine manifest lacks required keys {missing}; rebuild the engine.")
         engine = {k: data.pop(k) for k in engine_keys}
-        onnx = _construct(OnnxManifest, data, source)
+        onnx_version = ONNX_VERSION_IN_ENGINE.get(version, version)  # one below 1 is refused there
+        onnx = OnnxManifest.from_dict({**data, "format": ONNX_FORMAT, "version": onnx_version}, source=source)
         try:
             return cls(onnx=onnx, **engine)
         except ManifestError as exc:

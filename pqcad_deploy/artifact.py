@@ -2,8 +2,9 @@
 
 It holds the student's integer weight codes, per-channel weight scales, per-tensor activation
 scales, bits per layer and every unquantized parameter (`student.safetensors`), the untouched FP
-teacher (`teacher.safetensors`), the configs, the teacher/student step counts and the student's
-exact timestep list, calibration settings and provenance (`artifact.json`), and a report.
+teacher (`teacher.safetensors`), the configs (the compress options among them: method, teacher
+steps, distill), the student's exact timestep list, calibration settings and provenance
+(`artifact.json`), and a report.
 
 Same seed, same inputs: the same bytes in every file. So nothing time-dependent is stored: no
 creation time in the provenance, and no wall-clock durations in the report (`seconds` entries of
@@ -28,9 +29,11 @@ from pqcad_deploy.quant.rewrites import restore_rewrites
 __all__ = [
     "ARTIFACT_FORMAT",
     "ARTIFACT_VERSION",
+    "DERIVED_FIELDS",
     "LayerRecord",
     "ArtifactManifest",
     "CompressedArtifact",
+    "LayerTensors",
     "save_artifact",
     "load_artifact",
     "student_state_from_model",
@@ -38,10 +41,21 @@ __all__ = [
 ]
 
 ARTIFACT_FORMAT = "pqcad-artifact"
-ARTIFACT_VERSION = 2
-"""2: artifact.json records the sha256 of every other file (`files`), and loading verifies them; no
-creation time in the provenance (same seed, same inputs: the same bytes). Version 1 (no `files`)
-is still read, without that check."""
+ARTIFACT_VERSION = 3
+"""3: no field repeats a fact artifact.json already holds (`DERIVED_FIELDS`: method, teacher_steps,
+distilled, prediction_type, student_steps are properties of the manifest now). 2: artifact.json
+records the sha256 of every other file (`files`), and loading verifies them; no creation time in the
+provenance (same seed, same inputs: the same bytes). Versions 1 and 2 are still read: their copies
+are checked against what they copy once at load, then dropped; version 1 (no `files`) without the
+per-file check."""
+DERIVED_FIELDS: dict[str, str] = {
+    "method": "options.method",
+    "teacher_steps": "options.teacher_steps",
+    "distilled": "options.distill",
+    "prediction_type": "scheduler_config.prediction_type",
+    "student_steps": "the length of student_timesteps",
+}
+"""Fields of artifact.json up to version 2 that copied another entry (named here, for the messages)."""
 MANIFEST_FILE = "artifact.json"
 STUDENT_FILE = "student.safetensors"
 TEACHER_FILE = "teacher.safetensors"
@@ -61,25 +75,49 @@ class LayerRecord:
 
 @dataclass(frozen=True)
 class ArtifactManifest:
-    """Everything in artifact.json; see docs/CONTRACTS.md."""
+    """Everything in artifact.json; see docs/CONTRACTS.md.
 
-    method: str
+    Each fact is stored once; the derived ones (:data:`DERIVED_FIELDS`) are properties, so a reader
+    never meets two copies that disagree.
+    """
+
     options: dict
     unet_class: str
     unet_config: dict
     scheduler_config: dict
-    prediction_type: str
     image_shape: list[int]
-    teacher_steps: int
-    student_steps: int
     student_timesteps: list[int]
-    distilled: bool
     layers: dict[str, LayerRecord]
     calibration: dict
     provenance: dict
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256, every file but artifact.json
     format: str = ARTIFACT_FORMAT
     version: int = ARTIFACT_VERSION
+
+    @property
+    def method(self) -> str:
+        """The compression method (the CompressConfig's, in `options`)."""
+        return self.options["method"]
+
+    @property
+    def teacher_steps(self) -> int:
+        """DDIM steps of the FP teacher (the CompressConfig's, in `options`)."""
+        return self.options["teacher_steps"]
+
+    @property
+    def distilled(self) -> bool:
+        """Whether compress ran CAD (`options.distill`; the guard may still have kept the PQ student)."""
+        return self.options["distill"]
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts: the scheduler config's, epsilon where it names none (diffusers' default)."""
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def student_steps(self) -> int:
+        """The student's sampling steps: one per entry of `student_timesteps`."""
+        return len(self.student_timesteps)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, indent=1)
@@ -105,11 +143,29 @@ class ArtifactManifest:
                                     "recompress it.")
         elif "files" in data:
             raise ArtifactError(f"{where} has a malformed {MANIFEST_FILE} (version 1 has no 'files' entry).")
+        data = dict(data)
+        copies = {name: data.pop(name) for name in DERIVED_FIELDS if name in data} if version < 3 else {}
         try:
             layers = {k: LayerRecord(**v) for k, v in data["layers"].items()}
-            return cls(**{**data, "layers": layers})
+            manifest = cls(**{**data, "layers": layers})
+            derived = {name: getattr(manifest, name) for name in DERIVED_FIELDS}
         except (KeyError, TypeError, AttributeError) as exc:
             raise ArtifactError(f"{where} has a malformed {MANIFEST_FILE} ({exc}).") from None
+        _check_copies(where, version, copies, derived)
+        return manifest
+
+
+def _check_copies(where: Path, version: int, copies: dict, derived: dict) -> None:
+    """The copies a version 1 or 2 artifact.json holds must equal what they copy.
+
+    compress always wrote them equal, so a difference means the file was edited and which value
+    the student was made with is unknown: refused rather than guessed.
+    """
+    for name, stored in copies.items():
+        if stored != derived[name]:
+            raise ArtifactError(f"{where} has an inconsistent {MANIFEST_FILE} (version {version}): {name} is "
+                                f"{stored!r} but {DERIVED_FIELDS[name]} is {derived[name]!r}; the file was "
+                                "edited after compress: recompress the artifact.")
 
 
 def student_state_from_model(student: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -149,7 +205,7 @@ def _digest_files(paths: list[Path]) -> str:
 
 
 def _recorded_files(path: Path) -> list[str]:
-    """The files artifact.json records (version 2), sorted; [] for version 1 or an unreadable manifest."""
+    """The files artifact.json records (version 2 on), sorted; [] for version 1 or an unreadable manifest."""
     try:
         data = json.loads((path / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
@@ -160,7 +216,7 @@ def _recorded_files(path: Path) -> list[str]:
 
 def artifact_digest(path: Path) -> str:
     """sha256 identifying what an export was made from: artifact.json, then every file it records
-    (version 2: student, teacher, report, plot; sorted by name). Version 1: artifact.json and
+    (version 2 on: student, teacher, report, plot; sorted by name). Version 1: artifact.json and
     student.safetensors, as it always was."""
     path = Path(path)
     files = _recorded_files(path) or [STUDENT_FILE]
@@ -168,7 +224,7 @@ def artifact_digest(path: Path) -> str:
 
 
 def _verify_files(path: Path, manifest: "ArtifactManifest") -> None:
-    """Every file recorded in artifact.json exists and has its recorded sha256 (version 2)."""
+    """Every file recorded in artifact.json exists and has its recorded sha256 (version 2 on)."""
     for name, expected in sorted(manifest.files.items()):
         f = path / name
         if not f.is_file():
@@ -264,6 +320,15 @@ def save_artifact(
     return out
 
 
+@dataclass(frozen=True)
+class LayerTensors:
+    """One quantized layer's tensors as student.safetensors stores them (what export writes as is)."""
+
+    weight_codes: torch.Tensor  # int8 container, the weight's shape
+    weight_scale: torch.Tensor  # float32 [out_channels]
+    act_scale: torch.Tensor  # float32 per-tensor scale; a placeholder 1.0 for a float input
+
+
 @dataclass
 class CompressedArtifact:
     """A loaded artifact: its manifest and tensors, and builders for the teacher and the student."""
@@ -279,6 +344,14 @@ class CompressedArtifact:
         if self.manifest.unet_class != "UNet2DModel":
             raise ArtifactError(f"{self.path} holds a {self.manifest.unet_class}; only UNet2DModel is supported.")
         return UNet2DModel.from_config(self.manifest.unet_config).eval()
+
+    def layer_tensors(self, name: str) -> LayerTensors:
+        """The stored codes and scales of quantized layer `name` (validated when the artifact loaded)."""
+        try:
+            return LayerTensors(*(self.student_tensors[f"{name}.{key}"]
+                                  for key in ("weight_codes", "weight_scale", "act_scale")))
+        except KeyError as exc:
+            raise ArtifactError(f"{self.path} lacks tensor {exc.args[0]}; the artifact is incomplete.") from None
 
     def build_teacher(self, like_student: bool = False) -> torch.nn.Module:
         """The untouched FP UNet the artifact was made from.
@@ -354,7 +427,7 @@ def load_artifact(path: Path | str) -> CompressedArtifact:
     for name in (STUDENT_FILE, TEACHER_FILE):
         if not (path / name).is_file():
             raise ArtifactError(f"{path} is incomplete: {name} is missing.")
-    _verify_files(path, manifest)  # version 2: every file as compress wrote it
+    _verify_files(path, manifest)  # version 2 on: every file as compress wrote it
     try:
         tensors = load_file(str(path / STUDENT_FILE))
     except Exception as exc:

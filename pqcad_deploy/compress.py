@@ -243,17 +243,12 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
               for name, r in report["layers"].items()}
     unet_config = {k: v for k, v in ucfg.items() if not k.startswith("_")}
     manifest = ArtifactManifest(
-        method=config.method,
-        options=config_to_dict(config),
+        options=config_to_dict(config),  # method, teacher_steps and distill among them
         unet_class=type(fp_unet).__name__,
         unet_config=_jsonable(unet_config),
-        scheduler_config=loaded.scheduler_config,
-        prediction_type=loaded.scheduler_config.get("prediction_type", "epsilon"),
+        scheduler_config=loaded.scheduler_config,  # its prediction_type is the artifact's
         image_shape=list(image_shape),
-        teacher_steps=config.teacher_steps,
-        student_steps=len(timesteps),
         student_timesteps=timesteps,
-        distilled=config.distill,
         layers=layers,
         calibration=calibration.description,
         provenance=provenance(config.seed, loaded.source, loaded.unet_dir),

@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import cli
-from engines.manifest import OnnxManifest, output_name_for, write_onnx_manifest
+from engines.manifest import OnnxManifest, write_onnx_manifest
 
 from test_cli import FAST, ONE_THREAD_ENV, ROOT  # noqa: E402 - tests/ is on sys.path (conftest)
 from test_cli import run_main as _run_outcome  # noqa: E402
@@ -90,9 +90,8 @@ def tiny_onnx(path: Path, *, precision: str = "fp32", image_shape=(1, 8, 8), big
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     manifest = OnnxManifest(precision=precision, image_shape=tuple(image_shape), scheduler_config=SCHEDULER,
-                            prediction_type="epsilon", teacher_steps=4, student_steps=4,
-                            student_timesteps=(750, 500, 250, 0), artifact_sha256="ab" * 32,
-                            output_name=output_name_for("epsilon"))
+                            prediction_type="epsilon", teacher_steps=4,
+                            student_timesteps=(750, 500, 250, 0), artifact_sha256="ab" * 32)
     onnx.save(write_onnx_manifest(model, manifest), str(path))
     return path
 

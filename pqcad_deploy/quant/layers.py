@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pqcad_deploy.quant import primitives as P
 from pqcad_deploy.quant.quantizer import ActivationQuantizer, WeightQuantizer
 
 __all__ = ["QuantConv2d", "QuantLinear", "QuantLayer"]
@@ -39,6 +40,15 @@ class _QuantMixin:
     def weight_codes(self) -> torch.Tensor:
         """Integer codes (int8 container) of the current latent weight."""
         return self.weight_quantizer.codes(self.weight)
+
+    def input_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer codes (as floats) the graph's QuantizeLinear gives this layer's input `x`.
+
+        Only for a quantized input (`act_bits` not None): a float input has no QuantizeLinear.
+        """
+        if self.act_bits is None:
+            raise ValueError("this layer's input stays in floating point: it has no codes")
+        return P.quantize_activation_codes(x.detach(), self.input_quantizer.scale.detach(), self.act_bits)
 
     def quantized_weight(self) -> torch.Tensor:
         """The dequantized weight the layer computes with."""

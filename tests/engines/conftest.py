@@ -38,7 +38,6 @@ def _make_manifest(prediction_type: str = "epsilon", timesteps: tuple[int, ...] 
         scheduler_config={**SCHEDULER_CONFIG, "prediction_type": prediction_type},
         prediction_type=prediction_type,
         teacher_steps=100,
-        student_steps=len(timesteps),
         student_timesteps=timesteps,
         artifact_sha256="ab" * 32,
         weight_bits={"8": 3, "4": 1},

@@ -14,6 +14,7 @@ from engines.manifest import (
     METADATA_KEY,
     OUTPUT_NAMES,
     PREDICTION_TYPES,
+    V1_COPIES,
     EngineManifest,
     OnnxManifest,
     output_name_for,
@@ -39,9 +40,45 @@ def test_onnx_manifest_json_round_trip(prediction_type: str, make_manifest) -> N
     text = m.to_json()
     data = json.loads(text)
     assert list(data) == sorted(data)  # sorted JSON
-    assert data["format"] == "pqcad-onnx" and data["version"] == 1
-    assert data["image_shape"] == [3, 8, 8] and data["input_names"] == ["sample", "timestep"]
+    assert data["format"] == "pqcad-onnx" and data["version"] == 2
+    assert data["image_shape"] == [3, 8, 8]
+    assert not set(V1_COPIES) & set(data)  # version 2 stores no copy of a derived value
+    assert (m.student_steps, m.input_names) == (4, ("sample", "timestep"))
     assert OnnxManifest.from_json(text) == m
+
+
+def _as_version_1(m: OnnxManifest) -> dict:
+    """The version 1 manifest export wrote for ``m``: the same keys plus its three copies."""
+    return {**m.to_dict(), "version": 1, "student_steps": len(m.student_timesteps),
+            "input_names": ["sample", "timestep"], "output_name": OUTPUT_NAMES[m.prediction_type]}
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_version_1_manifest_is_read_and_gives_the_same_values(prediction_type: str, make_manifest) -> None:
+    m = make_manifest(prediction_type)
+    old = OnnxManifest.from_dict(_as_version_1(m), source="old.onnx")
+    assert old == m and old.version == 2
+    assert (old.student_steps, old.input_names, old.output_name) == (4, ("sample", "timestep"), OUTPUT_NAMES[prediction_type])
+    assert not set(V1_COPIES) & set(old.to_dict())  # written again, it is version 2
+
+
+@pytest.mark.parametrize(("name", "value", "derived"), [
+    ("student_steps", 3, "4"),
+    ("output_name", "v_pred", "'noise_pred'"),
+    ("input_names", ["x", "t"], "['sample', 'timestep']"),
+])
+def test_version_1_copy_that_disagrees_is_refused(name: str, value: object, derived: str, make_manifest) -> None:
+    data = {**_as_version_1(make_manifest()), name: value}
+    with pytest.raises(ManifestError) as info:
+        OnnxManifest.from_dict(data, source="old.onnx")
+    assert str(info.value) == (f"old.onnx: the version 1 manifest's {name} is {value!r}, but its other fields give "
+                               f"{derived}; the manifest was edited: re-export the ONNX (or rebuild the engine).")
+
+
+def test_version_2_manifest_with_a_copy_is_refused(make_manifest) -> None:
+    data = {**make_manifest().to_dict(), "student_steps": 4}
+    with pytest.raises(ManifestError, match=r"unknown manifest keys \['student_steps'\]"):
+        OnnxManifest.from_dict(data)
 
 
 def test_onnx_manifest_in_metadata(make_tiny_onnx, make_manifest) -> None:
@@ -85,9 +122,11 @@ def test_unknown_format_newer_version_and_bad_json(make_tiny_onnx, make_manifest
     p = _with_metadata(make_tiny_onnx(), json.dumps({**data, "format": "other-onnx"}))
     with pytest.raises(ManifestError, match="unknown manifest format 'other-onnx' \\(expected 'pqcad-onnx'\\)"):
         read_onnx_manifest(p)
-    p = _with_metadata(make_tiny_onnx(name="v2.onnx"), json.dumps({**data, "version": 2}))
-    with pytest.raises(ManifestError, match="manifest version 2 is newer than this runtime reads \\(1\\); upgrade pqcad-deploy"):
+    p = _with_metadata(make_tiny_onnx(name="v3.onnx"), json.dumps({**data, "version": 3}))
+    with pytest.raises(ManifestError, match="manifest version 3 is newer than this runtime reads \\(2\\); upgrade pqcad-deploy"):
         read_onnx_manifest(p)
+    p = _with_metadata(make_tiny_onnx(name="v1.onnx"), json.dumps(_as_version_1(make_manifest())))
+    assert read_onnx_manifest(p) == make_manifest()  # an ONNX exported before version 2
     p = _with_metadata(make_tiny_onnx(name="bad.onnx"), "{not json")
     with pytest.raises(ManifestError, match="the manifest is not valid JSON"):
         read_onnx_manifest(p)
@@ -109,10 +148,7 @@ def test_unknown_and_missing_keys(make_manifest) -> None:
         ({"image_shape": (3, 8)}, "image_shape must be three positive integers"),
         ({"student_timesteps": (0, 300, 600, 900)}, "student_timesteps must be strictly descending"),
         ({"student_timesteps": (1500, 600, 300, 0)}, "beyond num_train_timesteps=1000"),
-        ({"student_steps": 3}, "student_steps=3 but student_timesteps has 4 entries"),
-        ({"output_name": "v_pred"}, "output_name 'v_pred' does not match prediction_type 'epsilon'"),
         ({"weight_bits": {"eight": 3}}, "weight_bits must map bit widths"),
-        ({"input_names": ("x", "t")}, "input_names must be"),
         ({"scheduler_config": {"prediction_type": "sample"}}, "disagrees with scheduler_config's 'sample'"),
     ],
 )
@@ -156,11 +192,27 @@ def _engine(tmp_path: Path, make_manifest) -> tuple[Path, EngineManifest]:
 def test_engine_manifest_round_trip_and_flat_json(tmp_path: Path, make_manifest) -> None:
     d, m = _engine(tmp_path, make_manifest)
     data = json.loads((d / "engine.json").read_text())
-    assert data["format"] == "pqcad-engine" and data["version"] == 1 and data["backend"] == "onnxruntime"
+    assert data["format"] == "pqcad-engine" and data["version"] == 2 and data["backend"] == "onnxruntime"
     # every key of the ONNX manifest sits next to the engine keys
-    assert set(json.loads(m.onnx.to_json())) <= set(data)
+    assert set(json.loads(m.onnx.to_json())) <= set(data) and not set(V1_COPIES) & set(data)
     assert read_engine_manifest(d) == m
     assert verify_engine(d) == m
+
+
+def test_version_1_engine_json_is_read(tmp_path: Path, make_manifest) -> None:
+    """An engine built before version 2: its flattened ONNX manifest keys are version 1's, copies included."""
+    d, m = _engine(tmp_path, make_manifest)
+    engine_keys = {k: v for k, v in m.to_dict().items() if k in ("backend", "model_file", "model_sha256", "source_onnx_sha256")}
+    old = {**_as_version_1(m.onnx), **engine_keys, "format": "pqcad-engine", "version": 1}
+    (d / "engine.json").write_text(json.dumps(old))
+    assert verify_engine(d) == m and verify_engine(d).onnx.output_name == "noise_pred"
+    (d / "engine.json").write_text(json.dumps({**old, "output_name": "sample_pred"}))
+    with pytest.raises(ManifestError, match=re.escape(f"{d / 'engine.json'}: the version 1 manifest's output_name is "
+                                                      "'sample_pred', but its other fields give 'noise_pred'")):
+        verify_engine(d)
+    (d / "engine.json").write_text(json.dumps({**old, "version": 2}))  # version 2 has no copies
+    with pytest.raises(ManifestError, match=re.escape("unknown manifest keys ['input_names', 'output_name', 'student_steps']")):
+        verify_engine(d)
 
 
 def test_sha256_file_pinned(tmp_path: Path) -> None:
@@ -200,7 +252,7 @@ def test_engine_format_and_version_refused(tmp_path: Path, make_manifest) -> Non
     d, m = _engine(tmp_path, make_manifest)
     data = m.to_dict()
     (d / "engine.json").write_text(json.dumps({**data, "version": 7}))
-    with pytest.raises(ManifestError, match="engine version 7 is newer than this runtime reads \\(1\\); upgrade pqcad-deploy"):
+    with pytest.raises(ManifestError, match="engine version 7 is newer than this runtime reads \\(2\\); upgrade pqcad-deploy"):
         verify_engine(d)
     (d / "engine.json").write_text(json.dumps({**data, "format": "pqcad-onnx"}))
     with pytest.raises(ManifestError, match="unknown engine format 'pqcad-onnx'"):
@@ -236,8 +288,7 @@ def _edit_engine_json(d: Path, **changes) -> None:
     ({"image_shape": [1, 8, 8]}, "claims image_shape [1, 8, 8]"),
     ({"precision": "w4a4"}, "engine.json claims precision w4a4, but the graph has no QuantizeLinear / DequantizeLinear"),
     ({"precision": "mixed"}, "engine.json claims precision mixed, but the graph has no QuantizeLinear"),
-    ({"prediction_type": "sample", "output_name": "sample_pred",
-      "scheduler_config": None}, "the graph's outputs are ['noise_pred'], but engine.json promises 'sample_pred'"),
+    ({"prediction_type": "sample", "scheduler_config": None}, "the graph's outputs are ['noise_pred'], but engine.json promises 'sample_pred'"),
 ])
 def test_engine_json_that_disagrees_with_its_model_is_refused(tmp_path: Path, make_manifest, change, fragment) -> None:
     d = _engine_with(tmp_path, make_manifest, _float_graph())

@@ -6,6 +6,7 @@ compress runs three times for the whole module (W8A8, W4A8, and W8A8 again for d
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from pqcad_deploy.artifact import (
-    ARTIFACT_FORMAT, ARTIFACT_VERSION, artifact_digest, load_artifact, save_artifact,
+    ARTIFACT_FORMAT, ARTIFACT_VERSION, DERIVED_FIELDS, artifact_digest, load_artifact, save_artifact,
 )
 from pqcad_deploy.calibration.trajectories import collect_trajectory_calibration
 from pqcad_deploy.compress import compress, quantization_report
@@ -97,17 +98,20 @@ def test_manifest(compressed, bits, small_unet_dir, float_layers, fp):
     text = (path / "artifact.json").read_text()
     m = json.loads(text)
     assert text == json.dumps(m, sort_keys=True, indent=1)  # sorted JSON
-    assert (m["format"], m["version"]) == ("pqcad-artifact", 2) == (ARTIFACT_FORMAT, ARTIFACT_VERSION)
+    assert (m["format"], m["version"]) == ("pqcad-artifact", 3) == (ARTIFACT_FORMAT, ARTIFACT_VERSION)
     # every other file of the artifact, with its sha256
     assert m["files"] == {name: hashlib.sha256((path / name).read_bytes()).hexdigest()
                           for name in ("report.json", "student.safetensors", "teacher.safetensors")}
-    assert m["method"] == "minmax" and m["options"] == config_to_dict(config)
+    assert m["options"] == config_to_dict(config)
     assert m["options"]["_type"] == "CompressConfig" and m["options"]["weight_bits"] == bits
-    assert m["unet_class"] == "UNet2DModel" and m["prediction_type"] == "epsilon"
-    assert m["image_shape"] == [1, 32, 32] and m["distilled"] is False
+    assert m["unet_class"] == "UNet2DModel" and m["image_shape"] == [1, 32, 32]
     assert m["unet_config"]["block_out_channels"] == [16, 32]
     assert m["scheduler_config"] == fp.scheduler_config
-    assert m["teacher_steps"] == m["student_steps"] == STEPS
+    # each fact once: the derived fields are the loaded manifest's properties, not keys of the file
+    assert not DERIVED_FIELDS.keys() & m.keys()
+    loaded = load_artifact(path).manifest
+    assert (loaded.method, loaded.teacher_steps, loaded.distilled) == ("minmax", STEPS, False)
+    assert (loaded.prediction_type, loaded.student_steps) == ("epsilon", STEPS)
     # the exact diffusers DDIM grid for the fixture's DDPM schedule
     ddim = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     ddim.set_timesteps(STEPS)
@@ -321,22 +325,61 @@ def test_load_wrong_format(art_copy, fmt):
     _load_fails(art_copy, "is not a pqcad-deploy artifact", f"(format {fmt!r})")
 
 
-@pytest.mark.parametrize("version", [3, 99, "1", None])
+@pytest.mark.parametrize("version", [4, 99, "1", None])
 def test_load_newer_or_bad_version(art_copy, version):
     _edit_manifest(art_copy, version=version)
-    _load_fails(art_copy, f"has artifact version {version!r}", "reads up to 2", "upgrade pqcad-deploy")
+    _load_fails(art_copy, f"has artifact version {version!r}", "reads up to 3", "upgrade pqcad-deploy")
 
 
-def _as_version_1(path: Path) -> None:
+def _as_version(path: Path, version: int, **changes) -> None:
+    """Rewrite artifact.json as version 1 or 2 wrote it: the derived fields stored as well (then `changes`)."""
     m = _manifest(path)
-    del m["files"]
-    m["version"] = 1
+    m.update(version=version, method=m["options"]["method"], teacher_steps=m["options"]["teacher_steps"],
+             distilled=m["options"]["distill"], prediction_type=m["scheduler_config"]["prediction_type"],
+             student_steps=len(m["student_timesteps"]))
+    m.update(changes)
+    if version == 1:
+        del m["files"]
     (path / "artifact.json").write_text(json.dumps(m, sort_keys=True, indent=1))
+
+
+def _derived(art) -> dict:
+    return {name: getattr(art.manifest, name) for name in DERIVED_FIELDS}
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_versions_1_and_2_give_the_same_values(art_copy, compressed, version):
+    """Their stored copies agree with what they copy: loaded, the manifest is the same as version 3's."""
+    new = load_artifact(art_copy).manifest
+    _as_version(art_copy, version)
+    art = load_artifact(art_copy)
+    assert art.manifest.version == version and _derived(art) == _derived(load_artifact(compressed[8][1].artifact))
+    assert art.manifest == dataclasses.replace(new, version=version, files=new.files if version == 2 else {})
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("name, value, source", [
+    ("method", "pqcad", "options.method is 'minmax'"),
+    ("teacher_steps", 20, "options.teacher_steps is 10"),
+    ("distilled", True, "options.distill is False"),
+    ("prediction_type", "v_prediction", "scheduler_config.prediction_type is 'epsilon'"),
+    ("student_steps", 5, "the length of student_timesteps is 10"),
+])
+def test_old_version_copy_that_disagrees_is_refused(art_copy, version, name, value, source):
+    _as_version(art_copy, version, **{name: value})
+    msg = _load_fails(art_copy, f"inconsistent artifact.json (version {version}): {name} is {value!r} but {source}",
+                      "edited after compress: recompress the artifact")
+    assert "\n" not in msg
+
+
+def test_version_3_with_a_derived_field_is_refused(art_copy):
+    _edit_manifest(art_copy, student_steps=10)
+    _load_fails(art_copy, "malformed artifact.json", "student_steps")
 
 
 def test_version_1_artifacts_are_still_read(art_copy, compressed):
     """Version 1 (no recorded file hashes) loads as before; its digest is the old one."""
-    _as_version_1(art_copy)
+    _as_version(art_copy, 1)
     art = load_artifact(art_copy)
     assert art.manifest.version == 1 and art.manifest.files == {}
     h = hashlib.sha256((art_copy / "artifact.json").read_bytes() + (art_copy / "student.safetensors").read_bytes())

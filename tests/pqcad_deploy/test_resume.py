@@ -441,7 +441,7 @@ def test_two_rounds_resume_across_rounds_equals_an_uninterrupted_run(call, note,
     config, reference_art = two_round_reference
     scheduler_config = load_model(str(small_unet_dir)).scheduler_config
     manifest = json.loads((reference_art / "artifact.json").read_text())
-    assert manifest["teacher_steps"] == 4 and manifest["student_steps"] == 1
+    assert manifest["options"]["teacher_steps"] == 4 and len(manifest["student_timesteps"]) == 1
     assert manifest["student_timesteps"] == ddim_timesteps(scheduler_config, 1)
     report = json.loads((reference_art / "report.json").read_text())["distillation"]
     rounds = report["rounds"]
