@@ -236,8 +236,9 @@ def test_compress_writes_the_artifact(builtin: Pipeline) -> None:
         MARKER_FILE, "artifact.json", "report.json", "report.png", "student.safetensors", "teacher.safetensors"]
     manifest = json.loads((builtin.artifact / "artifact.json").read_text())
     # the defaults: pqcad + CAD, so the student samples half the teacher's steps
-    assert manifest["format"] == "pqcad-artifact" and manifest["method"] == "pqcad" and manifest["distilled"]
-    assert manifest["teacher_steps"] == 10 and manifest["student_timesteps"] == [800, 600, 400, 200, 0]
+    assert manifest["format"] == "pqcad-artifact" and manifest["options"]["method"] == "pqcad"
+    assert manifest["options"]["distill"] and manifest["options"]["teacher_steps"] == 10
+    assert manifest["student_timesteps"] == [800, 600, 400, 200, 0]
     assert manifest["image_shape"] == [1, 32, 32] and manifest["unet_class"] == "UNet2DModel"
     layers = manifest["layers"]
     assert layers and all(r["weight_bits"] == 8 for r in layers.values())
@@ -260,7 +261,7 @@ def test_compress_writes_the_artifact(builtin: Pipeline) -> None:
 def test_export_writes_our_onnx_and_reports_parity(builtin: Pipeline) -> None:
     manifest = onnx_manifest(builtin.onnx)
     assert manifest["format"] == "pqcad-onnx" and manifest["precision"] == "w8a8"
-    assert manifest["image_shape"] == [1, 32, 32] and manifest["student_steps"] == 5
+    assert manifest["image_shape"] == [1, 32, 32] and len(manifest["student_timesteps"]) == 5
     layers = len(json.loads((builtin.artifact / "artifact.json").read_text())["layers"])
     assert manifest["weight_bits"] == {"8": layers}
     lines = builtin.outputs["export"].splitlines()
@@ -343,7 +344,7 @@ def test_build_engine_writes_a_verified_engine(builtin: Pipeline) -> None:
     assert engine["model_file"] == "model.onnx"
     assert engine["model_sha256"] == sha256(builtin.engine / "model.onnx")
     assert engine["source_onnx_sha256"] == sha256(builtin.onnx)
-    assert engine["precision"] == "w8a8" and engine["student_steps"] == 5
+    assert engine["precision"] == "w8a8" and len(engine["student_timesteps"]) == 5
     assert builtin.outputs["build-engine"].startswith(
         f"wrote {builtin.engine} (onnxruntime, w8a8, 5 sampling steps")
 
@@ -812,7 +813,16 @@ def test_compress_refuses_bad_calibration_and_stage2_options(tmp_path, args, mes
     assert not out.exists()
 
 
-def test_compress_calibration_and_stage2_options_reach_the_artifact(tmp_path, small_unet_dir):
+def test_compress_calibration_and_stage2_options_reach_the_artifact(tmp_path, small_unet_dir, monkeypatch):
+    import dataclasses
+
+    from pqcad_deploy.presets import PRESETS, CalibrationConfig, ReconstructionConfig
+
+    # The options' way from the command line into the artifact is under test, not brecq's quality:
+    # a few reconstruction iterations on a few calibration pairs run the same stages as the fast preset.
+    monkeypatch.setitem(PRESETS, "fast", dataclasses.replace(
+        PRESETS["fast"], calibration=CalibrationConfig(num_trajectories=2, timesteps_kept=3, batch_size=2),
+        reconstruction=ReconstructionConfig(iters=6, act_iters=3, batch_size=4)))
     out = tmp_path / "art"
     outcome = run_main(
         "compress", "--model", small_unet_dir, "--out", out, "--preset", "fast", "--method", "brecq", "--no-distill",

@@ -10,6 +10,8 @@ embedding (t in [0, 1000] through int8), measured at about 5.5 dB here; that row
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -30,11 +32,17 @@ def fp32_onnx(tmp_path_factory):
     from converters.export_onnx import export_onnx
     from pqcad_deploy.compress import compress
     from pqcad_deploy.config import CompressConfig
+    from pqcad_deploy.presets import PRESETS, CalibrationConfig
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("alternatives")
     art = root / "art"
-    compress(CompressConfig(method="minmax", preset="fast", teacher_steps=STEPS, distill=False), art, progress=False)
+    # Only the FP teacher is exported (fp=True): the student's calibration set is unused, so one pair.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(PRESETS, "fast", dataclasses.replace(
+            PRESETS["fast"], calibration=CalibrationConfig(num_trajectories=1, timesteps_kept=1, batch_size=1)))
+        compress(CompressConfig(method="minmax", preset="fast", teacher_steps=STEPS, distill=False), art,
+                 progress=False)
     out = root / "fp32.onnx"
     export_onnx(art, out, fp=True)
     return out

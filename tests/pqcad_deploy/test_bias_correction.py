@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
 from pqcad_deploy.calibration.trajectories import CalibrationSet
+from pqcad_deploy.presets import PRESETS, CalibrationConfig
 from pqcad_deploy.quant.bias_correction import (
     BiasCorrectionConfig, channel_means, correct_biases, execution_order, mean_output_error,
 )
@@ -121,7 +123,20 @@ def _compressed(model_dir, out, **options) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uncorrected(small_unet_dir, tmp_path_factory) -> dict:
+def few_calibration_pairs():
+    """The fast preset with 8 calibration pairs instead of 32, for this module's compress runs.
+
+    The correction is estimated on the calibration set (or on trajectories of its counts) and costs a
+    pass of every layer over it: a quarter of the pairs changes the biases just as surely.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(PRESETS, "fast", dataclasses.replace(
+            PRESETS["fast"], calibration=CalibrationConfig(num_trajectories=2, timesteps_kept=4, batch_size=2)))
+        yield
+
+
+@pytest.fixture(scope="module")
+def uncorrected(small_unet_dir, tmp_path_factory, few_calibration_pairs) -> dict:
     return _compressed(small_unet_dir, tmp_path_factory.mktemp("bc") / "plain")
 
 
@@ -133,6 +148,8 @@ def test_compress_estimates_the_correction_on_the_chosen_data(small_unet_dir, un
     assert "bias_correction" not in plain["report"]
     section = corrected["report"]["bias_correction"]
     assert section["data"] == data and section["samples"] > 0 and "conv_out" in section["layers"]
+    calibration = PRESETS["fast"].calibration  # every data choice keeps the calibration set's counts
+    assert section["samples"] == calibration.num_trajectories * calibration.timesteps_kept
     biases = [k for k in plain["tensors"] if k.endswith(".bias") and k.rsplit(".", 1)[0] in section["layers"]]
     assert biases and any(not torch.equal(plain["tensors"][k], corrected["tensors"][k]) for k in biases)
     codes = [k for k in plain["tensors"] if k.endswith(".weight_codes")]
