@@ -243,7 +243,7 @@ def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, d
 # (tests/test_cli.py checks that they stay equal); the others come from torch-free engines modules.
 _EXPORT_TARGETS: tuple[str, ...] = ("onnxruntime", "qdq", "ort-x86", "ort-qlinear")
 _WEIGHT_STORAGES: tuple[str, ...] = ("auto", "int4", "int8")
-from engines.manifest import BACKENDS as _BACKENDS  # noqa: E402  (torch-free, a few ms)
+from pqcad_deploy.engines.manifest import BACKENDS as _BACKENDS  # noqa: E402  (torch-free, a few ms)
 
 _PORTABLE_LEVELS: tuple[str, ...] = ("basic", "extended")
 """build-engine's levels: engines.build's OPTIMIZATION_LEVELS less 'disabled' (nothing saved worth an engine)
@@ -285,7 +285,7 @@ and 'all' (layouts specific to the building CPU)."""
 @_overwrite_option
 def export(artifact, onnx_path, fp, opset, target, weight_storage, parity, parity_gate, overwrite) -> None:
     """Write an artifact as QDQ ONNX, with the learned codes and scales as they are."""
-    from converters.export_onnx import export_onnx
+    from pqcad_deploy.converters.export_onnx import export_onnx
 
     result = export_onnx(artifact, onnx_path, fp=fp, opset=opset, overwrite=overwrite, target=target,
                          weight_storage=weight_storage, parity=parity, parity_gate=parity_gate)
@@ -318,7 +318,7 @@ def export(artifact, onnx_path, fp, opset, target, weight_storage, parity, parit
 def build_engine(onnx_path, backend, out, optimization_level, overwrite) -> None:
     """Build an engine directory (optimized model + manifest) from an ONNX written by export."""
     started = time.perf_counter()
-    from engines.backends import build_engine as build
+    from pqcad_deploy.engines.backends import build_engine as build
 
     manifest = build(backend, onnx_path, out, overwrite=overwrite, optimization_level=optimization_level)
     click.echo(f"wrote {out} ({manifest.backend}, {manifest.onnx.precision}, "
@@ -354,7 +354,7 @@ def sample(engine, num_images, seed, out, steps, npz, batch_size, threads, grid,
     Images are written batch by batch into OUT.partial/; after Ctrl-C or a crash, rerun the same
     command with --resume to continue (--overwrite discards it instead).
     """
-    from engines.generate import generate_to_directory
+    from pqcad_deploy.engines.generate import generate_to_directory
 
     done = generate_to_directory(engine, out, num_images, seed=seed, steps=steps, npz=npz,
                                  batch_size=batch_size, overwrite=overwrite, threads=threads,
@@ -464,7 +464,7 @@ def analyze(artifact, out, num_images, seed, batch_size, device, sensitivity_ste
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from engines.errors import EngineError
+    from pqcad_deploy.engines.errors import EngineError
     from pqcad_deploy.errors import PqcadError  # torch-free module
 
     return (EngineError, PqcadError)

@@ -61,7 +61,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 from pqcad_deploy.eval.psnr import mean_psnr as mean_psnr_db  # noqa: E402  (numpy only; the proxy's one definition)
 from pqcad_deploy.eval.sqnr import sqnr_db  # noqa: E402  (numpy only; the one SQNR)
-from engines.ort_session import ort_session  # noqa: E402  (the one session factory)
+from pqcad_deploy.engines.ort_session import ort_session  # noqa: E402  (the one session factory)
 
 __all__ = [
     "ORT_CONFIGS",
@@ -409,8 +409,8 @@ def sample_onnx(onnx_path: str | os.PathLike, manifest, n: int = 64, seed: int =
     `manifest` is the FP32 ONNX's (read_onnx_manifest): the quantizers keep input/output names but
     not necessarily our metadata, and all models share the model's scheduler and image shape.
     """
-    from engines.ort import OnnxRuntimeRunner
-    from engines.sampler import sample_images
+    from pqcad_deploy.engines.ort import OnnxRuntimeRunner
+    from pqcad_deploy.engines.sampler import sample_images
 
     runner = OnnxRuntimeRunner(onnx_path, manifest, intra_op_threads=threads)
     with runner:
@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from engines.manifest import read_onnx_manifest
+    from pqcad_deploy.engines.manifest import read_onnx_manifest
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -57,8 +57,8 @@ def parse_model(spec: str) -> tuple[str, str, bool]:
 
 def _init_worker(onnx_path: str, manifest_path: str) -> None:
     """One ONNX Runtime session per worker process, one intra-op thread (the workers are the parallelism)."""
-    from engines.manifest import read_onnx_manifest
-    from engines.ort import OnnxRuntimeRunner
+    from pqcad_deploy.engines.manifest import read_onnx_manifest
+    from pqcad_deploy.engines.ort import OnnxRuntimeRunner
 
     manifest = read_onnx_manifest(manifest_path)
     runner = OnnxRuntimeRunner(onnx_path, manifest, intra_op_threads=1)
@@ -67,8 +67,8 @@ def _init_worker(onnx_path: str, manifest_path: str) -> None:
 
 
 def _denoise_chunk(task: tuple[int, np.ndarray, tuple[int, ...]]) -> tuple[int, np.ndarray]:
-    from engines.images import nchw_to_nhwc, to_uint8
-    from engines.sampler import denoise
+    from pqcad_deploy.engines.images import nchw_to_nhwc, to_uint8
+    from pqcad_deploy.engines.sampler import denoise
 
     start, noise, timesteps = task
     x, _ = denoise(_worker["runner"], _worker["manifest"], noise, timesteps, batch_size=len(noise), progress=False)
@@ -84,8 +84,8 @@ def sample(onnx_path: str, manifest_path: str, timesteps: tuple[int, ...], n: in
     """
     from tqdm import tqdm
 
-    from engines.manifest import read_onnx_manifest
-    from engines.sampler import initial_noise
+    from pqcad_deploy.engines.manifest import read_onnx_manifest
+    from pqcad_deploy.engines.sampler import initial_noise
 
     manifest = read_onnx_manifest(manifest_path)
     noise = initial_noise(n, manifest.image_shape, seed)
@@ -144,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-fid", action="store_true", help="only sample (FID of the rows later, by a run without it)")
     args = ap.parse_args(argv)
 
-    from engines.images import save_grid, save_npz
-    from engines.manifest import read_onnx_manifest
-    from engines.sampler import sampling_timesteps
+    from pqcad_deploy.engines.images import save_grid, save_npz
+    from pqcad_deploy.engines.manifest import read_onnx_manifest
+    from pqcad_deploy.engines.sampler import sampling_timesteps
     from pqcad_deploy.provenance import file_sha256
 
     rows = [parse_model(spec) for spec in args.model]

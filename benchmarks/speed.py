@@ -209,7 +209,7 @@ def cli_command() -> list[str]:
     found = shutil.which("pqcad-deploy")
     if found:
         return [found]
-    return [sys.executable, "-c", "import sys; sys.argv[0] = 'pqcad-deploy'; import cli; cli.main()"]
+    return [sys.executable, "-c", "import sys; sys.argv[0] = 'pqcad-deploy'; from pqcad_deploy import cli; cli.main()"]
 
 
 def prepare(work: Path, log: Callable[[str], None] = print, include_w4a8: bool = True) -> list[dict]:
@@ -255,7 +255,7 @@ def _vmhwm_kib() -> int | None:
 def unet_row(engine_dir: str, batch: int, reps: int, threads: int) -> dict:
     import numpy as np
 
-    from engines.generate import open_runner
+    from pqcad_deploy.engines.generate import open_runner
 
     runner, manifest = open_runner(engine_dir, threads)
     c, h, w = manifest.onnx.image_shape
@@ -268,8 +268,8 @@ def unet_row(engine_dir: str, batch: int, reps: int, threads: int) -> dict:
 
 
 def engine_sampler_row(engine_dir: str, steps: int | None, n: int, reps: int, threads: int) -> dict:
-    from engines.generate import open_runner
-    from engines.sampler import sample_images, sampling_timesteps
+    from pqcad_deploy.engines.generate import open_runner
+    from pqcad_deploy.engines.sampler import sample_images, sampling_timesteps
 
     runner, manifest = open_runner(engine_dir, threads)
     n_steps = len(sampling_timesteps(manifest.onnx, steps))

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from converters.naming import qdq_names
-from converters.parity import ParityVerdict
-from converters.qdq import to_export_layer
-from converters.targets import EXPORT_TARGETS, export_target
-from engines.manifest import INPUT_NAMES, OnnxManifest, output_name_for, write_onnx_manifest
+from pqcad_deploy.converters.naming import qdq_names
+from pqcad_deploy.converters.parity import ParityVerdict
+from pqcad_deploy.converters.qdq import to_export_layer
+from pqcad_deploy.converters.targets import EXPORT_TARGETS, export_target
+from pqcad_deploy.engines.manifest import INPUT_NAMES, OnnxManifest, output_name_for, write_onnx_manifest
 from pqcad_deploy.artifact import CompressedArtifact, artifact_digest, load_artifact
 from pqcad_deploy.errors import ExportError, OutputPathError
 from pqcad_deploy.layer_precision import FIRST_LAYER, LAST_LAYER
@@ -176,7 +176,7 @@ def _store_int4_weights(model, layer_weight_bits: dict[str, int]) -> int:
     """Retype the weight codes (and weight zero-points) of 4-bit layers to INT4, packed two a byte."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from converters.naming import qdq_names
+    from pqcad_deploy.converters.naming import qdq_names
 
     inits = {i.name: i for i in model.graph.initializer}
     n = 0
@@ -299,7 +299,7 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
     """
     import onnx
 
-    from engines._atomic import atomic_file, check_output_file
+    from pqcad_deploy.engines._atomic import atomic_file, check_output_file
 
     out_path = check_output_file(out_path, overwrite=overwrite, error=OutputPathError, is_ours=_is_our_onnx,
                                  what="pqcad-deploy ONNX")
@@ -386,7 +386,7 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
 
 def _is_our_onnx(path: Path) -> bool:
     """An existing file --overwrite may replace: an ONNX carrying our manifest."""
-    from engines.manifest import read_onnx_manifest
+    from pqcad_deploy.engines.manifest import read_onnx_manifest
 
     try:
         read_onnx_manifest(path)
@@ -398,7 +398,7 @@ def _is_our_onnx(path: Path) -> bool:
 def _check_parity(artifact_path: Path, onnx_path: Path, target: str, n: int) -> ParityVerdict:
     """The parity verdict of the graph at `onnx_path`: as written for qdq, as ONNX Runtime optimizes
     it (what an engine runs) for the ONNX Runtime targets."""
-    from converters.parity import parity_report, parity_verdict
+    from pqcad_deploy.converters.parity import parity_report, parity_verdict
 
     level = export_target(target).parity_level
     return parity_verdict(parity_report(artifact_path, onnx_path, n=n, optimization_level=level))

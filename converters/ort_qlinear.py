@@ -49,8 +49,8 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from converters.graph_index import index_graph, replace_nodes
-from converters.naming import qdq_names
+from pqcad_deploy.converters.graph_index import index_graph, replace_nodes
+from pqcad_deploy.converters.naming import qdq_names
 from pqcad_deploy.errors import ExportError
 from pqcad_deploy.quant.primitives import act_qrange, quantize_activation_codes
 
@@ -100,8 +100,8 @@ def calibrate_output_ranges(student, manifest, statistic: str = "max", n: int = 
     """
     import torch
 
-    from engines.ddim import DDIMSampler
-    from engines.sampler import initial_noise
+    from pqcad_deploy.engines.ddim import DDIMSampler
+    from pqcad_deploy.engines.sampler import initial_noise
 
     check_output_statistic(statistic)
     convs = _rounded_convs(student)

@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from converters.graph_index import index_graph, replace_nodes
-from converters.naming import qdq_names
+from pqcad_deploy.converters.graph_index import index_graph, replace_nodes
+from pqcad_deploy.converters.naming import qdq_names
 from pqcad_deploy.errors import ExportError
 from pqcad_deploy.quant.primitives import act_qrange
 

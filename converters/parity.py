@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engines.ort_session import ort_session
+from pqcad_deploy.engines.ort_session import ort_session
 from pqcad_deploy.artifact import load_artifact
 from pqcad_deploy.quant.replace import quant_layers
 
@@ -111,7 +111,7 @@ def parity_verdict(report: ParityReport) -> ParityVerdict:
 
 def _torch_codes(student: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
                  rounding: dict | None = None) -> tuple[np.ndarray, dict]:
-    from converters.ort_qlinear import rounded_conv_outputs
+    from pqcad_deploy.converters.ort_qlinear import rounded_conv_outputs
 
     codes: dict[str, np.ndarray] = {}
     output_codes: dict[str, np.ndarray] = {}
@@ -177,7 +177,7 @@ def parity_report(artifact_path, onnx_path, n: int = 8, seed: int = 0,
     """
     import onnx
 
-    from converters.ort_qlinear import output_rounding
+    from pqcad_deploy.converters.ort_qlinear import output_rounding
 
     artifact = load_artifact(artifact_path)
     student = artifact.build_student()

@@ -42,32 +42,32 @@ class ExportTarget:
 
 
 def _check_ort_x86(layer_act_bits: LayerActBits, output_statistic: str) -> None:
-    from converters.ort_x86 import check_ort_x86
+    from pqcad_deploy.converters.ort_x86 import check_ort_x86
 
     check_ort_x86(layer_act_bits)
 
 
 def _rewrite_ort_x86(model, layer_act_bits: LayerActBits, state: Any) -> None:
-    from converters.ort_x86 import to_ort_x86
+    from pqcad_deploy.converters.ort_x86 import to_ort_x86
 
     to_ort_x86(model, layer_act_bits)
 
 
 def _check_ort_qlinear(layer_act_bits: LayerActBits, output_statistic: str) -> None:
-    from converters.ort_qlinear import check_ort_qlinear, check_output_statistic
+    from pqcad_deploy.converters.ort_qlinear import check_ort_qlinear, check_output_statistic
 
     check_ort_qlinear(layer_act_bits)
     check_output_statistic(output_statistic)
 
 
 def _calibrate_ort_qlinear(student, manifest, output_statistic: str) -> dict[str, float]:
-    from converters.ort_qlinear import calibrate_output_ranges, output_scales
+    from pqcad_deploy.converters.ort_qlinear import calibrate_output_ranges, output_scales
 
     return output_scales(calibrate_output_ranges(student, manifest, output_statistic))
 
 
 def _rewrite_ort_qlinear(model, layer_act_bits: LayerActBits, conv_output_scales: dict[str, float]) -> None:
-    from converters.ort_qlinear import to_ort_qlinear
+    from pqcad_deploy.converters.ort_qlinear import to_ort_qlinear
 
     to_ort_qlinear(model, layer_act_bits, conv_output_scales)
 

@@ -253,7 +253,7 @@ def analyze_artifact(artifact: str | Path, out: str | Path, *, n: int = 8, seed:
         ConfigError: a bad count, batch size or device.
         OutputPathError: `out` may not be written (see :func:`engines._atomic.check_output_dir`).
     """
-    from engines._atomic import staged_directory
+    from pqcad_deploy.engines._atomic import staged_directory
     from pqcad_deploy.artifact import artifact_digest, load_artifact
     from pqcad_deploy.choices import DEVICES, check_choice
 

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from engines._atomic import atomic_file
+from pqcad_deploy.engines._atomic import atomic_file
 from pqcad_deploy.calibration.trajectories import CalibrationSet
 from pqcad_deploy.config import CompressConfig, config_to_dict
 from pqcad_deploy.errors import CheckpointError, ConfigError, OutputPathError

@@ -11,9 +11,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from engines._atomic import check_output_dir as _check_output_dir
-from engines._atomic import output_lock as _output_lock
-from engines._atomic import staged_directory
+from pqcad_deploy.engines._atomic import check_output_dir as _check_output_dir
+from pqcad_deploy.engines._atomic import output_lock as _output_lock
+from pqcad_deploy.engines._atomic import staged_directory
 from pqcad_deploy.errors import OutputPathError
 
 __all__ = ["ARTIFACT_KIND", "atomic_output_dir", "check_output_dir", "output_lock"]

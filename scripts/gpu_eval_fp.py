@@ -34,7 +34,7 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from engines.images import save_grid
+    from pqcad_deploy.engines.images import save_grid
     from pqcad_deploy.eval.fid import FidStatistics, compute_statistics
     from pqcad_deploy.eval.pipeline_sampling import generate_images
     from pqcad_deploy.eval.inception import InceptionFeatures

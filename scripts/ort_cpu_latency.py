@@ -42,7 +42,7 @@ def op_counts(model) -> dict[str, int]:
 def load(path: Path, *, batch: int, threads: int, level: str) -> tuple[object, dict, dict]:
     """(session, feed, row without timings) for one ONNX, with its optimized graph's op counts."""
     import onnx
-    from engines.ort_session import ort_session
+    from pqcad_deploy.engines.ort_session import ort_session
 
     with tempfile.TemporaryDirectory() as tmp:
         session = ort_session(path, optimization_level=level, threads=threads, inter_op_threads=1,

@@ -23,7 +23,7 @@ import numpy as np
 
 
 def _session(model, optimized_path: str | None = None):
-    from engines.ort_session import ort_session
+    from pqcad_deploy.engines.ort_session import ort_session
 
     return ort_session(model.SerializeToString(), optimization_level="extended", threads=1, inter_op_threads=1,
                        optimized_model_path=optimized_path or None)

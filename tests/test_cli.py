@@ -25,9 +25,9 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-import cli
-from engines._atomic import MARKER_FILE
-from engines.manifest import METADATA_KEY
+from pqcad_deploy import cli
+from pqcad_deploy.engines._atomic import MARKER_FILE
+from pqcad_deploy.engines.manifest import METADATA_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "pqcad-deploy"
@@ -286,7 +286,7 @@ def test_export_w4a4_default_target_is_qdq(small_unet_dir: Path, tmp_path: Path)
 
 def _break_export(monkeypatch) -> None:
     """An export bug: one layer's activation scale is written 1.5x too large."""
-    import converters.export_onnx as export_module
+    import pqcad_deploy.converters.export_onnx as export_module
     from onnx import numpy_helper
 
     tidy = export_module._tidy_graph
@@ -317,8 +317,8 @@ def test_export_parity_gate(small: Pipeline, tmp_path: Path, monkeypatch) -> Non
 
 def test_export_choices_match_the_converter() -> None:
     """cli.py writes export's choices out (converters imports torch; build-engine must not)."""
-    from converters.export_onnx import DEFAULT_TARGET, TARGETS, WEIGHT_STORAGES
-    from engines.build import OPTIMIZATION_LEVELS
+    from pqcad_deploy.converters.export_onnx import DEFAULT_TARGET, TARGETS, WEIGHT_STORAGES
+    from pqcad_deploy.engines.build import OPTIMIZATION_LEVELS
 
     assert cli._EXPORT_TARGETS == TARGETS and cli._WEIGHT_STORAGES == WEIGHT_STORAGES
     assert cli.export.params[[p.name for p in cli.export.params].index("target")].default == DEFAULT_TARGET
@@ -746,15 +746,16 @@ class Block:
 
 sys.meta_path.insert(0, Block())
 sys.modules["torch"] = None
-from cli import main
+from pqcad_deploy.cli import main
 try:
     main(sys.argv[1:])
 except SystemExit as exc:
     code = exc.code
 else:
     code = 0
-loaded = sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "pqcad_deploy", "converters", "diffusers")
-                and sys.modules[k] is not None)
+sys.path.insert(0, "tests")
+from _boundaries import is_pytorch_stage
+loaded = sorted(k for k in sys.modules if is_pytorch_stage(k) and sys.modules[k] is not None)
 print("LOADED=" + json.dumps(loaded))
 sys.exit(code)
 """

@@ -163,8 +163,8 @@ def test_sample_output_folder_is_read_as_its_listed_images(npz_run: tuple, real8
 # 4 images give a rank-3 covariance: scipy warns that the product is singular (expected at this N)
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
 def test_engine_source_samples_then_scores(engine: Path, fid_ready, memo_sqrtm, tmp_path: Path) -> None:
-    from engines.generate import open_runner
-    from engines.sampler import sample_images
+    from pqcad_deploy.engines.generate import open_runner
+    from pqcad_deploy.engines.sampler import sample_images
 
     out, npz = tmp_path / "e.json", tmp_path / "e.npz"
     result = run_main("eval", "fid", engine, "-n", 4, "--steps", 3, "--json", out, "--save-npz", npz, "--quiet")

@@ -18,30 +18,36 @@ from pathlib import Path
 
 import pytest
 
-import engines
+from pqcad_deploy import engines
+
+from _boundaries import OPTIONAL_BACKENDS, is_pytorch_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES_DIR = Path(engines.__file__).resolve().parent
 CLI_FILE = ROOT / "cli.py"
-FORBIDDEN = ("torch", "pqcad_deploy", "converters")
+ENGINES_PREFIX = "pqcad_deploy.engines."
 
 SCRIPT = r"""
 import importlib, io, json, pkgutil, sys, contextlib
 
-BLOCKED = ("torch", "pqcad_deploy", "converters", "tensorrt", "onnxruntime", "cuda")
+sys.path.insert(0, "tests")
+from _boundaries import OPTIONAL_BACKENDS, is_pytorch_stage
+
+def blocked(name):
+    return is_pytorch_stage(name) or name.split(".")[0] in OPTIONAL_BACKENDS
 
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
+        if blocked(name):
             raise ImportError(f"blocked by the import-boundary test: {name}")
         return None
 
 sys.meta_path.insert(0, Block())
-import engines
-modules = sorted(m.name for m in pkgutil.walk_packages(engines.__path__, "engines."))
+from pqcad_deploy import engines
+modules = sorted(m.name for m in pkgutil.walk_packages(engines.__path__, "pqcad_deploy.engines."))
 for name in modules:
     importlib.import_module(name)
-import cli
+from pqcad_deploy import cli
 
 helps = {}
 for command in [None, *sorted(cli.cli.commands)]:
@@ -57,7 +63,7 @@ print(json.dumps({
     "modules": modules,
     "commands": sorted(cli.cli.commands),
     "helps": helps,
-    "loaded": sorted(k for k in sys.modules if k.split(".")[0] in BLOCKED),
+    "loaded": sorted(k for k in sys.modules if blocked(k)),
 }))
 """
 
@@ -70,10 +76,10 @@ def blocked_run() -> dict:
 
 
 def test_every_engines_module_and_cli_import_without_the_pytorch_stage(blocked_run: dict) -> None:
-    expected = sorted(m.name for m in pkgutil.walk_packages(engines.__path__, "engines."))
+    expected = sorted(m.name for m in pkgutil.walk_packages(engines.__path__, ENGINES_PREFIX))
     assert blocked_run["modules"] == expected
     # discovery really found the package (guards against an empty walk passing vacuously)
-    assert {"engines.manifest", "engines.build", "engines.generate", "engines.sampler"} <= set(expected)
+    assert {ENGINES_PREFIX + m for m in ("manifest", "build", "generate", "sampler")} <= set(expected)
     assert blocked_run["loaded"] == []
 
 
@@ -109,7 +115,7 @@ def _imported_names(tree: ast.AST) -> list[tuple[int, str]]:
 
 
 def _forbidden(found: list[tuple[int, str]]) -> list[str]:
-    return [f"line {line}: {name}" for line, name in found if name.split(".")[0] in FORBIDDEN]
+    return [f"line {line}: {name}" for line, name in found if is_pytorch_stage(name)]
 
 
 def test_imported_names_sees_lazy_and_dynamic_imports() -> None:
@@ -119,11 +125,12 @@ def test_imported_names_sees_lazy_and_dynamic_imports() -> None:
         "def f():\n"
         "    import torch.nn as nn\n"
         "    from pqcad_deploy.errors import PqcadError\n"
-        "    importlib.import_module('converters.qdq')\n"
+        "    importlib.import_module('pqcad_deploy.converters.qdq')\n"
+        "    from pqcad_deploy.engines.manifest import OnnxManifest\n"
         "    return __import__('numpy')\n"
     )
     assert _forbidden(_imported_names(ast.parse(source))) == [
-        "line 4: torch.nn", "line 5: pqcad_deploy.errors", "line 6: converters.qdq"]
+        "line 4: torch.nn", "line 5: pqcad_deploy.errors", "line 6: pqcad_deploy.converters.qdq"]
 
 
 def test_no_engines_file_imports_the_pytorch_stage() -> None:
@@ -150,3 +157,41 @@ def test_cli_keeps_the_pytorch_stage_inside_its_commands() -> None:
     # the PyTorch commands do reach the PyTorch stage (so the scan above is not vacuous)
     assert _forbidden(_imported_names(_function(tree, "compress")))
     assert _forbidden(_imported_names(_function(tree, "export")))
+
+
+# ------------------------------------------------------------------------------------- the namespace
+
+TOP_LEVEL_NAMES = ("engines", "converters", "cli")  # the repository's folders / file, never import names
+
+
+def test_the_namespace_package_imports_nothing() -> None:
+    """Importing `pqcad_deploy.engines` runs `pqcad_deploy/__init__.py` first: it must stay empty of imports."""
+    init = ROOT / "pqcad_deploy" / "__init__.py"
+    assert _imported_names(ast.parse(init.read_text())) == []
+
+
+def test_the_runtime_folders_are_installed_inside_the_namespace() -> None:
+    """engines/, converters/ and cli.py install as pqcad_deploy.engines / .converters / .cli (links in the
+    package folder, which setuptools follows), so no top-level `engines` or `cli` lands in site-packages."""
+    package = ROOT / "pqcad_deploy"
+    for name, target in (("engines", "../engines"), ("converters", "../converters"), ("cli.py", "../cli.py")):
+        assert (package / name).is_symlink() and str((package / name).readlink()) == target, name
+    assert Path(engines.__file__).resolve() == ROOT / "engines" / "__init__.py"
+    import pqcad_deploy.cli as cli_module
+
+    assert Path(cli_module.__file__).resolve() == CLI_FILE
+
+
+def test_nothing_imports_the_top_level_names() -> None:
+    """Every import goes through the namespace: a top-level `engines` beside `pqcad_deploy.engines` would
+    load the same files twice as two modules (two registries, two error classes)."""
+    tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True)
+    files = [ROOT / f for f in tracked.stdout.split() if not (ROOT / f).is_symlink()]
+    assert ROOT / "cli.py" in files and ROOT / "engines" / "generate.py" in files
+    offences = {}
+    for path in files:
+        names = _imported_names(ast.parse(path.read_text(), filename=str(path)))
+        bad = [f"line {line}: {name}" for line, name in names if name.split(".")[0] in TOP_LEVEL_NAMES]
+        if bad:
+            offences[str(path.relative_to(ROOT))] = bad
+    assert offences == {}

@@ -18,8 +18,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import cli
-from engines.manifest import OnnxManifest, write_onnx_manifest
+from pqcad_deploy import cli
+from pqcad_deploy.engines.manifest import OnnxManifest, write_onnx_manifest
 
 from test_cli import FAST, ONE_THREAD_ENV, ROOT  # noqa: E402 - tests/ is on sys.path (conftest)
 from test_cli import run_main as _run_outcome  # noqa: E402
@@ -300,7 +300,7 @@ class Block:
 sys.meta_path.insert(0, Block())
 sys.modules["torch"] = None
 sys.modules["diffusers"] = None
-from cli import main
+from pqcad_deploy.cli import main
 main(sys.argv[1:])
 """
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from engines._atomic import atomic_file
+from pqcad_deploy.engines._atomic import atomic_file
 from pqcad_deploy.eval.errors import StatisticsError
 
 __all__ = [

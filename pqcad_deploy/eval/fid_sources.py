@@ -249,8 +249,8 @@ def images_from_source(source: str | os.PathLike[str], n: int | None = None, ste
                                   time.perf_counter() - started)
     n = DEFAULT_GENERATED_N if n is None else int(n)
     if kind == "engine":
-        from engines.generate import open_runner
-        from engines.sampler import sample_images
+        from pqcad_deploy.engines.generate import open_runner
+        from pqcad_deploy.engines.sampler import sample_images
 
         runner, manifest = open_runner(source)
         with runner:
@@ -370,8 +370,8 @@ def _is_our_fid_json(path: Path) -> bool:
 
 def _check_output(path: Path, overwrite: bool, flag: str) -> None:
     """Checked now, not after hours of generation; only our own files are ever replaced."""
-    from engines._atomic import check_output_file
-    from engines.images import is_images_npz
+    from pqcad_deploy.engines._atomic import check_output_file
+    from pqcad_deploy.engines.images import is_images_npz
 
     is_ours, what = ((is_images_npz, "pqcad-deploy image npz") if flag == "--save-npz"
                      else (_is_our_fid_json, "pqcad-deploy FID JSON"))
@@ -383,7 +383,7 @@ def _check_output(path: Path, overwrite: bool, flag: str) -> None:
 
 def _write_json(data: dict[str, Any], path: Path) -> None:
     """Write sorted JSON atomically (temporary file in the same folder, then rename)."""
-    from engines._atomic import atomic_file
+    from pqcad_deploy.engines._atomic import atomic_file
 
     with atomic_file(path, error=FidError) as tmp:
         tmp.write_text(json.dumps(data, sort_keys=True, indent=1) + "\n")
@@ -448,7 +448,7 @@ def evaluate_fid(source: str | os.PathLike[str], reference: str | os.PathLike[st
         raise FidSourceError(f"{source} holds {len(images)} image; FID needs at least 2.")
     npz_path = None
     if save_npz is not None:
-        from engines.images import save_npz as write_npz
+        from pqcad_deploy.engines.images import save_npz as write_npz
 
         npz_path = str(write_npz(images, save_npz))
     stats = compute_statistics(images, batch_size=batch_size, progress=progress,

@@ -29,7 +29,7 @@ STEPS = 20
 def fp32_onnx(tmp_path_factory):
     import torch
 
-    from converters.export_onnx import export_onnx
+    from pqcad_deploy.converters.export_onnx import export_onnx
     from pqcad_deploy.compress import compress
     from pqcad_deploy.config import CompressConfig
     from pqcad_deploy.presets import PRESETS, CalibrationConfig

@@ -41,7 +41,7 @@ def artifacts(unet_dirs, tmp_path_factory):
 @pytest.fixture(scope="session")
 def exported(artifacts, tmp_path_factory):
     """(config name, weight bits) -> the artifact exported with the defaults (target qdq, opset 17)."""
-    from converters.export_onnx import export_onnx
+    from pqcad_deploy.converters.export_onnx import export_onnx
 
     root = tmp_path_factory.mktemp("onnx")
     return {key: export_onnx(art, root / f"{key[0]}_w{key[1]}.onnx").path for key, art in artifacts.items()}

@@ -9,9 +9,9 @@ import onnx
 import pytest
 
 from _unets import UNET_CONFIGS
-from converters.export_onnx import export_onnx
-from converters.parity import parity_report
-from engines.manifest import read_onnx_manifest
+from pqcad_deploy.converters.export_onnx import export_onnx
+from pqcad_deploy.converters.parity import parity_report
+from pqcad_deploy.engines.manifest import read_onnx_manifest
 from pqcad_deploy.artifact import load_artifact
 from pqcad_deploy.errors import ArtifactError, ExportError, OutputPathError
 

@@ -12,12 +12,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from _unets import UNET_CONFIGS
-from converters.export_onnx import export_onnx, pack_int4
-from converters.ort_qlinear import calibrate_output_ranges, output_scales
-from converters.ort_x86 import UINT8_ZERO_POINT
-from converters.parity import parity_report
-from engines.build import ORT_MODEL_FILE, build_onnxruntime_engine
-from engines.manifest import read_onnx_manifest
+from pqcad_deploy.converters.export_onnx import export_onnx, pack_int4
+from pqcad_deploy.converters.ort_qlinear import calibrate_output_ranges, output_scales
+from pqcad_deploy.converters.ort_x86 import UINT8_ZERO_POINT
+from pqcad_deploy.converters.parity import parity_report
+from pqcad_deploy.engines.build import ORT_MODEL_FILE, build_onnxruntime_engine
+from pqcad_deploy.engines.manifest import read_onnx_manifest
 from pqcad_deploy.artifact import load_artifact
 from pqcad_deploy.errors import ExportError
 from test_export_onnx import assert_parity  # the same tolerances as the default target
@@ -317,7 +317,7 @@ def test_weight_storage_choices(artifacts, tmp_path):
 
 
 def test_cli_export_target_and_storage(artifacts, tmp_path, capsys):
-    from cli import main
+    from pqcad_deploy.cli import main
 
     art = artifacts[("c1_32_attn1_default", 4)]
     with pytest.raises(SystemExit) as done:

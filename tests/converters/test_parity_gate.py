@@ -8,10 +8,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-import converters.export_onnx as export_module
-from converters.export_onnx import ParityGateError, export_onnx, resolve_target
-from converters.parity import (EXACT_REL_TOL, FLIP_FRACTION_TOL, LayerFlips, ParityReport, parity_verdict)
-from engines.build import build_onnxruntime_engine
+import pqcad_deploy.converters.export_onnx as export_module
+from pqcad_deploy.converters.export_onnx import ParityGateError, export_onnx, resolve_target
+from pqcad_deploy.converters.parity import (EXACT_REL_TOL, FLIP_FRACTION_TOL, LayerFlips, ParityReport, parity_verdict)
+from pqcad_deploy.engines.build import build_onnxruntime_engine
 
 NAME = "c1_32_attn1_default"
 

@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from engines.manifest import OnnxManifest, output_name_for, write_onnx_manifest
+from pqcad_deploy.engines.manifest import OnnxManifest, output_name_for, write_onnx_manifest
 
 IMAGE_SHAPE = (3, 8, 8)
 SCHEDULER_CONFIG = {

@@ -10,14 +10,14 @@ import numpy as np
 import onnx
 import pytest
 
-from engines._atomic import MARKER_FILE
-from engines.build import build_onnxruntime_engine
-from engines.ddim import DDIMSampler, ddim_timesteps
-from engines.errors import BuildError, ConfigError, ManifestError, RunnerError
-from engines.manifest import METADATA_KEY, read_onnx_manifest, sha256_file, verify_engine
-from engines.ort import OnnxRuntimeRunner
-from engines.images import nchw_to_nhwc, to_uint8
-from engines.sampler import denoise, initial_noise, sample_images, sampling_timesteps
+from pqcad_deploy.engines._atomic import MARKER_FILE
+from pqcad_deploy.engines.build import build_onnxruntime_engine
+from pqcad_deploy.engines.ddim import DDIMSampler, ddim_timesteps
+from pqcad_deploy.engines.errors import BuildError, ConfigError, ManifestError, RunnerError
+from pqcad_deploy.engines.manifest import METADATA_KEY, read_onnx_manifest, sha256_file, verify_engine
+from pqcad_deploy.engines.ort import OnnxRuntimeRunner
+from pqcad_deploy.engines.images import nchw_to_nhwc, to_uint8
+from pqcad_deploy.engines.sampler import denoise, initial_noise, sample_images, sampling_timesteps
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_build_unwritable_parent(make_tiny_onnx, tmp_path: Path) -> None:
 
 
 def test_build_failure_leaves_nothing(make_tiny_onnx, tmp_path: Path, monkeypatch) -> None:
-    import engines.build as build
+    import pqcad_deploy.engines.build as build
 
     def boom(*args, **kwargs):
         raise BuildError("simulated failure after the model was written")

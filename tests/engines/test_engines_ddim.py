@@ -8,8 +8,8 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
 
-from engines.ddim import TIMESTEP_SPACINGS, DDIMConfig, DDIMSampler, ddim_timesteps, make_betas
-from engines.errors import ConfigError
+from pqcad_deploy.engines.ddim import TIMESTEP_SPACINGS, DDIMConfig, DDIMSampler, ddim_timesteps, make_betas
+from pqcad_deploy.engines.errors import ConfigError
 
 
 @pytest.mark.parametrize("spacing", TIMESTEP_SPACINGS)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engines.errors import OutputError
-from engines.images import NPZ_KEY, nchw_to_nhwc, save_grid, save_npz, save_pngs, to_uint8
+from pqcad_deploy.engines.errors import OutputError
+from pqcad_deploy.engines.images import NPZ_KEY, nchw_to_nhwc, save_grid, save_npz, save_pngs, to_uint8
 
 
 def _images(n: int = 5, h: int = 4, w: int = 6, c: int = 3) -> np.ndarray:
@@ -95,7 +95,7 @@ def test_unwritable_output(tmp_path: Path) -> None:
 
 
 def test_save_npz_from_pngs_streams_a_loadable_npz(tmp_path: Path) -> None:
-    from engines.images import is_images_npz, save_npz_from_pngs
+    from pqcad_deploy.engines.images import is_images_npz, save_npz_from_pngs
 
     imgs = _images(5, c=1)
     paths = save_pngs(imgs, tmp_path / "pngs")

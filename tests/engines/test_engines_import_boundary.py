@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import engines
+from pqcad_deploy import engines
 
 # The subprocess check (every engines module and cli imported with torch, pqcad_deploy,
 # converters and the optional backends blocked) lives in tests/test_import_boundaries.py.

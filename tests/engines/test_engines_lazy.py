@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engines._lazy import lazy_import
-from engines.errors import BackendUnavailableError, EngineError
+from pqcad_deploy.engines._lazy import lazy_import
+from pqcad_deploy.engines.errors import BackendUnavailableError, EngineError
 
 
 def test_missing_package_message() -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from engines.errors import EngineDirectoryError, ManifestError
-from engines.manifest import (
+from pqcad_deploy.engines.errors import EngineDirectoryError, ManifestError
+from pqcad_deploy.engines.manifest import (
     METADATA_KEY,
     OUTPUT_NAMES,
     PREDICTION_TYPES,
@@ -313,7 +313,7 @@ def test_fp32_claim_on_a_quantized_graph_is_refused(tmp_path: Path, make_manifes
 
 
 def test_graph_inputs_must_be_the_manifests(tmp_path: Path, make_manifest) -> None:
-    from engines.manifest import check_graph
+    from pqcad_deploy.engines.manifest import check_graph
 
     model = _float_graph()
     model.graph.input[1].name = "t"
@@ -324,7 +324,7 @@ def test_graph_inputs_must_be_the_manifests(tmp_path: Path, make_manifest) -> No
 
 def test_build_engine_checks_the_onnx_manifest_against_its_graph(make_tiny_onnx, tmp_path: Path) -> None:
     """A manifest claiming w4a4 on the float tiny graph (or another image shape) is refused before any build."""
-    from engines.build import build_onnxruntime_engine
+    from pqcad_deploy.engines.build import build_onnxruntime_engine
 
     for kw, fragment in (({"precision": "w4a4"}, "its manifest claims precision w4a4, but the graph has no"),
                          ({"image_shape": (3, 16, 16)}, "but its manifest claims image_shape [3, 16, 16]")):

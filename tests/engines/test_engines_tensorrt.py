@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.errors import BackendUnavailableError, BuildError
-from engines.tensorrt_build import build_tensorrt_engine
+from pqcad_deploy.engines.errors import BackendUnavailableError, BuildError
+from pqcad_deploy.engines.tensorrt_build import build_tensorrt_engine
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -27,7 +27,7 @@ def test_build_without_tensorrt_says_what_to_do(make_tiny_onnx, tmp_path: Path) 
 
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT is importable here")
 def test_tensorrt_runner_without_tensorrt(make_tiny_onnx, make_manifest) -> None:
-    from engines.tensorrt_runner import TensorRTRunner
+    from pqcad_deploy.engines.tensorrt_runner import TensorRTRunner
 
     runner = TensorRTRunner("model.plan", make_manifest())
     with pytest.raises(BackendUnavailableError, match=re.escape("TensorRT is not installed on this machine")):
@@ -38,8 +38,8 @@ def test_tensorrt_runner_without_tensorrt(make_tiny_onnx, make_manifest) -> None
 @pytest.mark.tensorrt
 def test_tensorrt_build_and_run(make_tiny_onnx, tmp_path: Path, tiny_reference) -> None:
     pytest.importorskip("tensorrt", reason="TensorRT 10 is not installable in this workplace (README, introduction); runs on a Jetson / TensorRT machine")
-    from engines.manifest import verify_engine
-    from engines.tensorrt_runner import TensorRTRunner
+    from pqcad_deploy.engines.manifest import verify_engine
+    from pqcad_deploy.engines.tensorrt_runner import TensorRTRunner
 
     m = build_tensorrt_engine(make_tiny_onnx(), tmp_path / "engine", max_batch=4, opt_batch=2)
     assert verify_engine(tmp_path / "engine") == m and m.model_file == "model.plan" and m.backend == "tensorrt"
@@ -55,7 +55,7 @@ def _with_ort_target_nodes(tiny_model, make_manifest, path: Path, target: str) -
     import onnx
     from onnx import TensorProto, helper
 
-    from engines.manifest import write_onnx_manifest
+    from pqcad_deploy.engines.manifest import write_onnx_manifest
 
     model = tiny_model()
     g = model.graph

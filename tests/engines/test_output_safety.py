@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from engines._atomic import (MARKER_FILE, atomic_file, check_output_dir, check_output_file, directory_kind,
+from pqcad_deploy.engines._atomic import (MARKER_FILE, atomic_file, check_output_dir, check_output_file, directory_kind,
                              output_lock, staged_directory)
-from engines.errors import OutputError
+from pqcad_deploy.engines.errors import OutputError
 
 
 def _publish(out: Path, files: dict[str, bytes], *, overwrite: bool = False, kind: str = "engine") -> None:
@@ -116,7 +116,7 @@ def test_empty_current_and_parent_directories_are_refused(make_path, tmp_path: P
 def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path: Path) -> None:
     out = tmp_path / "eng"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from engines._atomic import output_lock\n"
+        [sys.executable, "-c", "import sys, time; from pqcad_deploy.engines._atomic import output_lock\n"
                          f"with output_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(30)"],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
     try:

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engines._atomic import MARKER_FILE
-from engines.build import build_onnxruntime_engine
-from engines.errors import OutputError
-from engines.generate import GRID_FILE, SAMPLES_FILE, generate_to_directory, partial_dir
-from engines.manifest import verify_engine
-from engines.ort import OnnxRuntimeRunner
-from engines.sampler import NoiseStream, initial_noise, sample_images
+from pqcad_deploy.engines._atomic import MARKER_FILE
+from pqcad_deploy.engines.build import build_onnxruntime_engine
+from pqcad_deploy.engines.errors import OutputError
+from pqcad_deploy.engines.generate import GRID_FILE, SAMPLES_FILE, generate_to_directory, partial_dir
+from pqcad_deploy.engines.manifest import verify_engine
+from pqcad_deploy.engines.ort import OnnxRuntimeRunner
+from pqcad_deploy.engines.sampler import NoiseStream, initial_noise, sample_images
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_grid_is_capped_and_optional(engine: Path, tmp_path: Path) -> None:
 
 
 def test_outputs_checked_before_sampling(engine: Path, tmp_path: Path, monkeypatch) -> None:
-    import engines.generate as generate
+    import pqcad_deploy.engines.generate as generate
 
     monkeypatch.setattr(generate, "iter_sample_batches", lambda *a, **k: pytest.fail("sampled"))
     (tmp_path / "dir.npz").mkdir()

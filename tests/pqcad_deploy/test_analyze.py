@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_cli import FAST, assert_failed, assert_nothing_left, run_main  # tests/ is on sys.path (conftest)
 
-from engines._atomic import directory_kind
+from pqcad_deploy.engines._atomic import directory_kind
 from pqcad_deploy import analyze
 from pqcad_deploy.artifact import artifact_digest, load_artifact
 from pqcad_deploy.quant.replace import quant_layers

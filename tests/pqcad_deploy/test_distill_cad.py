@@ -92,10 +92,10 @@ def test_compress_distill_carries_the_student_timesteps_to_the_sampler(small_une
     """compress --distill -> export -> build-engine -> sample runs the N/2 student steps with no flag."""
     import json
 
-    from converters.export_onnx import export_onnx
-    from engines.build import build_onnxruntime_engine
-    from engines.generate import open_runner
-    from engines.sampler import sample_images
+    from pqcad_deploy.converters.export_onnx import export_onnx
+    from pqcad_deploy.engines.build import build_onnxruntime_engine
+    from pqcad_deploy.engines.generate import open_runner
+    from pqcad_deploy.engines.sampler import sample_images
     from pqcad_deploy.compress import compress
     from pqcad_deploy.config import CompressConfig
     from pqcad_deploy.distill.grid import distill_grid

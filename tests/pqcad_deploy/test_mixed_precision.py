@@ -213,9 +213,9 @@ def test_compress_writes_a_mixed_artifact_within_the_budget(mixed_artifact):
 
 
 def test_mixed_artifact_exports_with_parity(mixed_artifact, tmp_path):
-    from converters.export_onnx import export_onnx
-    from converters.parity import parity_report
-    from engines.manifest import read_onnx_manifest
+    from pqcad_deploy.converters.export_onnx import export_onnx
+    from pqcad_deploy.converters.parity import parity_report
+    from pqcad_deploy.engines.manifest import read_onnx_manifest
 
     result = export_onnx(mixed_artifact, tmp_path / "mixed.onnx")
     assert result.precision == "mixed"

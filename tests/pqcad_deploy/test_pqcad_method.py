@@ -74,8 +74,8 @@ def test_pq_report_ladder_and_transitions(pq_artifact):
 
 
 def test_pq_artifact_codes_and_parity(pq_artifact, tmp_path):
-    from converters.export_onnx import export_onnx
-    from converters.parity import parity_report
+    from pqcad_deploy.converters.export_onnx import export_onnx
+    from pqcad_deploy.converters.parity import parity_report
     from pqcad_deploy.artifact import load_artifact
 
     artifact = load_artifact(pq_artifact)

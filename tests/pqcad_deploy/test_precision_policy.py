@@ -71,7 +71,7 @@ def test_mac_shares_are_measured_on_a_real_forward(small_unet_dir):
 
 def test_compress_and_export_follow_the_policy(small_unet_dir, tmp_path):
     """The artifact records the policy and leaves the float layers out; the ONNX has no Q/DQ on them."""
-    from converters.export_onnx import export_onnx
+    from pqcad_deploy.converters.export_onnx import export_onnx
     from pqcad_deploy.compress import compress
     from pqcad_deploy.config import CompressConfig
 

@@ -41,10 +41,10 @@ def test_the_presets_table_names_every_preset_and_records_as_json():
 
 
 def test_export_targets_and_engine_backends_are_registries():
-    from converters.export_onnx import TARGETS
-    from converters.targets import EXPORT_TARGETS
-    from engines.backends import ENGINE_BACKENDS
-    from engines.manifest import BACKENDS
+    from pqcad_deploy.converters.export_onnx import TARGETS
+    from pqcad_deploy.converters.targets import EXPORT_TARGETS
+    from pqcad_deploy.engines.backends import ENGINE_BACKENDS
+    from pqcad_deploy.engines.manifest import BACKENDS
 
     assert TARGETS == ("onnxruntime", *EXPORT_TARGETS)
     assert [n for n, t in EXPORT_TARGETS.items() if t.int4_refusal is None] == ["qdq"]  # INT4 is a qdq layout

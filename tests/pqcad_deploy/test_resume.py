@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
+from pqcad_deploy import cli
 from pqcad_deploy import reconstruct as R
 from pqcad_deploy.checkpoint import (
     CHECKPOINT_FORMAT, Checkpoint, ResumePoint, check_checkpoint_dir, checkpoint_dir,

@@ -112,7 +112,7 @@ def test_compress_export_and_analyze_carry_the_rewrites(small_unet_dir, tmp_path
     """The artifact names the split halves and smoothed Linears, rebuilds the same student, and the
     QDQ graph computes each split conv as Slice -> Q/DQ -> Conv twice plus an Add, and each smoothed
     Linear as Mul -> Q/DQ -> MatMul."""
-    from converters.export_onnx import export_onnx
+    from pqcad_deploy.converters.export_onnx import export_onnx
     from pqcad_deploy.artifact import load_artifact
     from pqcad_deploy.compress import compress
     from pqcad_deploy.config import CompressConfig
