@@ -105,6 +105,7 @@ def calibration_inputs(num_trajectories: int = 32, timesteps_kept: int = 16, see
     from pqcad_deploy.calibration.trajectories import collect_trajectory_calibration
     from pqcad_deploy.config import CalibrationConfig
     from pqcad_deploy.models import load_model
+    from pqcad_deploy.schedule import make_ddim_scheduler
 
     loaded = load_model(model)
     cfg = dict(loaded.unet.config)
@@ -114,8 +115,8 @@ def calibration_inputs(num_trajectories: int = 32, timesteps_kept: int = 16, see
     cal_cfg = CalibrationConfig(num_trajectories=num_trajectories, timesteps_kept=timesteps_kept,
                                 batch_size=min(32, num_trajectories))
     with torch.no_grad():
-        cal = collect_trajectory_calibration(loaded.unet.eval(), loaded.scheduler_config, shape, steps, cal_cfg,
-                                             seed=seed, progress=False)
+        cal = collect_trajectory_calibration(loaded.unet.eval(), make_ddim_scheduler(loaded.scheduler_config, steps),
+                                             shape, cal_cfg, seed=seed, progress=False)
     inputs = {"sample": cal.x.numpy().astype(np.float32), "timestep": cal.t.numpy().astype(np.float32)}
     return inputs, dict(cal.description)
 

@@ -220,8 +220,8 @@ def generate_to_directory(
         try:
             if kept < n:
                 runner = runner_for(engine_dir, manifest, threads)
-                for batch in iter_sample_batches(runner, manifest, n, seed, steps=steps, batch_size=batch_size,
-                                                 start=kept, progress=progress):
+                for batch in iter_sample_batches(runner, manifest, range(kept, n), seed, steps=steps,
+                                                 batch_size=batch_size, progress=progress):
                     save_pngs(batch.images, partial, start_index=batch.start)
                     done = batch.start + len(batch.images)
                     model_seconds += batch.model_seconds

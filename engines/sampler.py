@@ -119,24 +119,29 @@ def _check_counts(n: int, batch_size: int, start: int = 0) -> None:
 def iter_sample_batches(
     runner: Runner,
     manifest: OnnxManifest | EngineManifest,
-    n: int,
+    indices: range,
     seed: int,
     steps: int | None = None,
     batch_size: int = 16,
-    start: int = 0,
     progress: bool = True,
 ) -> Iterator[SampledBatch]:
-    """Generate images ``start .. n - 1`` batch by batch (uint8 ``[k, H, W, C]``), holding one batch.
+    """Generate the images ``indices`` (``range(start, n)``) batch by batch (uint8 ``[k, H, W, C]``),
+    holding one batch.
 
-    The noise of the first ``start`` images is drawn and discarded, so every image equals the one a
-    single :func:`sample_images` call of ``n`` images makes. The runner is activated here if it is
-    not active yet, and released when the generator finishes or is closed.
+    The noise of the images before ``indices.start`` is drawn and discarded, so every image equals the
+    one a single :func:`sample_images` call of ``n`` images makes (a resumed `sample` continues at
+    the first missing image). The runner is activated here if it is not active yet, and released
+    when the generator finishes or is closed.
 
     Raises:
-        ConfigError: ``n``, ``batch_size``, ``start`` or ``steps`` out of range.
+        ConfigError: ``indices`` not a ``range(start, n)`` with ``0 <= start <= n`` and ``n > 0``, or
+            ``batch_size`` or ``steps`` out of range.
         RunnerError, EngineError: from the runner, or non-finite samples.
     """
     onnx = manifest.onnx if isinstance(manifest, EngineManifest) else manifest
+    if not isinstance(indices, range) or indices.step != 1:
+        raise ConfigError(f"indices must be a range(start, n) of consecutive images, got {indices!r}.")
+    start, n = indices.start, indices.stop
     _check_counts(n, batch_size, start)
     timesteps = sampling_timesteps(onnx, steps)
     noise = NoiseStream(onnx.image_shape, seed)
@@ -199,7 +204,8 @@ def sample_images(
     images = np.empty((int(n), h, w, c), dtype=np.uint8)
     model_seconds = 0.0
     start = time.perf_counter()
-    for batch in iter_sample_batches(runner, manifest, n, seed, steps=steps, batch_size=batch_size, progress=progress):
+    for batch in iter_sample_batches(runner, manifest, range(n), seed, steps=steps, batch_size=batch_size,
+                                     progress=progress):
         images[batch.start:batch.start + len(batch.images)] = batch.images
         model_seconds += batch.model_seconds
     seconds = time.perf_counter() - start

@@ -32,7 +32,7 @@ from pqcad_deploy.precision_policy import apply_precision_policy, precision_poli
 from pqcad_deploy.provenance import provenance
 from pqcad_deploy.quant.layers import QuantConv2d
 from pqcad_deploy.quant.replace import LayerBits, quant_layers, quantizable_layers
-from pqcad_deploy.schedule import ddim_timesteps
+from pqcad_deploy.schedule import ddim_timesteps, make_ddim_scheduler
 
 __all__ = ["CompressResult", "compress", "uniform_plan", "layer_plan", "quantization_report"]
 
@@ -300,8 +300,8 @@ def _bias_correction_data(config: CompressConfig, fp_unet: torch.nn.Module, stud
 
     spread = dataclasses.replace(config.calibration_config, timestep_sampling="uniform", selection="none")
     unet = fp_unet if config.bias_correction_data == "fp-uniform" else student
-    return collect_trajectory_calibration(unet, scheduler_config, image_shape, config.teacher_steps, spread,
-                                          seed=config.seed, device=device, progress=progress)
+    return collect_trajectory_calibration(unet, make_ddim_scheduler(scheduler_config, config.teacher_steps), image_shape,
+                                          spread, seed=config.seed, device=device, progress=progress)
 
 
 def _correct_biases(config: CompressConfig, fp_unet: torch.nn.Module, student: torch.nn.Module, calibration,

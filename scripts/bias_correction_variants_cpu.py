@@ -41,6 +41,7 @@ def main() -> int:
     from pqcad_deploy.artifact import load_artifact
     from pqcad_deploy.calibration.qc import collect_qc_calibration
     from pqcad_deploy.calibration.trajectories import collect_trajectory_calibration
+    from pqcad_deploy.schedule import make_ddim_scheduler
     from pqcad_deploy.config import CalibrationConfig
     from pqcad_deploy.eval.pipeline_sampling import generate_images
     from pqcad_deploy.eval.psnr import mean_psnr
@@ -78,8 +79,9 @@ def main() -> int:
                                               seed=int(m.options["seed"]), progress=False)
             elif variant in ("uniform", "student"):  # what compress --bias-correction-data fp-uniform / student use
                 spread = dataclasses.replace(cal_cfg, timestep_sampling="uniform", selection="none")
-                data = collect_trajectory_calibration(teacher if variant == "uniform" else student, m.scheduler_config,
-                                                      tuple(m.image_shape), steps, spread,
+                data = collect_trajectory_calibration(teacher if variant == "uniform" else student,
+                                                      make_ddim_scheduler(m.scheduler_config, steps),
+                                                      tuple(m.image_shape), spread,
                                                       seed=int(m.options["seed"]), progress=False)
             else:
                 raise SystemExit(f"unknown variant {variant!r}")

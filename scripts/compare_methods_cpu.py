@@ -34,6 +34,7 @@ def main() -> int:
 
     from pqcad_deploy.artifact import load_artifact
     from pqcad_deploy.calibration.trajectories import collect_trajectory_calibration
+    from pqcad_deploy.schedule import make_ddim_scheduler
     from pqcad_deploy.compress import compress
     from pqcad_deploy.config import CalibrationConfig, CompressConfig
     from pqcad_deploy.eval.pipeline_sampling import generate_images
@@ -43,7 +44,7 @@ def main() -> int:
 
     fp = load_model("builtin")
     held_out = collect_trajectory_calibration(
-        fp.unet, fp.scheduler_config, (1, 32, 32), args.steps,
+        fp.unet, make_ddim_scheduler(fp.scheduler_config, args.steps), (1, 32, 32),
         CalibrationConfig(num_trajectories=8, timesteps_kept=16, batch_size=8), seed=12345, progress=False)
     fp_images = generate_images(fp.unet, fp.scheduler_config, args.seeds, args.steps, seed=0,
                                 batch_size=args.seeds, progress=False).images

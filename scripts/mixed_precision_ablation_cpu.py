@@ -38,6 +38,7 @@ def main() -> int:
     import torch
 
     from pqcad_deploy.calibration.trajectories import collect_trajectory_calibration
+    from pqcad_deploy.schedule import make_ddim_scheduler
     from pqcad_deploy.compress import uniform_plan
     from pqcad_deploy.config import CalibrationConfig
     from pqcad_deploy.eval.sqnr import sqnr_db
@@ -52,9 +53,10 @@ def main() -> int:
     fp = load_model("builtin")
     unet = fp.unet.eval()
     cal_cfg = CalibrationConfig(num_trajectories=8, timesteps_kept=8, batch_size=8)
-    calibration = collect_trajectory_calibration(unet, fp.scheduler_config, (1, 32, 32), 20, cal_cfg, seed=0,
+    scheduler = make_ddim_scheduler(fp.scheduler_config, 20)
+    calibration = collect_trajectory_calibration(unet, scheduler, (1, 32, 32), cal_cfg, seed=0,
                                                  progress=False)
-    held_out = collect_trajectory_calibration(unet, fp.scheduler_config, (1, 32, 32), 20, cal_cfg, seed=123,
+    held_out = collect_trajectory_calibration(unet, scheduler, (1, 32, 32), cal_cfg, seed=123,
                                               progress=False)
     with torch.no_grad():
         ref = unet(held_out.x, held_out.t).sample.double()

@@ -18,6 +18,7 @@ import torch
 from pqcad_deploy.calibration.selection import select_calibration
 from pqcad_deploy.calibration.trajectories import CalibrationSet, collect_trajectory_calibration
 from pqcad_deploy.config import CalibrationConfig
+from pqcad_deploy.schedule import make_ddim_scheduler
 
 __all__ = ["collect_qc_calibration"]
 
@@ -39,14 +40,15 @@ def collect_qc_calibration(
     description records the selection (candidates, selected, gamma, oversampling) and its
     ``timesteps_kept`` are those of the selected pairs. Deterministic for a seed.
     """
+    scheduler = make_ddim_scheduler(scheduler_config, num_steps)
     if config.selection == "none":
-        calibration = collect_trajectory_calibration(unet, scheduler_config, image_shape, num_steps, config,
-                                                     seed=seed, device=device, progress=progress)
+        calibration = collect_trajectory_calibration(unet, scheduler, image_shape, config, seed=seed, device=device,
+                                                     progress=progress)
         calibration.description["selection"] = "none"
         return calibration
     candidates_cfg = dataclasses.replace(config, num_trajectories=config.num_trajectories * config.selection_oversample)
-    candidates = collect_trajectory_calibration(unet, scheduler_config, image_shape, num_steps, candidates_cfg,
-                                                seed=seed, device=device, progress=progress)
+    candidates = collect_trajectory_calibration(unet, scheduler, image_shape, candidates_cfg, seed=seed, device=device,
+                                                progress=progress)
     wanted = len(candidates) // config.selection_oversample  # the pairs that the trajectories alone give
     selected = select_calibration(unet, candidates, wanted, batch_size=config.batch_size, device=device)
     selected.description.update({

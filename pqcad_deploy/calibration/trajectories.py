@@ -7,6 +7,7 @@ setting activation ranges; no real images are needed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,7 +15,9 @@ from tqdm.auto import tqdm
 
 from pqcad_deploy.calibration.timesteps import normal_timesteps_on_grid
 from pqcad_deploy.config import CalibrationConfig
-from pqcad_deploy.schedule import make_ddim_scheduler
+
+if TYPE_CHECKING:
+    from diffusers import DDIMScheduler
 
 __all__ = ["CalibrationSet", "uniform_step_indices", "collect_trajectory_calibration"]
 
@@ -62,9 +65,8 @@ def _kept_steps(scheduler, config: CalibrationConfig, seed: int) -> np.ndarray:
 @torch.no_grad()
 def collect_trajectory_calibration(
     unet: torch.nn.Module,
-    scheduler_config: dict,
+    scheduler: DDIMScheduler,
     image_shape: tuple[int, int, int],
-    num_steps: int,
     config: CalibrationConfig,
     seed: int,
     device: str = "cpu",
@@ -74,13 +76,13 @@ def collect_trajectory_calibration(
 
     Args:
         unet: the FP UNet (eval mode).
-        scheduler_config: DDIM config of the model.
+        scheduler: the DDIM sampler the calibration should match, its timesteps set
+            (`pqcad_deploy.schedule.make_ddim_scheduler`); stepping it changes no state.
         image_shape: (C, H, W).
-        num_steps: DDIM steps of the sampler the calibration should match.
         config: how many trajectories and kept timesteps.
-        seed: seeds the initial noise.
+        seed: seeds the initial noise and which steps are kept.
     """
-    scheduler = make_ddim_scheduler(scheduler_config, num_steps)
+    num_steps = len(scheduler.timesteps)
     keep_counts = _kept_steps(scheduler, config, seed)  # [trajectory, step] -> times kept
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((config.num_trajectories, *image_shape), generator=generator)

@@ -160,3 +160,20 @@ def test_memory_does_not_grow_with_n(engine: Path, tmp_path: Path) -> None:
     noise_bytes = 1000 * 8 * 8 * 3 * 4  # what holding all the float32 noise alone would take
     assert large < small + noise_bytes / 10, (small, large)
     assert np.load(tmp_path / "l.npz")["images"].shape == (1000, 8, 8, 3)
+
+
+def test_streaming_a_range_gives_the_same_images_and_refuses_other_index_sets(engine: Path) -> None:
+    """iter_sample_batches(range(start, n)) is what a resumed `sample` runs: images start..n-1 of the
+    one-call result; a stepped range, a range past n or a list is refused before the runner runs."""
+    from pqcad_deploy.engines.errors import ConfigError
+    from pqcad_deploy.engines.sampler import iter_sample_batches
+
+    m = verify_engine(engine)
+    runner = OnnxRuntimeRunner(engine / m.model_file, m.onnx)
+    whole = sample_images(runner, m, 5, 3, batch_size=2, progress=False).images
+    batches = list(iter_sample_batches(runner, m, range(2, 5), 3, batch_size=2, progress=False))
+    assert [b.start for b in batches] == [2, 4]
+    np.testing.assert_array_equal(np.concatenate([b.images for b in batches]), whole[2:])
+    for bad in (range(0, 4, 2), range(5, 3), [0, 1, 2]):
+        with pytest.raises(ConfigError, match="range|start must be"):
+            next(iter_sample_batches(None, m, bad, 3, progress=False))

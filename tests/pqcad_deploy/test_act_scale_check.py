@@ -9,6 +9,7 @@ from torch import nn
 
 from pqcad_deploy.act_scale_check import ScaleCheckConfig, keep_better_activation_scales
 from pqcad_deploy.calibration.trajectories import collect_trajectory_calibration
+from pqcad_deploy.schedule import make_ddim_scheduler
 from pqcad_deploy.config import CalibrationConfig
 from pqcad_deploy.eval.psnr import mean_psnr
 from pqcad_deploy.methods.minmax import minmax_quantize
@@ -22,7 +23,7 @@ STEPS = 4
 def setup(unet_dirs):
     fp = load_model(str(unet_dirs["c1_32_attn1_default"]))
     calibration = collect_trajectory_calibration(
-        fp.unet, fp.scheduler_config, (1, 32, 32), STEPS,
+        fp.unet, make_ddim_scheduler(fp.scheduler_config, STEPS), (1, 32, 32),
         CalibrationConfig(num_trajectories=2, timesteps_kept=3, batch_size=2), seed=0, progress=False)
     plan = {n: LayerBits(8, 8) for n, m in fp.unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     return fp, calibration, plan

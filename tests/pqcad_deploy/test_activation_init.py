@@ -42,6 +42,7 @@ def test_percentile_scale_maps_the_percentile_to_qmax():
 
 def test_calibrate_activations_init_choices(small_unet_dir):
     from pqcad_deploy.calibration.trajectories import collect_trajectory_calibration
+    from pqcad_deploy.schedule import make_ddim_scheduler
     from pqcad_deploy.config import CalibrationConfig
     from pqcad_deploy.methods.brecq import calibrate_activations
     from pqcad_deploy.methods.minmax import minmax_quantize
@@ -49,7 +50,7 @@ def test_calibrate_activations_init_choices(small_unet_dir):
     from pqcad_deploy.quant.replace import LayerBits, quant_layers, quantizable_layers
 
     fp = load_model(str(small_unet_dir))
-    cal = collect_trajectory_calibration(fp.unet, fp.scheduler_config, (1, 32, 32), 10,
+    cal = collect_trajectory_calibration(fp.unet, make_ddim_scheduler(fp.scheduler_config, 10), (1, 32, 32),
                                          CalibrationConfig(num_trajectories=2, timesteps_kept=4, batch_size=2),
                                          seed=0, progress=False)
     plan = {n: LayerBits(8, 8) for n in quantizable_layers(fp.unet)}

@@ -22,6 +22,7 @@ from pqcad_deploy.artifact import (
     ARTIFACT_FORMAT, ARTIFACT_VERSION, DERIVED_FIELDS, artifact_digest, load_artifact, save_artifact,
 )
 from pqcad_deploy.calibration.trajectories import collect_trajectory_calibration
+from pqcad_deploy.schedule import make_ddim_scheduler
 from pqcad_deploy.compress import compress, quantization_report
 from pqcad_deploy.config import CompressConfig, config_to_dict
 from pqcad_deploy.errors import ArtifactError, ModelLoadError, OutputPathError
@@ -71,7 +72,7 @@ def float_layers(fp) -> dict[str, nn.Module]:
 
 @pytest.fixture(scope="module")
 def calibration(fp):
-    return collect_trajectory_calibration(fp.unet, fp.scheduler_config, (1, 32, 32), STEPS,
+    return collect_trajectory_calibration(fp.unet, make_ddim_scheduler(fp.scheduler_config, STEPS), (1, 32, 32),
                                           CompressConfig(method="minmax", preset="fast").calibration_config, seed=0,
                                           progress=False)
 

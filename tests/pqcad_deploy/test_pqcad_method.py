@@ -98,11 +98,12 @@ def test_pq_artifact_codes_and_parity(pq_artifact, tmp_path):
 def test_pq_and_brecq_beat_minmax_on_the_same_held_out_inputs(small_unet_dir, pq_artifact, tmp_path):
     from pqcad_deploy.artifact import load_artifact
     from pqcad_deploy.calibration.trajectories import collect_trajectory_calibration
+    from pqcad_deploy.schedule import make_ddim_scheduler
     from pqcad_deploy.config import CalibrationConfig
     from pqcad_deploy.models import load_model
 
     fp = load_model(str(small_unet_dir))
-    held_out = collect_trajectory_calibration(fp.unet, fp.scheduler_config, (1, 32, 32), 10,
+    held_out = collect_trajectory_calibration(fp.unet, make_ddim_scheduler(fp.scheduler_config, 10), (1, 32, 32),
                                               CalibrationConfig(num_trajectories=4, timesteps_kept=10, batch_size=4),
                                               seed=999, progress=False)
 

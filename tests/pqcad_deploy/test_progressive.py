@@ -101,6 +101,8 @@ def test_normal_calibration_keeps_trajectory_states_at_drawn_timesteps(small_une
     import torch
 
     from pqcad_deploy.calibration.trajectories import collect_trajectory_calibration
+
+    from pqcad_deploy.schedule import make_ddim_scheduler
     from pqcad_deploy.config import CalibrationConfig
     from pqcad_deploy.models import load_model
 
@@ -109,9 +111,9 @@ def test_normal_calibration_keeps_trajectory_states_at_drawn_timesteps(small_une
     normal = CalibrationConfig(num_trajectories=3, timesteps_kept=10, batch_size=3, timestep_sampling="normal",
                                timestep_mean=0.4, timestep_std=0.3)
     every = CalibrationConfig(num_trajectories=3, timesteps_kept=10, batch_size=3)  # 10 of 10 steps
-    full = collect_trajectory_calibration(loaded.unet, loaded.scheduler_config, (1, 32, 32), 10, every, seed=5,
+    full = collect_trajectory_calibration(loaded.unet, make_ddim_scheduler(loaded.scheduler_config, 10), (1, 32, 32), every, seed=5,
                                           progress=False)
-    got = collect_trajectory_calibration(loaded.unet, loaded.scheduler_config, (1, 32, 32), 10, normal, seed=5,
+    got = collect_trajectory_calibration(loaded.unet, make_ddim_scheduler(loaded.scheduler_config, 10), (1, 32, 32), normal, seed=5,
                                          progress=False)
     assert len(got) == 30 and got.description["timestep_sampling"] == "normal"
     drawn = normal_timesteps_on_grid(list(range(900, -1, -100)), 30, mean=0.4, std=0.3, seed=5)
@@ -120,6 +122,6 @@ def test_normal_calibration_keeps_trajectory_states_at_drawn_timesteps(small_une
     for x, t in zip(got.x, got.t):
         same_t = full.x[full.t == t]
         assert any(torch.equal(x, y) for y in same_t)
-    u = collect_trajectory_calibration(loaded.unet, loaded.scheduler_config, (1, 32, 32), 10, uniform, seed=5,
+    u = collect_trajectory_calibration(loaded.unet, make_ddim_scheduler(loaded.scheduler_config, 10), (1, 32, 32), uniform, seed=5,
                                        progress=False)
     assert torch.equal(u.x, full.x)  # uniform with all steps kept = the whole trajectory

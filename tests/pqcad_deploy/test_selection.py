@@ -45,11 +45,12 @@ def test_deterministic_and_validated():
 
 def test_select_calibration_on_a_real_unet(small_unet_dir):
     from pqcad_deploy.calibration.trajectories import collect_trajectory_calibration
+    from pqcad_deploy.schedule import make_ddim_scheduler
     from pqcad_deploy.config import CalibrationConfig
     from pqcad_deploy.models import load_model
 
     loaded = load_model(str(small_unet_dir))
-    cal = collect_trajectory_calibration(loaded.unet, loaded.scheduler_config, (1, 32, 32), 10,
+    cal = collect_trajectory_calibration(loaded.unet, make_ddim_scheduler(loaded.scheduler_config, 10), (1, 32, 32),
                                          CalibrationConfig(num_trajectories=4, timesteps_kept=10, batch_size=4),
                                          seed=0, progress=False)
     sub = select_calibration(loaded.unet, cal, 12, batch_size=20)
