@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -173,9 +173,10 @@ def student_state_from_model(student: torch.nn.Module) -> dict[str, torch.Tensor
     qlayers = quant_layers(student)
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in qlayers.items():
-        tensors[f"{name}.weight_codes"] = layer.weight_codes().cpu().contiguous()
-        tensors[f"{name}.weight_scale"] = layer.weight_quantizer.scale.detach().float().cpu().contiguous()
-        tensors[f"{name}.act_scale"] = layer.input_quantizer.scale.detach().float().cpu().contiguous()
+        stored = LayerTensors(weight_codes=layer.weight_codes().cpu().contiguous(),
+                              weight_scale=layer.weight_quantizer.scale.detach().float().cpu().contiguous(),
+                              act_scale=layer.input_quantizer.scale.detach().float().cpu().contiguous())
+        tensors.update(stored.as_state(name))
     state = student.state_dict()
     for key in _plain_state_keys(student, qlayers):
         tensors[key] = state[key].detach().cpu().contiguous()
@@ -328,6 +329,15 @@ class LayerTensors:
     weight_scale: torch.Tensor  # float32 [out_channels]
     act_scale: torch.Tensor  # float32 per-tensor scale; a placeholder 1.0 for a float input
 
+    @staticmethod
+    def keys(name: str) -> tuple[str, ...]:
+        """The student.safetensors keys of layer `name`'s tensors, in field order."""
+        return tuple(f"{name}.{f.name}" for f in fields(LayerTensors))
+
+    def as_state(self, name: str) -> dict[str, torch.Tensor]:
+        """These tensors under layer `name`'s student.safetensors keys."""
+        return dict(zip(self.keys(name), (self.weight_codes, self.weight_scale, self.act_scale)))
+
 
 @dataclass
 class CompressedArtifact:
@@ -348,8 +358,7 @@ class CompressedArtifact:
     def layer_tensors(self, name: str) -> LayerTensors:
         """The stored codes and scales of quantized layer `name` (validated when the artifact loaded)."""
         try:
-            return LayerTensors(*(self.student_tensors[f"{name}.{key}"]
-                                  for key in ("weight_codes", "weight_scale", "act_scale")))
+            return LayerTensors(*(self.student_tensors[key] for key in LayerTensors.keys(name)))
         except KeyError as exc:
             raise ArtifactError(f"{self.path} lacks tensor {exc.args[0]}; the artifact is incomplete.") from None
 
@@ -384,12 +393,10 @@ class CompressedArtifact:
         tensors = dict(self.student_tensors)
         with torch.no_grad():
             for name, layer in quant_layers(unet).items():
-                try:
-                    codes = tensors.pop(f"{name}.weight_codes")
-                    scale = tensors.pop(f"{name}.weight_scale")
-                    act_scale = tensors.pop(f"{name}.act_scale")
-                except KeyError as exc:
-                    raise ArtifactError(f"{self.path} lacks tensor {exc.args[0]}; the artifact is incomplete.") from None
+                stored = self.layer_tensors(name)
+                for key in LayerTensors.keys(name):
+                    del tensors[key]
+                codes, scale, act_scale = stored.weight_codes, stored.weight_scale, stored.act_scale
                 if tuple(codes.shape) != tuple(layer.weight.shape):
                     raise ArtifactError(f"{self.path}: {name} codes have shape {tuple(codes.shape)}, "
                                         f"the UNet expects {tuple(layer.weight.shape)}.")

@@ -97,7 +97,8 @@ def quantization_report(fp_unet: torch.nn.Module, student: torch.nn.Module,
         signal += float(ref.double().pow(2).sum())
         noise += float((out - ref).double().pow(2).sum())
         count += ref.numel()
-    return {"layers": layers, "noise_pred_sqnr_db": sqnr_db_from_powers(signal, noise), "noise_pred_mse": noise / max(count, 1)}
+    return {"layers": layers, "noise_pred_sqnr_db": sqnr_db_from_powers(signal, noise),
+            "noise_pred_mse": noise / max(count, 1)}
 
 
 def _run_method(config: CompressConfig, settings: PresetSettings, fp_unet, plan, calibration, batch_size: int,

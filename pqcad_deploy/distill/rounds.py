@@ -32,9 +32,9 @@ def distill_rounds(config: CompressConfig, student: torch.nn.Module, fp_unet: to
 
     Round r trains on C_DC drawn from the FP model on the N/2^r grid, with the FP model as the teacher
     in round 0 and the previous round's student after that (progressive distillation). After each
-    round the guard (distill.guard) keeps the new student only if it samples at least as close to FP
-    at the round's teacher steps as its starting point does on the same halved grid
-    (``report["guard"]``). Checkpointed every ``settings.distill_checkpoint_every`` iterations and at
+    round the guard (distill.guard) keeps the new student only if it samples clearly closer (beyond the
+    check's noise) to FP at the original teacher steps than its starting point does on the same halved
+    grid (``report["guard"]``). Checkpointed every ``settings.distill_checkpoint_every`` iterations and at
     the end of every round but the last; `resume` continues from the last one (C_DC is redrawn: it is
     seeded). With one round the report is that round's; with more it is the last round's plus
     ``rounds`` (every round's). `on_round(r, student, report, timesteps)` sees each round's kept
