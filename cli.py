@@ -241,9 +241,10 @@ def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, d
 # export / build-engine choices. The export tuples are converters.export_onnx's TARGETS and
 # WEIGHT_STORAGES, written out because converters imports torch and build-engine / sample must not
 # (tests/test_cli.py checks that they stay equal); the others come from torch-free engines modules.
-_EXPORT_TARGETS: tuple[str, ...] = ("onnxruntime", "qdq", "ort-x86", "ort-qlinear")
+_EXPORT_TARGETS: tuple[str, ...] = ("onnxruntime", "qdq", "ort-x86", "ort-qlinear", "tensorrt")
 _WEIGHT_STORAGES: tuple[str, ...] = ("auto", "int4", "int8")
 from pqcad_deploy.engines.manifest import BACKENDS as _BACKENDS  # noqa: E402  (torch-free, a few ms)
+from pqcad_deploy.engines.manifest import ORT_PROVIDERS as _ORT_PROVIDERS  # noqa: E402
 
 _PORTABLE_LEVELS: tuple[str, ...] = ("basic", "extended")
 """build-engine's levels: engines.build's OPTIMIZATION_LEVELS less 'disabled' (nothing saved worth an engine)
@@ -254,14 +255,19 @@ and 'all' (layouts specific to the building CPU)."""
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(path_type=Path), help="ONNX file to write.")
 @click.option("--fp", is_flag=True, help="Export the artifact's full-precision teacher instead of the quantized student.")
-@click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21),
-              help="ONNX opset, 13-21. 17 suits TensorRT 10 and ONNX Runtime; 4-bit activations need 21.")
+@click.option("--opset", default=None, type=click.IntRange(13, 21),
+              help="ONNX opset, 13-21. Default: 19 for --target tensorrt (its lowest: FP16 Q/DQ scales), else 17. "
+                   "4-bit activations need 21, and so do --target tensorrt's blocked INT4 MatMul weights.")
 @click.option("--target", default="onnxruntime", show_default=True, type=click.Choice(_EXPORT_TARGETS),
               help="onnxruntime: the fastest form for build-engine's default backend, chosen per artifact and "
                    "printed: ort-qlinear when every quantized layer has 8-bit activations, else qdq (ONNX "
-                   "Runtime has no 4-bit kernels). qdq: int8 symmetric Q/DQ on every quantized layer, "
-                   "TensorRT's form (use it for --backend tensorrt; ONNX Runtime runs its Conv layers in "
-                   "float). ort-x86: the same values for ONNX Runtime's x86 CPU integer kernels: "
+                   "Runtime has no 4-bit kernels). qdq: int8 symmetric Q/DQ on every quantized layer, float32, "
+                   "the student exactly (ONNX Runtime runs its Conv layers in float). tensorrt: for build-engine "
+                   "--backend tensorrt: an FP16 graph (FP32 inputs/outputs) with one int8 Q/DQ per tensor, Q/DQ "
+                   "on the residual Adds' second input (scales calibrated at export) and the upsamplers' "
+                   "Resize, float-input layers as FP16 weights, 4-bit conv weights in INT8 containers and, at "
+                   "--opset 21, 4-bit MatMul weights as blocked INT4; 8-bit activations only; parity: output "
+                   "within 5e-2 relative L2 of the student (FP16). ort-x86: the same values for ONNX Runtime's x86 CPU integer kernels: "
                    "each quantized Conv as ConvInteger (int8 activations, uint8 weights + 128) and MatMul inputs "
                    "as uint8 with zero-point 128 (fused to MatMulIntegerToFloat); 8-bit activations only. Exact "
                    "on CPUs with VNNI; parity is then checked on the optimized graph. ort-qlinear: faster on "
@@ -271,9 +277,9 @@ and 'all' (layouts specific to the building CPU)."""
                    "PyTorch model with the same roundings, on the optimized graph.")
 @click.option("--weight-storage", default="auto", show_default=True, type=click.Choice(_WEIGHT_STORAGES),
               help="How 4-bit weight codes are stored. int4: ONNX INT4 initializers, two codes a byte (needs "
-                   "--opset 21 and --target qdq; TensorRT takes INT4 only for MatMul weights, so use int8 for "
-                   "TensorRT). int8: an INT8 container (any opset). auto: int4 for --target qdq at --opset 21, "
-                   "else int8.")
+                   "--opset 21 and --target qdq or tensorrt; tensorrt stores only MatMul weights so, blocked, since "
+                   "TensorRT has no INT4 convolution). int8: an INT8 container (any opset). auto: int4 for --target "
+                   "qdq or tensorrt at --opset 21, else int8.")
 @click.option("--parity/--no-parity", default=True, show_default=True,
               help="Before the ONNX is moved into place, compare ONNX Runtime with the PyTorch fake-quant model "
                    "on 4 inputs and print pass or fail. It fails on any nan/inf; on an input whose codes all "
@@ -291,12 +297,14 @@ def export(artifact, onnx_path, fp, opset, target, weight_storage, parity, parit
                          weight_storage=weight_storage, parity=parity, parity_gate=parity_gate)
     extra = "" if result.target == "qdq" else f", target {result.target}"
     extra += f", {result.int4_weight_layers} with INT4 weights" if result.int4_weight_layers else ""
-    if result.calibration_seconds:
+    if result.calibration_seconds and result.rewrite is None:
         extra += f", Conv output scales calibrated in {result.calibration_seconds:.1f} s"
     click.echo(f"wrote {result.path} ({result.precision}, opset {result.opset}, "
                f"{result.num_quantized_layers} Q/DQ layers{extra}, {result.size_bytes / 1e6:.2f} MB)")
+    if result.rewrite is not None:
+        click.echo(f"{result.target}: {result.rewrite}")
     if result.requested_target != result.target and not fp:
-        tensorrt = "" if result.target == "qdq" else "; for --backend tensorrt export with --target qdq"
+        tensorrt = "" if result.target == "tensorrt" else "; for --backend tensorrt export with --target tensorrt"
         click.echo(f"target {result.requested_target}: {result.target} ({result.target_reason}{tensorrt})")
     if result.parity is not None:
         click.echo(f"parity vs PyTorch: {result.parity}")
@@ -309,20 +317,80 @@ def export(artifact, onnx_path, fp, opset, target, weight_storage, parity, parit
 @click.argument("onnx_path", metavar="ONNX", type=click.Path(path_type=Path))
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(_BACKENDS),
               help="onnxruntime (everywhere) or tensorrt (NVIDIA GPUs and Jetson; needs TensorRT 10 and an ONNX "
-                   "exported with --target qdq).")
+                   "exported with --target tensorrt).")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Engine directory to write.")
 @click.option("--optimization-level", default="extended", show_default=True, type=click.Choice(_PORTABLE_LEVELS),
               help="onnxruntime graph optimization saved into the engine: basic or extended (portable levels; "
-                   "ONNX Runtime's 'all' adds layouts specific to the building CPU).")
+                   "ONNX Runtime's 'all' adds layouts specific to the building CPU). --provider cpu only.")
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(_ORT_PROVIDERS),
+              help="--backend onnxruntime's execution provider, recorded in the engine so sample runs there. cpu: "
+                   "the engine holds ONNX Runtime's CPU-optimized graph. cuda, tensorrt: ONNX Runtime's CUDA or "
+                   "TensorRT provider on an NVIDIA GPU (needs onnxruntime-gpu, see docs/JETSON.md); the engine "
+                   "holds the exported graph, which ONNX Runtime optimizes for the provider when sample loads "
+                   "it; tensorrt runs Q/DQ layers in INT8 and caches its TensorRT engines in ENGINE/trt_cache/. "
+                   "A provider this onnxruntime lacks is refused.")
 @_overwrite_option
-def build_engine(onnx_path, backend, out, optimization_level, overwrite) -> None:
+@click.pass_context
+def build_engine(ctx, onnx_path, backend, out, optimization_level, provider, overwrite) -> None:
     """Build an engine directory (optimized model + manifest) from an ONNX written by export."""
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+
+    if backend == "tensorrt":
+        for flag, name in (("--provider", "provider"), ("--optimization-level", "optimization_level")):
+            if given(name):
+                raise click.BadParameter("applies to --backend onnxruntime only (TensorRT optimizes the whole "
+                                         "graph itself); leave it out.", param_hint=flag)
+    elif provider != "cpu" and given("optimization_level"):
+        raise click.BadParameter(f"applies to --provider cpu only (a {provider} engine holds the exported graph, "
+                                 "optimized by ONNX Runtime for its provider when sample loads it); leave it out.",
+                                 param_hint="--optimization-level")
     started = time.perf_counter()
     from pqcad_deploy.engines.backends import build_engine as build
 
-    manifest = build(backend, onnx_path, out, overwrite=overwrite, optimization_level=optimization_level)
-    click.echo(f"wrote {out} ({manifest.backend}, {manifest.onnx.precision}, "
+    onnxruntime = backend == "onnxruntime"
+    manifest = build(backend, onnx_path, out, overwrite=overwrite,
+                     optimization_level=optimization_level if onnxruntime and provider == "cpu" else None,
+                     provider=provider if onnxruntime else None)
+    where = f" on {manifest.ort_provider}" if manifest.ort_provider not in (None, "cpu") else ""
+    click.echo(f"wrote {out} ({manifest.backend}{where}, {manifest.onnx.precision}, "
                f"{manifest.onnx.student_steps} sampling steps, {time.perf_counter() - started:.1f} s)")
+    if manifest.tensorrt is not None:  # where the plan runs, what runs in INT8, and how to build it by hand
+        from pqcad_deploy.engines.tensorrt_options import LAYER_REPORT_FILE
+        from pqcad_deploy.engines.tensorrt_report import read_layer_report
+
+        built = manifest.tensorrt
+        click.echo(f"built with TensorRT {built.tensorrt_version} on {built.gpu_name} "
+                   f"(compute capability {built.compute_capability})")
+        for line in read_layer_report(Path(out) / LAYER_REPORT_FILE).lines():
+            click.echo(line)
+        click.echo(f"trtexec equivalent: {built.trtexec_command}")
+
+
+from pqcad_deploy.engines.onnx_findings import CHECK_TARGETS as _CHECK_TARGETS  # noqa: E402  (no onnx, no numpy)
+
+
+@cli.command("check", epilog=_EPILOG)
+@click.argument("onnx_path", metavar="ONNX", type=click.Path(path_type=Path))
+@click.option("--target", required=True, type=click.Choice(_CHECK_TARGETS),
+              help="The runtime whose rules apply: tensorrt (what build-engine --backend tensorrt refuses on "
+                   "errors, plus warnings for lost INT8 fusions and FP32 math) or onnxruntime.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the findings (rule, severity, node, message, reference) and a summary as JSON.")
+@click.pass_context
+def check(ctx, onnx_path, target, as_json) -> None:
+    """Check an ONNX graph against TensorRT's or ONNX Runtime's Q/DQ rules, statically (no TensorRT needed).
+
+    Prints one line per finding, `rule-id severity node: message (see URL)`, then a summary line.
+    Exits 1 when any finding is an error (build-engine --backend tensorrt refuses those), 0 otherwise.
+    The rules and their sources: docs/CHECKER.md.
+    """
+    from pqcad_deploy.engines.onnx_check import check_onnx, format_human, format_json
+
+    findings = check_onnx(onnx_path, target)
+    click.echo((format_json if as_json else format_human)(findings, target, str(onnx_path)))
+    if any(f.severity == "error" for f in findings):
+        ctx.exit(1)
 
 
 @cli.command(epilog=_EPILOG)

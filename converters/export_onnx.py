@@ -26,7 +26,7 @@ from torch import nn
 from pqcad_deploy.converters.naming import qdq_names
 from pqcad_deploy.converters.parity import ParityVerdict
 from pqcad_deploy.converters.qdq import to_export_layer
-from pqcad_deploy.converters.targets import EXPORT_TARGETS, export_target
+from pqcad_deploy.converters.targets import EXPORT_TARGETS, RewriteContext, export_target
 from pqcad_deploy.engines.manifest import INPUT_NAMES, OnnxManifest, output_name_for, write_onnx_manifest
 from pqcad_deploy.artifact import CompressedArtifact, artifact_digest, load_artifact
 from pqcad_deploy.errors import ExportError, OutputPathError
@@ -36,7 +36,7 @@ from pqcad_deploy.quant.replace import quant_layers
 __all__ = ["DEFAULT_OPSET", "DEFAULT_TARGET", "SUPPORTED_OPSETS", "TARGETS", "WEIGHT_STORAGES", "ExportResult",
            "ParityGateError", "export_onnx", "precision_name", "resolve_target"]
 
-DEFAULT_OPSET = 17
+DEFAULT_OPSET = 17  # the ONNX Runtime targets'; each target's own is ExportTarget.default_opset
 # 13: per-axis QuantizeLinear/DequantizeLinear. 21: INT4 Q/DQ (4-bit activations).
 SUPPORTED_OPSETS: tuple[int, ...] = tuple(range(13, 22))
 _TORCHSCRIPT_MAX_OPSET = 20
@@ -65,6 +65,7 @@ class ExportResult:
     requested_target: str = "qdq"  # what was asked for ("onnxruntime" resolves to `target`)
     target_reason: str = ""  # why "onnxruntime" resolved to `target`
     parity: ParityVerdict | None = None  # None when parity was not checked
+    rewrite: object = None  # the target rewrite's summary (converters.tensorrt.TensorRTRewrite), if any
 
 
 class ParityGateError(ExportError):
@@ -116,9 +117,11 @@ def _swap_in_export_twins(unet: nn.Module, artifact: CompressedArtifact) -> int:
     return len(layers)
 
 
-def _check_opset(opset: int, artifact: CompressedArtifact, fp: bool) -> None:
+def _check_opset(opset: int, artifact: CompressedArtifact, fp: bool, target: str) -> None:
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"--opset must be one of {SUPPORTED_OPSETS[0]}..{SUPPORTED_OPSETS[-1]}; got {opset}.")
+    if opset < (lowest := export_target(target).min_opset):
+        raise ExportError(f"--target {target} needs --opset {lowest} or newer; got {opset}.")
     if not fp and opset < 21 and any(r.act_bits == 4 for r in artifact.manifest.layers.values()):
         raise ExportError(
             "this artifact has 4-bit activations, which need INT4 QuantizeLinear: pass --opset 21 "
@@ -281,14 +284,16 @@ def _set_opset(model, opset: int) -> None:
 
 
 def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = False,
-                opset: int = DEFAULT_OPSET, overwrite: bool = False, target: str = "qdq",
+                opset: int | None = None, overwrite: bool = False, target: str = "qdq",
                 weight_storage: str = "auto", output_statistic: str = "max", parity: bool = False,
                 parity_gate: bool = True, parity_samples: int = 4) -> ExportResult:
     """Write the artifact's student (or, with fp=True, its FP teacher) as our ONNX at `out_path`.
 
-    target: "qdq" (int8 symmetric Q/DQ, TensorRT's form), "ort-x86" (converters.ort_x86),
-        "ort-qlinear" (converters.ort_qlinear), or "onnxruntime" (the fastest of these on ONNX
-        Runtime for this artifact, resolve_target; the CLI's default).
+    target: "qdq" (int8 symmetric Q/DQ on every quantized layer, float32), "tensorrt" (converters.tensorrt:
+        FP16, shared Q/DQ, quantized residual Adds), "ort-x86" (converters.ort_x86), "ort-qlinear"
+        (converters.ort_qlinear), or "onnxruntime" (the fastest of the ONNX Runtime ones for this
+        artifact, resolve_target; the CLI's default).
+    opset: None: the target's default_opset (19 for tensorrt, else DEFAULT_OPSET).
     weight_storage: how 4-bit weight codes are stored, see WEIGHT_STORAGES.
     output_statistic: ort-qlinear only, the Conv output range its scales come from
         (converters.ort_qlinear.OUTPUT_STATISTICS; "max" measured best).
@@ -314,9 +319,10 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
     requested_target = target
     target, target_reason = resolve_target(target, {n: r.act_bits for n, r in artifact.manifest.layers.items()},
                                            weight_storage, fp)
-    storage = _weight_storage(weight_storage, target, opset, fp)
-    _check_opset(opset, artifact, fp)
     spec = export_target(target)
+    opset = spec.default_opset if opset is None else opset
+    storage = _weight_storage(weight_storage, target, opset, fp)
+    _check_opset(opset, artifact, fp, target)
     m = artifact.manifest
     layer_act_bits = {name: r.act_bits for name, r in m.layers.items()}
     if spec.check is not None and not fp:
@@ -346,9 +352,14 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
                 )
             model = onnx.load(str(tmp))
             _tidy_graph(model, {} if fp else layer_act_bits)
-            n_int4 = 0
-            if not fp and spec.rewrite is not None:
-                spec.rewrite(model, layer_act_bits, target_state)
+            n_int4, summary = 0, None
+            if fp and spec.fp_rewrite is not None:
+                spec.fp_rewrite(model)
+            elif not fp and spec.rewrite is not None:
+                context = RewriteContext(opset=opset, int4=storage == "int4",
+                                         layer_weight_bits={name: r.weight_bits for name, r in m.layers.items()})
+                summary = spec.rewrite(model, layer_act_bits, target_state, context)
+                n_int4 = len(getattr(summary, "int4_layers", ()))
             elif not fp and storage == "int4":
                 n_int4 = _store_int4_weights(model, {name: r.weight_bits for name, r in m.layers.items()})
             if opset > _TORCHSCRIPT_MAX_OPSET:
@@ -379,9 +390,10 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
             raise ExportError(f"the exported graph failed onnx.checker: {str(exc).splitlines()[0]}") from None
     return ExportResult(path=out_path, precision=manifest.precision, opset=opset,
                         num_quantized_layers=n_quant, size_bytes=out_path.stat().st_size,
-                        target="qdq" if fp else target, int4_weight_layers=n_int4,
-                        calibration_seconds=calibration_seconds, requested_target=requested_target,
-                        target_reason=target_reason, parity=verdict)
+                        target=target if fp and spec.fp_rewrite is not None else "qdq" if fp else target,
+                        int4_weight_layers=n_int4, calibration_seconds=calibration_seconds,
+                        requested_target=requested_target, target_reason=target_reason, parity=verdict,
+                        rewrite=summary)
 
 
 def _is_our_onnx(path: Path) -> bool:
@@ -398,10 +410,13 @@ def _is_our_onnx(path: Path) -> bool:
 def _check_parity(artifact_path: Path, onnx_path: Path, target: str, n: int) -> ParityVerdict:
     """The parity verdict of the graph at `onnx_path`: as written for qdq, as ONNX Runtime optimizes
     it (what an engine runs) for the ONNX Runtime targets."""
-    from pqcad_deploy.converters.parity import parity_report, parity_verdict
+    from pqcad_deploy.converters.parity import output_parity_verdict, parity_report, parity_verdict
 
-    level = export_target(target).parity_level
-    return parity_verdict(parity_report(artifact_path, onnx_path, n=n, optimization_level=level))
+    spec = export_target(target)
+    report = parity_report(artifact_path, onnx_path, n=n, optimization_level=spec.parity_level)
+    if spec.parity_output_tolerance is not None:
+        return output_parity_verdict(report, spec.parity_output_tolerance)
+    return parity_verdict(report)
 
 
 def _teacher_timesteps(m) -> list[int]:

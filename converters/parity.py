@@ -13,6 +13,15 @@ names those roundings (converters.ort_qlinear.output_rounding), and the PyTorch 
 ones through hooks (rounded_conv_outputs), so the check still compares like with like, at the same
 tolerances, and the output codes are compared as well.
 
+Why not Polygraphy's Comparator (an ONNX Runtime runner against a runner of the PyTorch student, with
+per-output tolerances): it compares outputs, and in a quantized UNet an output difference cannot tell an
+export bug from one value rounded the other way (above); what tells them apart is the integer codes of
+every QuantizeLinear against the codes PyTorch computes at the same layer, which needs hooks on the
+student's quantizers and probe outputs on the graph that Comparator has no notion of. The tensorrt
+target, whose FP16 arithmetic flips codes by design, is judged by its output alone
+(output_parity_verdict), which is what Comparator would do, at a stated tolerance, in ten lines here
+without a dependency.
+
 parity_verdict turns a report into pass / fail with the reason (export's gate, README "Parity, and
 its tolerance"): non-finite values anywhere fail; every input whose codes all agree must match to
 EXACT_REL_TOL relative L2; the first layer whose codes differ may differ in at most
@@ -33,7 +42,7 @@ from pqcad_deploy.artifact import load_artifact
 from pqcad_deploy.quant.replace import quant_layers
 
 __all__ = ["EXACT_REL_TOL", "FLIP_FRACTION_TOL", "MAX_CODE_STEP", "LayerFlips", "ParityReport", "ParityVerdict",
-           "parity_report", "parity_verdict"]
+           "output_parity_verdict", "parity_report", "parity_verdict"]
 
 EXACT_REL_TOL = 1e-5
 """An input whose integer codes all agree with PyTorch's must match its output to this relative L2."""
@@ -107,6 +116,23 @@ def parity_verdict(report: ParityReport) -> ParityVerdict:
                                    f"only; {flips}")
     return ParityVerdict(True, f"{len(clean)}/{n} inputs with identical codes, relative error {exact:.1e} <= "
                                f"{EXACT_REL_TOL:.0e}; {flips}")
+
+
+def output_parity_verdict(report: ParityReport, tolerance: float) -> ParityVerdict:
+    """Pass when every output is finite and within `tolerance` relative L2 of the student's.
+
+    For a graph whose arithmetic differs from the student's by design (the tensorrt target: FP16, one
+    scale per tensor, rounded residual inputs), integer codes flip wherever FP16 moves a value across a
+    rounding boundary, so they cannot tell a bug from FP16; the outputs' error bound does, since an
+    export bug (wrong scale, axis, layout) moves outputs by tens of percent, not by FP16's few.
+    """
+    if report.non_finite is not None:
+        return ParityVerdict(False, f"{report.non_finite}; every value must be finite")
+    worst = max(report.sample_rel_errors)
+    if not worst <= tolerance:
+        return ParityVerdict(False, f"relative error {worst:.2e} of the output, threshold {tolerance:.0e}")
+    return ParityVerdict(True, f"relative error of the output at most {worst:.1e} <= {tolerance:.0e} "
+                               f"(FP16 graph: codes not compared)")
 
 
 def _torch_codes(student: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
@@ -195,6 +221,8 @@ def parity_report(artifact_path, onnx_path, n: int = 8, seed: int = 0,
     first = None
     clean = set(range(n))
     for name in order:
+        if name not in t_codes:
+            continue  # a rounding only the graph has (the tensorrt target's residual Adds)
         a, b = t_codes[name].astype(np.int32), o_codes[name]
         mismatch = a != b
         if mismatch.any():

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .errors import BuildError
 from .manifest import BACKENDS, EngineManifest, OnnxManifest
 from .runner import Runner
 
@@ -20,26 +21,43 @@ __all__ = ["EngineBackend", "ENGINE_BACKENDS", "engine_backend", "build_engine"]
 
 @dataclass(frozen=True)
 class EngineBackend:
-    """build(onnx_path, out_dir, overwrite, optimization_level) -> EngineManifest (the ONNX Runtime level
-    is ignored by backends without one); runner(model_path, onnx_manifest, threads) -> an inactive Runner."""
+    """build(onnx_path, out_dir, overwrite, optimization_level, provider) -> EngineManifest, where the ONNX
+    Runtime level and execution provider are None unless asked for (a backend without them refuses them);
+    runner(model_path, onnx_manifest, threads) -> an inactive Runner."""
 
-    build: Callable[[Path, Path, bool, str], EngineManifest]
+    build: Callable[[Path, Path, bool, "str | None", "str | None"], EngineManifest]
     runner: Callable[[Path, OnnxManifest, "int | None"], Runner]
 
 
-def _build_onnxruntime(onnx_path: Path, out_dir: Path, overwrite: bool, optimization_level: str) -> EngineManifest:
+def _build_onnxruntime(onnx_path: Path, out_dir: Path, overwrite: bool, optimization_level: str | None,
+                       provider: str | None) -> EngineManifest:
     from .build import build_onnxruntime_engine
 
-    return build_onnxruntime_engine(onnx_path, out_dir, optimization_level=optimization_level, overwrite=overwrite)
+    return build_onnxruntime_engine(onnx_path, out_dir, optimization_level=optimization_level,
+                                    provider=provider or "cpu", overwrite=overwrite)
 
 
 def _onnxruntime_runner(model: Path, manifest: OnnxManifest, threads: int | None) -> Runner:
+    """The engine's runner on the provider its engine.json records.
+
+    generate.runner_for hands over the model path and the ONNX manifest only, so the provider is read
+    from the engine.json beside the model (which ``sample`` has just verified).
+    """
+    from .build import tensorrt_provider_options
+    from .manifest import read_engine_manifest
     from .ort import OnnxRuntimeRunner
 
-    return OnnxRuntimeRunner(model, manifest, intra_op_threads=threads)
+    provider = read_engine_manifest(model.parent).ort_provider or "cpu"
+    options = tensorrt_provider_options(manifest, model.parent) if provider == "tensorrt" else None
+    return OnnxRuntimeRunner(model, manifest, provider=provider, intra_op_threads=threads, tensorrt_options=options)
 
 
-def _build_tensorrt(onnx_path: Path, out_dir: Path, overwrite: bool, optimization_level: str) -> EngineManifest:
+def _build_tensorrt(onnx_path: Path, out_dir: Path, overwrite: bool, optimization_level: str | None,
+                    provider: str | None) -> EngineManifest:
+    for name, value in (("optimization_level", optimization_level), ("provider", provider)):
+        if value is not None:  # ONNX Runtime's settings: TensorRT builds its own plan
+            raise BuildError(f"{name}={value!r} is a setting of backend onnxruntime; backend tensorrt takes none "
+                             "(TensorRT optimizes the whole graph itself): leave it out.")
     from .tensorrt_build import build_tensorrt_engine
 
     return build_tensorrt_engine(onnx_path, out_dir, overwrite=overwrite)
@@ -64,6 +82,13 @@ def engine_backend(name: str) -> EngineBackend:
 
 
 def build_engine(backend: str, onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
-                 overwrite: bool = False, optimization_level: str = "extended") -> EngineManifest:
-    """build-engine for any backend."""
-    return engine_backend(backend).build(Path(onnx_path), Path(out_dir), overwrite, optimization_level)
+                 overwrite: bool = False, optimization_level: str | None = None,
+                 provider: str | None = None) -> EngineManifest:
+    """build-engine for any backend.
+
+    Args:
+        optimization_level, provider: backend onnxruntime's graph optimization level (cpu provider only)
+            and execution provider (engines.manifest.ORT_PROVIDERS); None: its defaults (extended, cpu).
+            Backend tensorrt refuses both.
+    """
+    return engine_backend(backend).build(Path(onnx_path), Path(out_dir), overwrite, optimization_level, provider)

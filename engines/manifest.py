@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -37,8 +38,11 @@ __all__ = [
     "OUTPUT_NAMES",
     "Backend",
     "BACKENDS",
+    "OrtProvider",
+    "ORT_PROVIDERS",
     "output_name_for",
     "OnnxManifest",
+    "TensorRTBuildInfo",
     "EngineManifest",
     "sha256_file",
     "read_onnx_manifest",
@@ -58,10 +62,13 @@ ONNX_VERSION = 2
 Version 1 is still read: its copies are checked once, then dropped."""
 V1_COPIES: tuple[str, ...] = ("student_steps", "input_names", "output_name")
 ENGINE_FORMAT = "pqcad-engine"
-ENGINE_VERSION = 2
+ENGINE_VERSION = 3
 """engine.json flattens the ONNX manifest, so it changes with it: 2 holds ONNX manifest version 2's
-keys, 1 version 1's (still read)."""
-ONNX_VERSION_IN_ENGINE: dict[int, int] = {1: 1, 2: 2}
+keys, 1 version 1's (still read). 3 holds version 2's keys plus, for a tensorrt engine, the required
+``tensorrt`` object (:class:`TensorRTBuildInfo`: the TensorRT version and GPU that built the plan);
+a tensorrt engine of version 1 or 2 has none and is still read (its plan cannot be checked before
+TensorRT loads it)."""
+ONNX_VERSION_IN_ENGINE: dict[int, int] = {1: 1, 2: 2, 3: 2}
 METADATA_KEY = "pqcad.manifest"
 ENGINE_MANIFEST_FILE = "engine.json"
 INPUT_NAMES: tuple[str, str] = ("sample", "timestep")
@@ -76,6 +83,11 @@ OUTPUT_NAMES: dict[str, str] = {"epsilon": "noise_pred", "sample": "sample_pred"
 
 Backend = Literal["onnxruntime", "tensorrt"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
+OrtProvider = Literal["cpu", "cuda", "tensorrt"]
+ORT_PROVIDERS: tuple[str, ...] = get_args(OrtProvider)
+"""The ONNX Runtime execution provider an onnxruntime engine was built for (engine.json ``ort_provider``):
+cpu (the CPU provider), cuda (CUDAExecutionProvider), tensorrt (ONNX Runtime's TensorrtExecutionProvider,
+not the tensorrt backend). engines/ort_session.py maps them to ONNX Runtime's names."""
 
 
 def output_name_for(prediction_type: str) -> str:
@@ -268,12 +280,65 @@ def _construct(cls: type, data: dict[str, Any], source: str) -> Any:
 
 
 @dataclass(frozen=True)
+class TensorRTBuildInfo:
+    """Where a TensorRT plan was built: engine.json's ``tensorrt`` object (tensorrt engines, version 3).
+
+    A plan runs only with the TensorRT version and on the GPU model that built it; recording both lets
+    the runner refuse a copied plan with one sentence before TensorRT tries to load it.
+
+    Attributes:
+        tensorrt_version: ``tensorrt.__version__`` of the build, e.g. "10.3.0".
+        gpu_name: the CUDA device name of the build, e.g. "Orin".
+        compute_capability: "major.minor" of that device, e.g. "8.7" (Jetson Orin).
+        trtexec_command: the trtexec command line that builds the same plan (printed by build-engine).
+    """
+
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    trtexec_command: str
+
+    def __post_init__(self) -> None:
+        for name in ("tensorrt_version", "gpu_name", "trtexec_command"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ManifestError(f"Engine manifest field tensorrt.{name} must be a non-empty string, got {value!r}.")
+        cc = self.compute_capability
+        if not isinstance(cc, str) or not re.fullmatch(r"[0-9]+\.[0-9]+", cc):
+            raise ManifestError(f"Engine manifest field tensorrt.compute_capability must be \"major.minor\" like "
+                                f"\"8.7\", got {cc!r}.")
+
+    def to_dict(self) -> dict[str, str]:
+        """Return the JSON-ready dict (engine.json's ``tensorrt`` object)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: object, *, source: str) -> TensorRTBuildInfo:
+        """Build from engine.json's ``tensorrt`` object, refusing unknown and missing keys.
+
+        Raises:
+            ManifestError: with ``source`` named in the message.
+        """
+        if not isinstance(data, dict):
+            raise ManifestError(f"{source}: the engine manifest's tensorrt entry is not a JSON object; rebuild the engine.")
+        return _construct(cls, data, source)
+
+
+@dataclass(frozen=True)
 class EngineManifest:
     """``engine.json``: which backend, which model file, its checksum, and the ONNX manifest.
 
     On disk the ONNX manifest's keys are flattened next to the engine keys (docs/CONTRACTS.md 3);
     the ONNX manifest's own ``format``/``version`` are implied by the engine version
     (:data:`ONNX_VERSION_IN_ENGINE`).
+
+    ``ort_provider`` (onnxruntime engines only, one of :data:`ORT_PROVIDERS`) is the execution provider
+    the engine was built for, so ``sample`` runs it there; an engine.json written before it existed was
+    built for the CPU and reads as "cpu". It is an optional key, not a new engine version, so such old
+    files stay readable; it is written only for onnxruntime engines.
+
+    ``tensorrt`` (tensorrt engines only, :class:`TensorRTBuildInfo`) records the TensorRT version and GPU
+    that built the plan; required from engine version 3 on, None for a tensorrt engine of version 1 or 2.
     """
 
     backend: Backend
@@ -281,6 +346,8 @@ class EngineManifest:
     model_sha256: str
     source_onnx_sha256: str
     onnx: OnnxManifest
+    ort_provider: OrtProvider | None = None
+    tensorrt: TensorRTBuildInfo | None = None
     format: str = ENGINE_FORMAT
     version: int = ENGINE_VERSION
 
@@ -298,12 +365,26 @@ class EngineManifest:
                 raise ManifestError(f"Engine manifest field {name} must be a 64-character sha256 hex digest, got {v!r}.")
         if not isinstance(self.onnx, OnnxManifest):
             raise ManifestError("Engine manifest field onnx must be an OnnxManifest.")
+        if self.backend == "onnxruntime":
+            if self.ort_provider is None:  # built before build-engine had --provider: the CPU provider
+                object.__setattr__(self, "ort_provider", "cpu")
+            _choice("ort_provider", self.ort_provider, ORT_PROVIDERS)
+        elif self.ort_provider is not None:
+            raise ManifestError(f"Engine manifest field ort_provider={self.ort_provider!r} belongs to backend "
+                                f"onnxruntime, not {self.backend!r}; rebuild the engine.")
+        if self.tensorrt is not None and (self.backend != "tensorrt" or not isinstance(self.tensorrt, TensorRTBuildInfo)):
+            raise ManifestError(f"Engine manifest field tensorrt belongs to backend tensorrt (a TensorRTBuildInfo), "
+                                f"not {self.backend!r}; rebuild the engine.")
 
     def to_dict(self) -> dict[str, Any]:
         """Return the flat JSON-ready dict described in docs/CONTRACTS.md section 3."""
         d = self.onnx.to_dict()
         d.update(format=self.format, version=self.version, backend=self.backend, model_file=self.model_file,
                  model_sha256=self.model_sha256, source_onnx_sha256=self.source_onnx_sha256)
+        if self.ort_provider is not None:
+            d["ort_provider"] = self.ort_provider
+        if self.tensorrt is not None:
+            d["tensorrt"] = self.tensorrt.to_dict()
         return d
 
     def to_json(self) -> str:
@@ -333,6 +414,12 @@ class EngineManifest:
         if missing:
             raise ManifestError(f"{source}: the engine manifest lacks required keys {missing}; rebuild the engine.")
         engine = {k: data.pop(k) for k in engine_keys}
+        engine.update({k: data.pop(k) for k in ("ort_provider",) if k in data})  # optional engine keys
+        if version >= 3 and engine["backend"] == "tensorrt":  # versions 1 and 2 had no tensorrt object
+            if "tensorrt" not in data:
+                raise ManifestError(f"{source}: the tensorrt engine manifest lacks its tensorrt object (the TensorRT "
+                                    "version and GPU that built the plan); rebuild the engine.")
+            engine["tensorrt"] = TensorRTBuildInfo.from_dict(data.pop("tensorrt"), source=source)
         onnx_version = ONNX_VERSION_IN_ENGINE.get(version, version)  # one below 1 is refused there
         onnx = OnnxManifest.from_dict({**data, "format": ONNX_FORMAT, "version": onnx_version}, source=source)
         try:

@@ -1,4 +1,4 @@
-"""ONNX Runtime runner: the CPU (and CUDA-provider) backend of the runtime."""
+"""ONNX Runtime runner: the onnxruntime backend of the runtime, on the CPU, CUDA or TensorRT provider."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from .errors import BackendUnavailableError, RunnerError
-from .manifest import OnnxManifest
-from .ort_session import ort_session
+from .manifest import OnnxManifest, OrtProvider
+from .ort_session import TensorRTProviderOptions, ort_session
 from .runner import Runner
 
 __all__ = ["OnnxRuntimeRunner"]
@@ -22,28 +22,35 @@ class OnnxRuntimeRunner(Runner):
     Args:
         model_path: the ONNX file.
         manifest: its manifest (from the ONNX or from ``engine.json``).
-        providers: ONNX Runtime execution providers, in priority order; default CPU only, because
-            an engine's ``model.onnx`` was optimized for the CPU provider (fused CPU kernels) and
-            the GPU path of this project is the TensorRT backend.
+        provider: the execution provider (engine.json's ``ort_provider``): "cpu" (default), "cuda" or
+            "tensorrt". An engine's model must run on the provider it was built for: a cpu engine's
+            ``model.onnx`` holds fused CPU kernels, a cuda / tensorrt engine's the exported graph
+            (engines.build). An absent or failing provider is a BackendUnavailableError at activation,
+            never a silent fall-back to the CPU.
         intra_op_threads: threads per operator; default ONNX Runtime's choice (all cores).
+        tensorrt_options: the TensorRT provider's options (engines.build.tensorrt_provider_options),
+            for provider "tensorrt" only.
     """
 
     def __init__(
         self,
         model_path: str | os.PathLike[str],
         manifest: OnnxManifest,
-        providers: list[str] | None = None,
+        provider: OrtProvider = "cpu",
         intra_op_threads: int | None = None,
+        tensorrt_options: TensorRTProviderOptions | None = None,
     ) -> None:
         super().__init__(manifest, name=f"onnxruntime:{Path(model_path).name}")
         self.model_path = Path(model_path)
-        self.providers = providers
+        self.provider = provider
         self.intra_op_threads = intra_op_threads
+        self.tensorrt_options = tensorrt_options
         self._session: Any = None
 
     def activate_impl(self) -> None:
         try:
-            session = ort_session(self.model_path, threads=self.intra_op_threads, providers=self.providers)
+            session = ort_session(self.model_path, threads=self.intra_op_threads, provider=self.provider,
+                                  tensorrt_options=self.tensorrt_options)
         except BackendUnavailableError:
             raise
         except Exception as exc:

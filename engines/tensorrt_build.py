@@ -1,67 +1,69 @@
-"""Build a TensorRT 10 engine directory (``model.plan`` + ``engine.json``) from our ONNX.
+"""Build a TensorRT engine directory (``model.plan``, ``layers.json``, ``engine.json``) from our ONNX.
 
-Written against TensorRT 10's documented Python API; it cannot run in this project's workplace (no
-TensorRT there, as README's introduction says) and its tests skip without ``tensorrt``. The steps are small
-callables, each usable alone: ONNX path -> network (:func:`parse_onnx`) -> plan bytes
-(:func:`build_plan`) -> engine directory (:func:`build_tensorrt_engine`).
+Written against TensorRT 10's documented Python API, with TensorRT 11's removals guarded (cited where
+they matter); it cannot run in this project's workplace (no TensorRT there, as README's introduction
+says) and its tests skip without ``tensorrt``. The steps are small callables, each usable alone: ONNX
+path -> network (:func:`parse_onnx`) -> plan bytes (:func:`build_plan`) -> engine directory
+(:func:`build_tensorrt_engine`), which also runs the plan once through the runner on a batch of one
+(the smoke test, as build.py does for ONNX Runtime) and writes the engine inspector's per-layer JSON.
 
-Precision: our ONNX carries explicit Q/DQ nodes, so the network is built STRONGLY_TYPED by default:
-TensorRT then takes every tensor's type from the graph (INT8 where the Q/DQ pairs say so) and
-precision builder flags are not allowed. ``int8`` / ``fp16`` only apply to a weakly typed build
-(``strongly_typed=False``), where TensorRT needs the INT8 flag to honour Q/DQ and FP16 lets it run
-the unquantized layers in half precision.
+engine.json records where the plan was built (TensorRT version, GPU name and compute capability, and
+the equivalent trtexec command line: :class:`engines.manifest.TensorRTBuildInfo`), so the runner can
+refuse a plan copied to another machine before TensorRT reads it.
+
+Precision: see :mod:`engines.tensorrt_options` (strongly typed by default: types from the Q/DQ graph;
+the weakly typed INT8/FP16 path exists on TensorRT 10 only).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from ._atomic import atomic_file, staged_directory
 from ._lazy import TRT_HINT, lazy_import
 from .build import check_buildable
-from .errors import BackendUnavailableError, BuildError
-from .manifest import EngineManifest, OnnxManifest, sha256_file, write_engine_manifest
+from .cuda_runtime import current_gpu, import_cudart
+from .errors import BackendUnavailableError, BuildError, EngineError
+from .manifest import EngineManifest, OnnxManifest, TensorRTBuildInfo, sha256_file, write_engine_manifest
+from .tensorrt_options import LAYER_REPORT_FILE, TRT_MODEL_FILE, TensorRTBuildOptions, trtexec_command
+from .tensorrt_report import summarize_layer_information
 
-__all__ = ["TRT_MODEL_FILE", "check_tensorrt_target", "import_tensorrt", "parse_onnx", "build_plan",
-           "build_tensorrt_engine"]
-
-TRT_MODEL_FILE = "model.plan"
-
-# What export's ONNX Runtime targets (converters/ort_x86.py, converters/ort_qlinear.py) write and TensorRT
-# does not take: integer-kernel ops, uint8 Q/DQ (TensorRT's Q/DQ are signed and symmetric) and int32 bias
-# DequantizeLinear (QLinearConv's bias layout).
-_ORT_ONLY_OPS = {"ConvInteger": "ort-x86", "MatMulInteger": "ort-x86", "QLinearConv": "ort-qlinear",
-                 "QLinearMatMul": "ort-qlinear", "MatMulIntegerToFloat": "ort-x86"}
+__all__ = ["TRT_MODEL_FILE", "LAYER_REPORT_FILE", "check_tensorrt_target", "import_tensorrt", "network_flags",
+           "parse_onnx", "build_plan", "smoke_test_plan", "build_tensorrt_engine"]
 
 
 def check_tensorrt_target(onnx_path: str | os.PathLike[str]) -> None:
-    """Refuse an ONNX exported for an ONNX Runtime target (ort-x86, ort-qlinear), read from its graph.
+    """Refuse a graph that breaks an error rule of the static ONNX checker for TensorRT.
+
+    The checker (``engines.onnx_check``, ``pqcad-deploy check``; rules in docs/CHECKER.md) states
+    TensorRT's documented Q/DQ and parser limits, so a graph TensorRT would refuse, or build into
+    something other than the Q/DQ graph says, is stopped here, before TensorRT is imported: the same
+    message on a machine without TensorRT as on the Jetson. Warnings (a fusion lost, FP32 math) do
+    not refuse a build; ``pqcad-deploy check`` lists them.
 
     Raises:
-        BuildError: one sentence naming the target and saying to export with --target qdq.
+        BuildError: the first error finding's message, its rule id and node, and how many other errors
+            there are, with the ``pqcad-deploy check ONNX --target tensorrt`` command that lists them all;
+            or the file cannot be read as ONNX.
     """
-    import onnx
+    from .onnx_check import OnnxCheckError, check_onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    inits = {i.name: i.data_type for i in model.graph.initializer}
-    found = None
-    for node in model.graph.node:
-        if node.op_type in _ORT_ONLY_OPS:
-            found = (_ORT_ONLY_OPS[node.op_type], f"{node.op_type} nodes")
-        elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            if len(node.input) > 2 and inits.get(node.input[2]) == onnx.TensorProto.UINT8:
-                found = ("ort-x86", "uint8 Q/DQ")
-            elif node.op_type == "DequantizeLinear" and inits.get(node.input[0]) == onnx.TensorProto.INT32:
-                found = ("ort-qlinear", "int32 bias DequantizeLinear")
-        if found:
-            break
-    if found:
-        raise BuildError(f"{onnx_path} was exported for ONNX Runtime (--target {found[0]}: {found[1]}), which "
-                         "TensorRT does not take; export it again with --target qdq for --backend tensorrt, or "
-                         "build this one with --backend onnxruntime.")
+    try:
+        findings = check_onnx(onnx_path, "tensorrt")
+    except OnnxCheckError as exc:
+        raise BuildError(str(exc)) from exc
+    errors = [f for f in findings if f.severity == "error"]
+    if errors:
+        first = errors[0]
+        others = f"{len(errors) - 1} other error(s) too" if len(errors) > 1 else "no other errors"
+        raise BuildError(f"{onnx_path} breaks TensorRT rule {first.rule} at {first.node}: {first.message} "
+                         f"({others}; `pqcad-deploy check {onnx_path} --target tensorrt` lists every finding.)")
 
 
 def import_tensorrt() -> ModuleType:
@@ -75,6 +77,17 @@ def import_tensorrt() -> ModuleType:
     return trt
 
 
+def network_flags(trt: ModuleType, strongly_typed: bool) -> int:
+    """The ``create_network`` flags: STRONGLY_TYPED when asked for and this TensorRT still has the flag.
+
+    TensorRT 11 deprecated ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (every network is strongly
+    typed there; the flag is accepted and ignored, NVIDIA/TensorRT samples/python/strongly_type_autocast/
+    sample.py still passes it at 11.1), so a TensorRT without it gets 0 and still builds strongly typed.
+    """
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 1 << int(flag) if strongly_typed and flag is not None else 0
+
+
 def parse_onnx(trt: ModuleType, onnx_path: Path, logger: Any, *, strongly_typed: bool) -> tuple[Any, Any, Any]:
     """Parse ``onnx_path`` into a new network; returns ``(builder, network, parser)``.
 
@@ -84,52 +97,80 @@ def parse_onnx(trt: ModuleType, onnx_path: Path, logger: Any, *, strongly_typed:
         BuildError: listing the parser's errors.
     """
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
-    network = builder.create_network(flags)
+    network = builder.create_network(network_flags(trt, strongly_typed))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # reads external data next to the file
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BuildError(f"TensorRT cannot parse {onnx_path}: {errors or 'no details'}; export it again with "
-                         "--target qdq and --weight-storage int8 (TensorRT's form), or build with --backend onnxruntime.")
+                         "--target tensorrt (TensorRT's form; check it with pqcad-deploy check ONNX --target tensorrt), or build "
+                         "with --backend onnxruntime.")
     return builder, network, parser
 
 
-def build_plan(
-    trt: ModuleType,
-    builder: Any,
-    network: Any,
-    manifest: OnnxManifest,
-    *,
-    int8: bool,
-    fp16: bool,
-    strongly_typed: bool,
-    workspace_gb: float,
-    opt_batch: int,
-    max_batch: int,
-) -> bytes:
-    """Configure the builder (workspace, precision, batch profile) and return the serialized plan.
+def build_plan(trt: ModuleType, builder: Any, network: Any, manifest: OnnxManifest,
+               options: TensorRTBuildOptions) -> bytes:
+    """Configure the builder (workspace, precision flags, batch profile, detailed layer information)
+    and return the serialized plan.
 
     Raises:
-        BuildError: TensorRT returns no engine (its log says why).
+        BuildError: a weakly typed build on TensorRT 11 (:meth:`TensorRTBuildOptions.builder_flags`), or
+            TensorRT returns no engine (its log says why).
     """
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if not strongly_typed:  # precision flags are refused on strongly typed networks
-        if int8:
-            config.set_flag(trt.BuilderFlag.INT8)
-        if fp16:
-            config.set_flag(trt.BuilderFlag.FP16)
-    c, h, w = manifest.image_shape
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
+    # Flags by name, only those this TensorRT has (BuilderFlag is a pybind11 enum: __members__, as
+    # Polygraphy's backend/trt/config.py reads trt.PreviewFeature.__members__).
+    for name in options.builder_flags(trt.BuilderFlag.__members__, str(trt.__version__)):
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    # Layer names and parameters in the plan, for the engine inspector (layers.json); Polygraphy's
+    # CreateConfig sets the same by default (backend/trt/config.py).
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     profile = builder.create_optimization_profile()
-    profile.set_shape("sample", (1, c, h, w), (opt_batch, c, h, w), (max_batch, c, h, w))
-    profile.set_shape("timestep", (1,), (opt_batch,), (max_batch,))
+    for name, (low, opt, high) in options.profile_shapes(manifest.image_shape).items():
+        profile.set_shape(name, low, opt, high)
     config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise BuildError("TensorRT could not build the engine (see its log above for the layer it stopped at); "
-                         "export the ONNX with --target qdq (at --opset 17, 8-bit activations), raise workspace_gb "
+                         "export the ONNX with --target tensorrt (FP16, 8-bit activations), raise workspace_gb "
                          "if the log reports too little memory, or build with --backend onnxruntime.")
     return bytes(memoryview(plan))
+
+
+def smoke_test_plan(plan_path: Path, manifest: OnnxManifest, built: TensorRTBuildInfo, *, run: bool = True) -> str:
+    """Load ``plan_path`` through :class:`~engines.tensorrt_runner.TensorRTRunner` (its build-record
+    check included), run it once on a batch of one when ``run``, and return the inspector's layer JSON.
+
+    A plan that builds but cannot be loaded or run is caught here, at build time, not at the first
+    ``sample``.
+
+    Raises:
+        BuildError: the runner refuses or fails, the output has the wrong shape or is not finite, or
+            the layer information is not the inspector's JSON.
+    """
+    from .tensorrt_runner import TensorRTRunner  # here: tensorrt_runner imports this module
+
+    c, h, w = manifest.image_shape
+    feed = {"sample": np.zeros((1, c, h, w), np.float32),
+            "timestep": np.full((1,), manifest.student_timesteps[0], np.float32)}
+    try:
+        with TensorRTRunner(plan_path, manifest, built=built) as runner:
+            out = runner.infer(feed)[manifest.output_name] if run else None
+            layers = runner.layer_information()
+    except EngineError as exc:
+        raise BuildError(f"The built TensorRT engine does not run: {exc}") from exc
+    if out is not None and tuple(out.shape) != (1, c, h, w):
+        raise BuildError(f"The TensorRT engine's {manifest.output_name!r} has shape {list(out.shape)}, expected "
+                         f"[1, {c}, {h}, {w}]; check the export.")
+    if out is not None and not np.isfinite(out).all():
+        raise BuildError(f"The TensorRT engine's {manifest.output_name!r} is not finite on a zero input; export the "
+                         "ONNX again and check its parity, or build with --backend onnxruntime.")
+    try:
+        summarize_layer_information(json.loads(layers), source="the engine inspector's output")
+    except (ValueError, EngineError) as exc:
+        raise BuildError(f"TensorRT's engine inspector returned no per-layer JSON ({exc}); "
+                         "rebuild the engine.") from exc
+    return layers
 
 
 def build_tensorrt_engine(
@@ -143,51 +184,62 @@ def build_tensorrt_engine(
     opt_batch: int = 8,
     max_batch: int = 32,
     overwrite: bool = False,
+    smoke_test: bool = True,
 ) -> EngineManifest:
-    """Build ``out_dir/{model.plan, engine.json}`` for the GPU of this machine.
+    """Build ``out_dir/{model.plan, layers.json, engine.json}`` for the GPU of this machine.
 
     A plan is specific to the GPU model and TensorRT version it was built with: build on the
-    deployment device (e.g. the Jetson itself).
+    deployment device (e.g. the Jetson itself). engine.json records both, and the trtexec command
+    line that builds the same plan (``manifest.tensorrt.trtexec_command``).
 
     Args:
         onnx_path: our ONNX (with ``pqcad.manifest`` metadata).
         out_dir: the engine directory to create.
-        int8, fp16: precision flags for a weakly typed build (ignored when ``strongly_typed``; see module doc).
-        strongly_typed: build a strongly typed network (types from the Q/DQ graph).
+        int8, fp16: precision flags for a weakly typed build (ignored when ``strongly_typed``).
+        strongly_typed: build a strongly typed network (types from the Q/DQ graph); False needs TensorRT 10.
         workspace_gb: builder workspace memory pool limit in GiB.
         opt_batch, max_batch: the batch sizes of the optimization profile (minimum 1).
         overwrite: replace an existing non-empty ``out_dir``.
+        smoke_test: run the plan once on a batch of one through the runner (it is loaded either way,
+            for the layer report).
 
     Returns:
         The engine manifest that was written.
 
     Raises:
         ManifestError: ``onnx_path`` is not written by pqcad-deploy export.
-        BackendUnavailableError: TensorRT 10 is not importable here.
-        BuildError: bad arguments, an ONNX exported for ONNX Runtime (check_tensorrt_target), an existing
-            ``out_dir``, parse or build failure.
+        BackendUnavailableError: TensorRT 10+ or cuda-python is not importable here.
+        BuildError: bad arguments, an ONNX exported for ONNX Runtime (check_tensorrt_target), a weakly
+            typed build on TensorRT 11, an existing ``out_dir``, parse, build or smoke-test failure.
     """
-    if not 1 <= opt_batch <= max_batch:
-        raise BuildError(f"Batch sizes must satisfy 1 <= opt_batch <= max_batch, got opt_batch={opt_batch}, max_batch={max_batch}.")
-    if workspace_gb <= 0:
-        raise BuildError(f"workspace_gb must be positive, got {workspace_gb}.")
+    options = TensorRTBuildOptions(strongly_typed=strongly_typed, int8=int8, fp16=fp16, workspace_gb=workspace_gb,
+                                   opt_batch=opt_batch, max_batch=max_batch)
     onnx_path = Path(onnx_path)
     manifest = check_buildable(onnx_path)
     check_tensorrt_target(onnx_path)
     trt = import_tensorrt()
+    options.builder_flags(trt.BuilderFlag.__members__, str(trt.__version__))  # refuse before parsing, not after
+    cudart = import_cudart()
+    gpu = current_gpu(cudart, error=BuildError)
+    built = TensorRTBuildInfo(tensorrt_version=str(trt.__version__), gpu_name=gpu.name,
+                              compute_capability=gpu.compute_capability,
+                              trtexec_command=trtexec_command(onnx_path, out_dir, manifest, options))
     logger = trt.Logger(trt.Logger.WARNING)
     builder, network, _parser = parse_onnx(trt, onnx_path, logger, strongly_typed=strongly_typed)
-    plan = build_plan(trt, builder, network, manifest, int8=int8, fp16=fp16, strongly_typed=strongly_typed,
-                      workspace_gb=workspace_gb, opt_batch=opt_batch, max_batch=max_batch)
+    plan = build_plan(trt, builder, network, manifest, options)
     with staged_directory(out_dir, overwrite=overwrite, error=BuildError, kind="engine") as tmp:
         with atomic_file(tmp / TRT_MODEL_FILE) as model_tmp:
             model_tmp.write_bytes(plan)
+        layers = smoke_test_plan(tmp / TRT_MODEL_FILE, manifest, built, run=smoke_test)
+        with atomic_file(tmp / LAYER_REPORT_FILE) as report_tmp:
+            report_tmp.write_text(layers, encoding="utf-8")
         engine = EngineManifest(
             backend="tensorrt",
             model_file=TRT_MODEL_FILE,
             model_sha256=sha256_file(tmp / TRT_MODEL_FILE),
             source_onnx_sha256=sha256_file(onnx_path),
             onnx=manifest,
+            tensorrt=built,
         )
         write_engine_manifest(tmp, engine)
     return engine

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from click.testing import CliRunner
 from pqcad_deploy import cli
 from pqcad_deploy.engines._atomic import MARKER_FILE
 from pqcad_deploy.engines.manifest import METADATA_KEY
+from _cli_runner import Outcome, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "pqcad-deploy"
@@ -36,6 +36,8 @@ DEFAULT_METHOD_FAST = ["--preset", "fast", "--teacher-steps", "10", "--quiet"]
 FAST = [*DEFAULT_METHOD_FAST, "--method", "minmax", "--no-distill"]
 """The quickest compress, for tests about the commands rather than the method."""
 COMMANDS = ("compress", "export", "build-engine", "sample", "analyze")
+"""The commands that write an output (the output-safety tests run each)."""
+READ_ONLY_COMMANDS = ("check",)
 GROUPS = {"eval": ("fid",)}  # sub-groups and their commands
 
 
@@ -50,17 +52,10 @@ def _leaf_commands(group: click.Group, prefix: str = "") -> dict[str, click.Comm
     return leaves
 
 
-ALL_COMMANDS = COMMANDS + tuple(f"{g} {c}" for g, cs in GROUPS.items() for c in cs)
+ALL_COMMANDS = COMMANDS + READ_ONLY_COMMANDS + tuple(f"{g} {c}" for g, cs in GROUPS.items() for c in cs)
 
 
 # ----------------------------------------------------------------------------------------- helpers
-
-@dataclass
-class Outcome:
-    code: int
-    out: str
-    err: str
-
 
 # One torch thread: on this 2-core machine, with anything else running, torch's OpenMP threads
 # spin against each other and a 5 s compress takes minutes (measured: 4.9 s vs 104.6 s).
@@ -80,15 +75,9 @@ def one_torch_thread():
 
 
 def run_main(*args: object) -> Outcome:
-    """Run `cli.main` (the console entry point) in-process and capture its exit code and output."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with one_torch_thread(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            cli.main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return Outcome(code, out.getvalue(), err.getvalue())
+    """Run `cli.main` (the console entry point) in-process, one torch thread, and capture its exit code and output."""
+    with one_torch_thread():
+        return run_cli(*args)
 
 
 def run_script(*args: object, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -196,9 +185,9 @@ def small(tmp_path_factory, unet_dirs) -> Pipeline:
 def test_group_help_lists_every_command() -> None:
     result = CliRunner().invoke(cli.cli, ["--help"])
     assert result.exit_code == 0, result.output
-    for name in (*COMMANDS, *GROUPS):
+    for name in (*COMMANDS, *READ_ONLY_COMMANDS, *GROUPS):
         assert name in result.output
-    assert set(cli.cli.commands) == set(COMMANDS) | set(GROUPS)
+    assert set(cli.cli.commands) == set(COMMANDS) | set(READ_ONLY_COMMANDS) | set(GROUPS)
     assert set(_leaf_commands(cli.cli)) == set(ALL_COMMANDS)
     for group, names in GROUPS.items():
         sub = CliRunner().invoke(cli.cli, [group, "--help"])
@@ -268,7 +257,7 @@ def test_export_writes_our_onnx_and_reports_parity(builtin: Pipeline) -> None:
     assert lines[0].startswith(f"wrote {builtin.onnx} (w8a8, opset 17, {layers} Q/DQ layers, target ort-qlinear, "
                                "Conv output scales calibrated in ")
     assert lines[1] == ("target onnxruntime: ort-qlinear (every quantized layer has 8-bit activations: QLinearConv "
-                        "kernels; for --backend tensorrt export with --target qdq)")
+                        "kernels; for --backend tensorrt export with --target tensorrt)")
     assert len(lines) == 3 and lines[2].startswith("parity vs PyTorch: pass (")
 
 
@@ -573,10 +562,10 @@ def test_build_engine_tensorrt_not_installed(small: Pipeline, outdir: Path) -> N
 
 
 def test_build_engine_tensorrt_refuses_an_onnx_runtime_target(builtin: Pipeline, outdir: Path) -> None:
-    """README's main job exports for ONNX Runtime (ort-qlinear); TensorRT needs --target qdq, said before
+    """README's main job exports for ONNX Runtime (ort-qlinear); TensorRT needs --target tensorrt, said before
     TensorRT is even looked for."""
     result = run_main("build-engine", builtin.onnx, "--backend", "tensorrt", "-o", outdir / "E")
-    assert_failed(result, "--target ort-qlinear", "export it again with --target qdq", code=1)
+    assert_failed(result, "--target ort-qlinear", "export it again with --target tensorrt", code=1)
     assert_nothing_left(outdir, "E")
 
 

@@ -84,7 +84,7 @@ def test_every_engines_module_and_cli_import_without_the_pytorch_stage(blocked_r
 
 
 def test_help_of_every_command_works_without_the_pytorch_stage(blocked_run: dict) -> None:
-    assert blocked_run["commands"] == sorted(["compress", "export", "build-engine", "sample", "eval", "analyze"])
+    assert blocked_run["commands"] == sorted(["compress", "export", "build-engine", "check", "sample", "eval", "analyze"])
     for command, help_ in blocked_run["helps"].items():
         assert help_["code"] == 0, command
         assert f"Usage: pqcad-deploy {command}".rstrip() in help_["text"], help_["text"]

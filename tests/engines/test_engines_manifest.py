@@ -17,6 +17,7 @@ from pqcad_deploy.engines.manifest import (
     V1_COPIES,
     EngineManifest,
     OnnxManifest,
+    TensorRTBuildInfo,
     output_name_for,
     read_engine_manifest,
     read_onnx_manifest,
@@ -192,7 +193,8 @@ def _engine(tmp_path: Path, make_manifest) -> tuple[Path, EngineManifest]:
 def test_engine_manifest_round_trip_and_flat_json(tmp_path: Path, make_manifest) -> None:
     d, m = _engine(tmp_path, make_manifest)
     data = json.loads((d / "engine.json").read_text())
-    assert data["format"] == "pqcad-engine" and data["version"] == 2 and data["backend"] == "onnxruntime"
+    assert data["format"] == "pqcad-engine" and data["version"] == 3 and data["backend"] == "onnxruntime"
+    assert "tensorrt" not in data  # an onnxruntime engine has no TensorRT build record
     # every key of the ONNX manifest sits next to the engine keys
     assert set(json.loads(m.onnx.to_json())) <= set(data) and not set(V1_COPIES) & set(data)
     assert read_engine_manifest(d) == m
@@ -213,6 +215,67 @@ def test_version_1_engine_json_is_read(tmp_path: Path, make_manifest) -> None:
     (d / "engine.json").write_text(json.dumps({**old, "version": 2}))  # version 2 has no copies
     with pytest.raises(ManifestError, match=re.escape("unknown manifest keys ['input_names', 'output_name', 'student_steps']")):
         verify_engine(d)
+
+
+ORIN_BUILD = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7",
+              "trtexec_command": "trtexec --onnx=a.onnx --stronglyTyped"}
+
+
+def _tensorrt_engine(tmp_path: Path, make_manifest) -> tuple[Path, EngineManifest]:
+    """A tensorrt engine directory; the plan is stand-in bytes (verify_engine checks its checksum only)."""
+    d = tmp_path / "trt-engine"
+    d.mkdir()
+    (d / "model.plan").write_bytes(b"serialized plan bytes")
+    m = EngineManifest(backend="tensorrt", model_file="model.plan", model_sha256=sha256_file(d / "model.plan"),
+                       source_onnx_sha256="cd" * 32, onnx=make_manifest(), tensorrt=TensorRTBuildInfo(**ORIN_BUILD))
+    write_engine_manifest(d, m)
+    return d, m
+
+
+def test_tensorrt_engine_json_records_where_the_plan_was_built(tmp_path: Path, make_manifest) -> None:
+    d, m = _tensorrt_engine(tmp_path, make_manifest)
+    data = json.loads((d / "engine.json").read_text())
+    assert data["version"] == 3 and data["backend"] == "tensorrt" and data["tensorrt"] == ORIN_BUILD
+    assert verify_engine(d) == m and verify_engine(d).tensorrt.compute_capability == "8.7"
+
+
+def test_version_2_tensorrt_engine_json_is_read_without_a_build_record(tmp_path: Path, make_manifest) -> None:
+    d, m = _tensorrt_engine(tmp_path, make_manifest)
+    data = json.loads((d / "engine.json").read_text())
+    del data["tensorrt"]
+    (d / "engine.json").write_text(json.dumps({**data, "version": 2}))
+    old = verify_engine(d)
+    assert old.tensorrt is None and old.version == 3 and old.onnx == m.onnx
+    (d / "engine.json").write_text(json.dumps({**data, "version": 3}))  # version 3 requires it
+    with pytest.raises(ManifestError) as info:
+        verify_engine(d)
+    assert str(info.value) == (f"{d / 'engine.json'}: the tensorrt engine manifest lacks its tensorrt object (the "
+                               "TensorRT version and GPU that built the plan); rebuild the engine.")
+    (d / "engine.json").write_text(json.dumps({**data, "version": 2, "tensorrt": ORIN_BUILD}))  # not a version 2 key
+    with pytest.raises(ManifestError, match=re.escape("unknown manifest keys ['tensorrt']")):
+        verify_engine(d)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"compute_capability": "sm_87"}, "tensorrt.compute_capability must be \"major.minor\" like \"8.7\", got 'sm_87'"),
+    ({"gpu_name": ""}, "tensorrt.gpu_name must be a non-empty string, got ''"),
+    ({"tensorrt_version": None}, "tensorrt.tensorrt_version must be a non-empty string, got None"),
+    ({"built_on": "Thor"}, "unknown manifest keys ['built_on']"),
+])
+def test_tensorrt_build_record_is_checked(tmp_path: Path, make_manifest, change: dict, message: str) -> None:
+    d, _ = _tensorrt_engine(tmp_path, make_manifest)
+    data = json.loads((d / "engine.json").read_text())
+    data["tensorrt"] = {**data["tensorrt"], **change}
+    (d / "engine.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        verify_engine(d)
+
+
+def test_build_record_belongs_to_tensorrt_engines(make_manifest) -> None:
+    with pytest.raises(ManifestError, match=re.escape("Engine manifest field tensorrt belongs to backend tensorrt "
+                                                      "(a TensorRTBuildInfo), not 'onnxruntime'")):
+        EngineManifest(backend="onnxruntime", model_file="model.onnx", model_sha256="ab" * 32,
+                       source_onnx_sha256="cd" * 32, onnx=make_manifest(), tensorrt=TensorRTBuildInfo(**ORIN_BUILD))
 
 
 def test_sha256_file_pinned(tmp_path: Path) -> None:
@@ -252,7 +315,7 @@ def test_engine_format_and_version_refused(tmp_path: Path, make_manifest) -> Non
     d, m = _engine(tmp_path, make_manifest)
     data = m.to_dict()
     (d / "engine.json").write_text(json.dumps({**data, "version": 7}))
-    with pytest.raises(ManifestError, match="engine version 7 is newer than this runtime reads \\(2\\); upgrade pqcad-deploy"):
+    with pytest.raises(ManifestError, match="engine version 7 is newer than this runtime reads \\(3\\); upgrade pqcad-deploy"):
         verify_engine(d)
     (d / "engine.json").write_text(json.dumps({**data, "format": "pqcad-onnx"}))
     with pytest.raises(ManifestError, match="unknown engine format 'pqcad-onnx'"):

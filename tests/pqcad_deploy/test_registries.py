@@ -47,7 +47,10 @@ def test_export_targets_and_engine_backends_are_registries():
     from pqcad_deploy.engines.manifest import BACKENDS
 
     assert TARGETS == ("onnxruntime", *EXPORT_TARGETS)
-    assert [n for n, t in EXPORT_TARGETS.items() if t.int4_refusal is None] == ["qdq"]  # INT4 is a qdq layout
+    # INT4 initializers: the qdq layout, and tensorrt's blocked MatMul weights
+    assert [n for n, t in EXPORT_TARGETS.items() if t.int4_refusal is None] == ["qdq", "tensorrt"]
     assert {n: t.parity_level for n, t in EXPORT_TARGETS.items()} == {
-        "qdq": "disabled", "ort-x86": "extended", "ort-qlinear": "extended"}
+        "qdq": "disabled", "ort-x86": "extended", "ort-qlinear": "extended", "tensorrt": "disabled"}
+    assert {n: (t.default_opset, t.min_opset, t.parity_output_tolerance) for n, t in EXPORT_TARGETS.items()} == {
+        "qdq": (17, 13, None), "ort-x86": (17, 13, None), "ort-qlinear": (17, 13, None), "tensorrt": (19, 19, 5e-2)}
     assert tuple(ENGINE_BACKENDS) == BACKENDS

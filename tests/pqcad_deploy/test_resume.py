@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import re
 import shutil
@@ -19,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pqcad_deploy import cli
+from _cli_runner import run_cli
+
 from pqcad_deploy import reconstruct as R
 from pqcad_deploy.checkpoint import (
     CHECKPOINT_FORMAT, Checkpoint, ResumePoint, check_checkpoint_dir, checkpoint_dir,
@@ -300,14 +300,8 @@ def test_resume_point_stages():
 
 # ----------------------------------------------------------------------------- CLI
 def _run_cli(*args: object) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            cli.main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
+    outcome = run_cli(*args)
+    return outcome.code, outcome.out, outcome.err
 
 
 def test_cli_resume(small_unet_dir, reference, tmp_path):
