@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pqcad_deploy.errors import ModelLoadError
+from pqcad_deploy.model_kinds import read_json_config as _read_json, require_supported_kind
 
 __all__ = ["BUILTIN_MODEL_DIR", "BUILTIN_MODELS", "LoadedModel", "is_builtin", "resolve_model_dir", "load_model", "ddim_config", "check_model",
            "size_multiple"]
@@ -77,7 +78,11 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
 
 
 def resolve_model_dir(model: str) -> tuple[Path, Path]:
-    """(unet_dir, scheduler_dir) for a local model; raises ModelLoadError for anything else."""
+    """(unet_dir, scheduler_dir) for a local model of a supported kind; raises ModelLoadError for anything else.
+
+    The model's kind (pqcad_deploy/model_kinds.py) is checked first, from its JSON configs alone, so a
+    conditional or latent model is refused with its own line before any weights are read.
+    """
     if is_builtin(model) and model not in BUILTIN_MODELS:
         raise ModelLoadError(f"unknown builtin model {model!r}; the builtin models are "
                              f"{', '.join(sorted(BUILTIN_MODELS))}.")
@@ -86,6 +91,7 @@ def resolve_model_dir(model: str) -> tuple[Path, Path]:
         raise ModelLoadError(f"the embedded model {model!r} is missing from {path}; reinstall pqcad-deploy.")
     if not path.is_dir():
         raise ModelLoadError(f"model directory {model!r} does not exist.")
+    require_supported_kind(path, model)
     if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
         unet_dir, scheduler_dir = path / "unet", path / "scheduler"
     else:
@@ -101,16 +107,6 @@ def resolve_model_dir(model: str) -> tuple[Path, Path]:
             "to sample and to calibrate: add the scheduler config the model was trained with."
         )
     return unet_dir, scheduler_dir
-
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{what} {path} is not valid JSON ({exc}).") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{what} {path} is not a JSON object.")
-    return data
 
 
 def _quiet_diffusers() -> None:
