@@ -321,12 +321,12 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
                                            weight_storage, fp)
     spec = export_target(target)
     opset = spec.default_opset if opset is None else opset
-    storage = _weight_storage(weight_storage, target, opset, fp)
-    _check_opset(opset, artifact, fp, target)
     m = artifact.manifest
     layer_act_bits = {name: r.act_bits for name, r in m.layers.items()}
-    if spec.check is not None and not fp:
+    if spec.check is not None and not fp:  # first: what the target cannot express at any opset
         spec.check(layer_act_bits, output_statistic)
+    storage = _weight_storage(weight_storage, target, opset, fp)
+    _check_opset(opset, artifact, fp, target)
     unet = artifact.build_teacher() if fp else artifact.build_student()
     calibration_seconds, target_state = 0.0, None
     if spec.calibrate is not None and not fp:

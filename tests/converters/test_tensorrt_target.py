@@ -208,10 +208,21 @@ def test_fp_export_is_an_fp16_graph_close_to_fp32(artifacts, tmp_path) -> None:
 
 
 def test_refuses_low_opsets_and_4bit_activations(artifacts, unet_dirs, tmp_path) -> None:
+    from pqcad_deploy.compress import compress
+    from pqcad_deploy.config import CompressConfig
+
     with pytest.raises(ExportError, match="--target tensorrt needs --opset 19 or newer; got 17"):
         export_onnx(artifacts[("c1_32_attn1_default", 8)], tmp_path / "a.onnx", target="tensorrt", opset=17)
     with pytest.raises(ExportError, match="TensorRT has no 4-bit activations"):
         T.check_tensorrt({"conv1": 8, "conv2": 4})
+    # a W4A4 artifact is refused for what TensorRT lacks, not sent to --opset 21 first
+    w4a4 = tmp_path / "w4a4"
+    compress(CompressConfig(model=str(unet_dirs["c1_32_attn1_default"]), method="minmax", distill=False,
+                            weight_bits=4, act_bits=4, teacher_steps=4, preset="fast"), w4a4, progress=False)
+    for opset in (None, 21):
+        with pytest.raises(ExportError, match=r"^--target tensorrt needs 8-bit \(or float\) activations: TensorRT "
+                                              r"has no 4-bit activations, and \d+ layers have them"):
+            export_onnx(w4a4, tmp_path / "a.onnx", target="tensorrt", opset=opset)
     assert not (tmp_path / "a.onnx").exists()
 
 
