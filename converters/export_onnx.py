@@ -390,7 +390,7 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
             raise ExportError(f"the exported graph failed onnx.checker: {str(exc).splitlines()[0]}") from None
     return ExportResult(path=out_path, precision=manifest.precision, opset=opset,
                         num_quantized_layers=n_quant, size_bytes=out_path.stat().st_size,
-                        target=target if fp and spec.fp_rewrite is not None else "qdq" if fp else target,
+                        target="qdq" if fp and spec.fp_rewrite is None else target,
                         int4_weight_layers=n_int4, calibration_seconds=calibration_seconds,
                         requested_target=requested_target, target_reason=target_reason, parity=verdict,
                         rewrite=summary)

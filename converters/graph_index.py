@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["GraphIndex", "index_graph", "replace_nodes"]
+__all__ = ["GraphIndex", "consumer_map", "index_graph", "replace_nodes"]
 
 
 @dataclass
@@ -41,13 +41,18 @@ class GraphIndex:
         return op
 
 
-def index_graph(graph) -> GraphIndex:
+def consumer_map(nodes) -> dict[str, list]:
+    """{tensor: the nodes that read it, in graph order}."""
     consumers: dict[str, list] = {}
-    for node in graph.node:
+    for node in nodes:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def index_graph(graph) -> GraphIndex:
     return GraphIndex(inits={i.name: i for i in graph.initializer}, by_name={n.name: n for n in graph.node},
-                      consumers=consumers)
+                      consumers=consumer_map(graph.node))
 
 
 def replace_nodes(graph, nodes: list, dead_inits: set[str]) -> None:

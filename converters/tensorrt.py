@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pqcad_deploy.converters.graph_index import index_graph, replace_nodes
+from pqcad_deploy.converters.graph_index import consumer_map, index_graph, replace_nodes
 from pqcad_deploy.errors import ExportError
 
 __all__ = ["CALIBRATION_IMAGES", "CALIBRATION_SEED", "INT4_BLOCK_SIZES", "MIN_OPSET", "TensorRTCalibration",
@@ -323,10 +323,7 @@ def quantize_resize_inputs(model) -> int:
 
     graph = model.graph
     nodes = list(graph.node)  # kept alive: the ids below are its objects' (_timestep_region)
-    consumers: dict[str, list] = {}
-    for node in nodes:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = consumer_map(nodes)
     inserted: dict[int, list] = {}
     for node in nodes:
         mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")
@@ -455,10 +452,7 @@ def _timestep_region(nodes: list) -> set[int]:
     ids of `nodes`' objects: the caller keeps that list alive while it uses them (protobuf hands out
     a new Python object per access once the old one is gone, and ids are then reused).
     """
-    consumers: dict[str, list] = {}
-    for node in nodes:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = consumer_map(nodes)
     region: set[int] = set()
     frontier = ["timestep"]
     while frontier:
@@ -478,7 +472,7 @@ def to_float16(model) -> int:
     graph = model.graph
     nodes = list(graph.node)
     region = _timestep_region(nodes)
-    producers = {o: n for n in nodes for o in n.output}
+    producers = _producers(nodes)
     in_region = {o for n in nodes if id(n) in region for o in n.output}
     inits = {i.name: i for i in graph.initializer}
     float32_users: set[str] = set()  # initializers / constants read where float32 must stay
@@ -531,21 +525,17 @@ def to_float16(model) -> int:
             for k, name in enumerate(node.input):
                 if name in in_region and (node.op_type, k) not in _FLOAT32_INPUTS:
                     source = producers[name]
-                    if source.op_type == "Cast":
-                        continue  # handled below: that Cast now casts to FP16
+                    if source.op_type == "Cast":  # diffusers' t_emb.to(dtype): it now casts to FP16
+                        for a in source.attribute:
+                            if a.name == "to":
+                                a.i = TensorProto.FLOAT16
+                        continue
                     if name not in boundary:
                         boundary[name] = f"{name}/fp16"
                         new_nodes.append(helper.make_node("Cast", [name], [boundary[name]], to=TensorProto.FLOAT16,
                                                           name=f"{name}/to_fp16"))
                     node.input[k] = boundary[name]
         new_nodes.append(node)
-    # the last Cast of the region (diffusers' t_emb.to(dtype)) leaves it as FP16
-    for node in nodes:
-        if id(node) in region and node.op_type == "Cast" and any(
-                id(u) not in region for u in new_nodes if node.output[0] in u.input):
-            for a in node.attribute:
-                if a.name == "to":
-                    a.i = TensorProto.FLOAT16
     # graph inputs and outputs stay FP32
     sample_half = "sample/fp16"
     for node in new_nodes:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import BuildError
-from .manifest import BACKENDS, EngineManifest, OnnxManifest
+from .manifest import BACKENDS, EngineManifest
 from .runner import Runner
 
 __all__ = ["EngineBackend", "ENGINE_BACKENDS", "engine_backend", "build_engine"]
@@ -23,10 +23,11 @@ __all__ = ["EngineBackend", "ENGINE_BACKENDS", "engine_backend", "build_engine"]
 class EngineBackend:
     """build(onnx_path, out_dir, overwrite, optimization_level, provider) -> EngineManifest, where the ONNX
     Runtime level and execution provider are None unless asked for (a backend without them refuses them);
-    runner(model_path, onnx_manifest, threads) -> an inactive Runner."""
+    runner(model_path, engine_manifest, threads) -> an inactive Runner (the engine.json `sample` verified: its
+    ONNX manifest, the ONNX Runtime provider, where a TensorRT plan was built)."""
 
     build: Callable[[Path, Path, bool, "str | None", "str | None"], EngineManifest]
-    runner: Callable[[Path, OnnxManifest, "int | None"], Runner]
+    runner: Callable[[Path, EngineManifest, "int | None"], Runner]
 
 
 def _build_onnxruntime(onnx_path: Path, out_dir: Path, overwrite: bool, optimization_level: str | None,
@@ -37,19 +38,15 @@ def _build_onnxruntime(onnx_path: Path, out_dir: Path, overwrite: bool, optimiza
                                     provider=provider or "cpu", overwrite=overwrite)
 
 
-def _onnxruntime_runner(model: Path, manifest: OnnxManifest, threads: int | None) -> Runner:
-    """The engine's runner on the provider its engine.json records.
-
-    generate.runner_for hands over the model path and the ONNX manifest only, so the provider is read
-    from the engine.json beside the model (which ``sample`` has just verified).
-    """
+def _onnxruntime_runner(model: Path, engine: EngineManifest, threads: int | None) -> Runner:
+    """The engine's runner on the provider its engine.json records."""
     from .build import tensorrt_provider_options
-    from .manifest import read_engine_manifest
     from .ort import OnnxRuntimeRunner
 
-    provider = read_engine_manifest(model.parent).ort_provider or "cpu"
-    options = tensorrt_provider_options(manifest, model.parent) if provider == "tensorrt" else None
-    return OnnxRuntimeRunner(model, manifest, provider=provider, intra_op_threads=threads, tensorrt_options=options)
+    provider = engine.ort_provider or "cpu"
+    options = tensorrt_provider_options(engine.onnx, model.parent) if provider == "tensorrt" else None
+    return OnnxRuntimeRunner(model, engine.onnx, provider=provider, intra_op_threads=threads,
+                             tensorrt_options=options)
 
 
 def _build_tensorrt(onnx_path: Path, out_dir: Path, overwrite: bool, optimization_level: str | None,
@@ -63,10 +60,10 @@ def _build_tensorrt(onnx_path: Path, out_dir: Path, overwrite: bool, optimizatio
     return build_tensorrt_engine(onnx_path, out_dir, overwrite=overwrite)
 
 
-def _tensorrt_runner(model: Path, manifest: OnnxManifest, threads: int | None) -> Runner:
+def _tensorrt_runner(model: Path, engine: EngineManifest, threads: int | None) -> Runner:
     from .tensorrt_runner import TensorRTRunner
 
-    return TensorRTRunner(model, manifest)
+    return TensorRTRunner(model, engine.onnx, built=engine.tensorrt)
 
 
 ENGINE_BACKENDS: dict[str, EngineBackend] = {

@@ -83,7 +83,7 @@ def open_runner(engine_dir: str | os.PathLike[str], threads: int | None = None) 
 def runner_for(engine_dir: str | os.PathLike[str], manifest: EngineManifest, threads: int | None = None) -> Runner:
     from .backends import engine_backend
 
-    return engine_backend(manifest.backend).runner(Path(engine_dir) / manifest.model_file, manifest.onnx, threads)
+    return engine_backend(manifest.backend).runner(Path(engine_dir) / manifest.model_file, manifest, threads)
 
 
 def partial_dir(out_dir: str | os.PathLike[str]) -> Path:
