@@ -34,6 +34,7 @@ __all__ = [
     "PRECISION_POLICY_NAMES",
     "BIAS_CORRECTION_DATA",
     "SPLIT_CONCAT",
+    "GUARD_METRICS",
     "check_choice",
 ]
 
@@ -77,6 +78,9 @@ BIAS_CORRECTION_DATA: tuple[str, ...] = ("calibration", "fp-uniform", "student")
 
 # which up-block convs that read the skip concat are split in two (pqcad_deploy.quant.rewrites.SPLIT_CONCAT_CHOICES)
 SPLIT_CONCAT: tuple[str, ...] = ("none", "shortcut", "shortcut+conv1")
+
+# how the distillation guard judges a distilled student (pqcad_deploy.distill.guard.GUARD_METRICS)
+GUARD_METRICS: tuple[str, ...] = ("psnr", "fid")
 
 
 def check_choice(name: str, value: object, allowed: tuple) -> None:

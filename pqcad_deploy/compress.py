@@ -165,6 +165,10 @@ def compress(config: CompressConfig, out: Path, overwrite: bool = False, progres
     is refused unless `overwrite` (which discards it). `log` receives the one-line notes about it.
     """
     check_output_dir(out, overwrite)  # before the lock: a refused output must not get a lock file beside it
+    if config.distill and config.guard == "fid":  # an hour of work must not end on missing weights
+        from pqcad_deploy.eval.inception import find_fid_weights
+
+        find_fid_weights()
     with output_lock(out), _exact_cuda_numerics(config.device):
         return _compress(config, out, overwrite, progress, resume, log)
 

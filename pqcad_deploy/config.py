@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from pqcad_deploy.choices import (
     ACT_BITS, ACT_SCALE_INIT_DEFAULTS, ACT_SCALE_INITS, BIAS_CORRECTION_DATA, DEVICES, FIRST_LAST_DEFAULTS, FIRST_LAST_POLICIES, METHODS,
-    PRECISION_POLICY_NAMES, PRESETS, SPLIT_CONCAT,
+    GUARD_METRICS, PRECISION_POLICY_NAMES, PRESETS, SPLIT_CONCAT,
     WEIGHT_BITS, ActScaleInit, Device, FirstLastPolicy, Method, Preset, check_choice,
 )
 from pqcad_deploy.errors import ConfigError
@@ -78,6 +78,9 @@ class CompressConfig:
         smoothquant_alpha: None (off) or SmoothQuant's migration strength in (0, 1) for every Linear with
             a quantized input: its input is multiplied per channel by 1/s (a Mul in the ONNX) and its
             weight columns by s, s = max|x|^alpha / max|w|^(1 - alpha) on the calibration set.
+        guard: how the distillation guard judges each round (pqcad_deploy.distill.guard): "psnr" (mean
+            per-image PSNR of a few images against FP at the teacher steps, any device) or "fid" (FID of
+            the preset's ``guard.fid_images`` images per student against FP's, with the FID weights: a GPU).
     """
 
     model: str = "builtin"
@@ -102,6 +105,7 @@ class CompressConfig:
     split_concat: str = "none"
     smoothquant_alpha: float | None = None
     rounds: int = 1
+    guard: str = "psnr"
 
     def __post_init__(self) -> None:
         check_choice("--method", self.method, METHODS)
@@ -120,6 +124,7 @@ class CompressConfig:
         if self.distill and self.rounds > 1 and self.teacher_steps % 2 ** self.rounds:
             raise ConfigError(f"--rounds {self.rounds} halves the steps {self.rounds} times, so --teacher-steps must be "
                               f"divisible by {2 ** self.rounds}; got {self.teacher_steps}.")
+        check_choice("--guard", self.guard, GUARD_METRICS)
         if self.distill and self.teacher_steps % 2:
             raise ConfigError(f"distillation (on by default) halves the teacher's steps, so --teacher-steps must "
                               f"be even; got {self.teacher_steps}. Pass an even number, or --no-distill.")

@@ -299,6 +299,11 @@ class GuardConfig:
 
     images: int = 32
     min_z: float = 2.0
+    metric: str = "psnr"
+    """distill.guard.GUARD_METRICS: ``psnr`` (any device) or ``fid`` (a GPU: `fid_images` per student)."""
+    fid_images: int = 2000
+    fid_resamples: int = 50
+    """Paired bootstrap resamples for the FID gain's standard error (eval.fid_paired)."""
 
 
 # ------------------------------------------------------------------ the presets
@@ -326,7 +331,7 @@ PRESETS: dict[str, PresetSettings] = {
         dc=DCConfig(size=64),  # 64 fixed pairs: 100 iterations of batch 8 see each a dozen times
         heldout=DCConfig(size=16),
         distill=DistillConfig(iters=100, batch_size=8, heldout_every=50),
-        guard=GuardConfig(images=4),
+        guard=GuardConfig(images=4, fid_images=64, fid_resamples=10),
         distill_checkpoint_every=25,
     ),
     "default": PresetSettings(

@@ -27,7 +27,8 @@ sampled at its own steps). CAD rows (issue 14): ``steps=N`` (teacher steps; an `
 them), ``r=R`` (``--rounds``), and the distillation settings ``it=`` iterations, ``lr=``, ``bs=`` batch,
 ``ema=`` decay, ``wu=`` warm-up iterations, ``cos`` (cosine decay), ``rdd=`` weight, ``clip=`` gradient
 norm, ``fresh`` (fresh C_DC pairs), ``mix=`` (their noise-injection share), ``dcn=`` (C_DC size),
-``traj=`` (pool trajectories), e.g. ``cifar10:pqcad:8:8:cad:steps=20:fresh:ema=0.999:cos:it=4000``.
+``traj=`` (pool trajectories), ``guard=fid`` (compress's ``--guard fid``: the make process waits for
+``$PQCAD_FID_WEIGHTS`` to exist before the first guard, since the weights arrive in pieces), e.g. ``cifar10:pqcad:8:8:cad:steps=20:fresh:ema=0.999:cos:it=4000``.
 
     python -m scripts.gpu_quant_table make --rows fmnist:pqcad:8:8,... --cache /tmp/q13
     python -m scripts.gpu_quant_table score --weights /tmp/default_1.pt --cache /tmp/q13 --out $OUT \\
@@ -75,6 +76,8 @@ def parse_row(row: str) -> tuple[str, str, int, int, dict]:
             continue
         if key == "r" and value:
             options["rounds"] = int(value)
+        elif key == "guard" and value:
+            options["guard"] = value
         elif key in OPTION_FLAGS and value:
             options[OPTION_FLAGS[key]] = float(value) if OPTION_FLAGS[key] in FLOAT_OPTIONS else value
         elif flag in ("all", "safe"):
@@ -140,7 +143,7 @@ def pq_row(row: str) -> str:
     keep = []
     for flag in row.split(":")[4:]:
         key = flag.partition("=")[0]
-        if flag in ("cad", "cos", "fresh") or key in DISTILL_FLAGS or key in ("r", "sample"):
+        if flag in ("cad", "cos", "fresh") or key in DISTILL_FLAGS or key in ("r", "sample", "guard"):
             continue
         keep.append(flag)
     return ":".join(row.split(":")[:4] + keep)
@@ -236,9 +239,27 @@ def make_cad(row: str, cache: Path, steps: int, n: int, preset: str, device: str
         _save_entry(cache, f"{name}_at{k}", info, gen.images)
         round_started[0] = time.perf_counter()
 
+    if config.guard == "fid":
+        _wait_for_fid_weights(log=lambda m: print(m, flush=True))
     with distill_overrides(row, preset) as changes, tempfile.TemporaryDirectory() as tmp:
         distill_rounds(config, student, fp_unet, loaded.scheduler_config, tuple(artifact.manifest.image_shape),
                        device, False, Checkpoint(Path(tmp) / "checkpoint", "gpu-table"), on_round=sample_round)
+
+
+def _wait_for_fid_weights(log, limit_s: float = 1500.0) -> None:
+    """Until ``$PQCAD_FID_WEIGHTS`` is a file: the GPU round's later calls bring the weights in pieces
+    and put them there whole (one ``mv``), while the first rows are already compressing."""
+    import os
+
+    path = Path(os.environ.get("PQCAD_FID_WEIGHTS", "/tmp/default_1.pt"))
+    os.environ["PQCAD_FID_WEIGHTS"] = str(path)
+    deadline = time.perf_counter() + limit_s
+    if not path.is_file():
+        log(f"waiting for the FID weights at {path}")
+    while not path.is_file():
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"the FID weights never arrived at {path}")
+        time.sleep(5)
 
 
 def make_plain(row: str, cache: Path, steps: int, n: int, preset: str, device: str) -> None:

@@ -247,6 +247,17 @@ def test_compress_writes_the_artifact(builtin: Pipeline) -> None:
     assert [p.name for p in builtin.root.iterdir() if p.name.startswith(".")] == []
 
 
+def test_compress_guard_fid_without_weights_stops_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    """--guard fid needs the Inception weights at the end of every CAD round: missing ones are one error
+    line at the start, and no output (nor its lock) is left behind."""
+    monkeypatch.setenv("PQCAD_FID_WEIGHTS", str(tmp_path / "no_weights.pt"))
+    out = tmp_path / "art"
+    result = run_main("compress", "--out", out, "--preset", "fast", "--teacher-steps", "4", "--guard", "fid")
+    assert result.code == 1
+    assert_one_error_line(result.err, "PQCAD_FID_WEIGHTS", "no_weights.pt", "not a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_export_writes_our_onnx_and_reports_parity(builtin: Pipeline) -> None:
     manifest = onnx_manifest(builtin.onnx)
     assert manifest["format"] == "pqcad-onnx" and manifest["precision"] == "w8a8"

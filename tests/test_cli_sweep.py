@@ -277,6 +277,7 @@ CASES: list[Case] = [
          ("--rounds 3", "divisible by 8", "100")),
     Case("compress-rounds-without-distill", ("compress", *OUT, "--rounds", "2", "--no-distill"), 2,
          ("--rounds", "--no-distill")),
+    Case("compress-guard-unknown", ("compress", *OUT, "--guard", "lpips"), 2, ("--guard", "psnr, fid", "lpips")),
     Case("compress-split-concat-unknown", ("compress", *OUT, "--split-concat", "conv2"), 2,
          ("--split-concat", "shortcut+conv1")),
     Case("compress-smoothquant-alpha-out-of-range", ("compress", *OUT, "--smoothquant-alpha", "1.5"), 2,

@@ -91,6 +91,7 @@ def distill_round(config: CompressConfig, student: torch.nn.Module, teacher: tor
 
     grid = distill_grid(scheduler_config, steps)
     seed = config.seed + round_index
+    guard = dataclasses.replace(settings.guard, metric=config.guard)
     dcfg = dataclasses.replace(settings.distill, seed=seed,
                                checkpoint_every=settings.distill_checkpoint_every)
     dc_set = collect_dc(fp_unet, scheduler_config, grid, image_shape,
@@ -111,7 +112,7 @@ def distill_round(config: CompressConfig, student: torch.nn.Module, teacher: tor
     # Every round is judged against FP at the original teacher steps, the quality the rounds aim at;
     # the round's own teacher steps are recorded beside it (guard_distillation's docstring says why).
     student, report["guard"] = guard_distillation(fp_unet, student, undistilled, scheduler_config,
-                                                  config.teacher_steps, len(grid.student), settings.guard,
+                                                  config.teacher_steps, len(grid.student), guard,
                                                   seed=seed, device=device, also_against=steps)
     report["round"] = round_index
     return student, report, [int(t) for t in grid.student]

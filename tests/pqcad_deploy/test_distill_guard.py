@@ -94,3 +94,26 @@ def test_the_paired_gain_needs_to_clear_min_z_standard_errors():
     gain, error = paired_gain(undistilled + np.array([3.0, 2.5, 3.5, 2.8]), undistilled)
     assert gain == pytest.approx(2.95) and gain > 2.0 * error
     assert paired_gain(np.array([31.0]), np.array([30.0])) == (1.0, 0.0)
+
+
+def test_the_fid_guard_judges_by_fid_against_fp_and_records_both(unet_and_scheduler, monkeypatch):
+    """metric "fid": both students' FID against FP's images at the teacher steps (real Inception
+    weights), the bootstrap error, the PSNR of the same images beside; the damaged student loses."""
+    from pqcad_deploy.eval.inception import find_fid_weights
+    from pqcad_deploy.errors import PqcadError
+
+    try:
+        find_fid_weights()
+    except PqcadError as exc:
+        pytest.skip(f"FID weights not installed: {exc}")
+    fp, scheduler_config = unet_and_scheduler
+    good, bad = copy.deepcopy(fp), _damaged(fp)
+    config = GuardConfig(images=2, metric="fid", fid_images=16, fid_resamples=3)
+    kept, report = guard_distillation(fp, good, bad, scheduler_config, teacher_steps=4, student_steps=2,
+                                      config=config, seed=0, device="cpu")
+    assert report["metric"] == "fid" and report["fid_images"] == 16 and report["fid_resamples"] == 3
+    assert report["fid_gain"] == pytest.approx(report["fid_undistilled"] - report["fid_distilled"])
+    assert report["fid_undistilled"] > report["fid_distilled"] + 10, report
+    assert report["fid_gain"] > 2 * report["fid_gain_standard_error"] > 0, report
+    assert report["kept"] == "distilled" and kept is good
+    assert report["psnr_distilled_db"] > report["psnr_undistilled_db"] + 1.0
