@@ -80,7 +80,8 @@ BIAS_CORRECTION_DATA: tuple[str, ...] = ("calibration", "fp-uniform", "student")
 SPLIT_CONCAT: tuple[str, ...] = ("none", "shortcut", "shortcut+conv1")
 
 # how the distillation guard judges a distilled student (pqcad_deploy.distill.guard.GUARD_METRICS)
-GUARD_METRICS: tuple[str, ...] = ("psnr", "fid")
+# ("auto": fid on a GPU with the FID weights installed, else psnr; distill.guard.resolve_guard_metric)
+GUARD_METRICS: tuple[str, ...] = ("auto", "psnr", "fid")
 
 
 def check_choice(name: str, value: object, allowed: tuple) -> None:

@@ -20,6 +20,7 @@ from pqcad_deploy.calibration.qc import collect_qc_calibration
 from pqcad_deploy.calibration.trajectories import CalibrationSet
 from pqcad_deploy.checkpoint import Checkpoint, check_checkpoint_dir, checkpoint_dir, run_fingerprint
 from pqcad_deploy.config import CompressConfig, config_to_dict
+from pqcad_deploy.distill.guard import resolve_guard_metric
 from pqcad_deploy.distill.rounds import distill_rounds
 from pqcad_deploy.errors import ConfigError
 from pqcad_deploy.eval.sqnr import sqnr_db_from_powers
@@ -165,10 +166,11 @@ def compress(config: CompressConfig, out: Path, overwrite: bool = False, progres
     is refused unless `overwrite` (which discards it). `log` receives the one-line notes about it.
     """
     check_output_dir(out, overwrite)  # before the lock: a refused output must not get a lock file beside it
-    if config.distill and config.guard == "fid":  # an hour of work must not end on missing weights
-        from pqcad_deploy.eval.inception import find_fid_weights
-
-        find_fid_weights()
+    if config.distill:  # before any work: an hour of compressing must not end on missing FID weights
+        metric, note = resolve_guard_metric(config.guard, config.device)
+        config = dataclasses.replace(config, guard=metric)  # the artifact records the check that ran
+        if note:
+            log(note)
     with output_lock(out), _exact_cuda_numerics(config.device):
         return _compress(config, out, overwrite, progress, resume, log)
 

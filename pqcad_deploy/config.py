@@ -79,8 +79,9 @@ class CompressConfig:
             a quantized input: its input is multiplied per channel by 1/s (a Mul in the ONNX) and its
             weight columns by s, s = max|x|^alpha / max|w|^(1 - alpha) on the calibration set.
         guard: how the distillation guard judges each round (pqcad_deploy.distill.guard): "psnr" (mean
-            per-image PSNR of a few images against FP at the teacher steps, any device) or "fid" (FID of
-            the preset's ``guard.fid_images`` images per student against FP's, with the FID weights: a GPU).
+            per-image PSNR of a few images against FP at the teacher steps, any device), "fid" (FID of
+            the preset's ``guard.fid_images`` images per student against FP's, with the FID weights: a GPU)
+            or "auto" (fid on cuda where the weights are installed, else psnr; compress records which ran).
     """
 
     model: str = "builtin"
@@ -105,7 +106,7 @@ class CompressConfig:
     split_concat: str = "none"
     smoothquant_alpha: float | None = None
     rounds: int = 1
-    guard: str = "psnr"
+    guard: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("--method", self.method, METHODS)

@@ -30,3 +30,7 @@ python3 -m scripts.gpu_quant_table launch --workers 6 --cache "$CACHE" --rows "$
 env OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 setsid nohup python3 -m scripts.gpu_quant_table make --rows "$PQ20" \
   --cache "$CACHE" --steps 100 --n 10000 --preset default --device cuda > "$CACHE/worker_6.log" 2>&1 &
 echo "worker 6: $PQ20"
+# Then, on the device time left after the 14 entries (RESULTS section 24), three more rows from the same
+# shared PQ students, in the same cache:
+#   python3 -m scripts.gpu_quant_table launch --workers 3 --cache "$CACHE" --rows \
+#     fmnist:pqcad:8:8:steps=20:cad:ema=0.999:guard=fid,cifar10:pqcad:8:8:steps=20:cad:ema=0.999:guard=fid,fmnist:pqcad:8:8:steps=20:cad:lr=3e-5:guard=fid

@@ -69,7 +69,7 @@ def parse_row(row: str) -> tuple[str, str, int, int, dict]:
     model, method, wb, ab, *flags = row.split(":")
     if model not in MODELS:
         raise SystemExit(f"unknown model {model!r} in {row!r}")
-    options: dict = {"distill": False}
+    options: dict = {"distill": False, "guard": "psnr"}  # the rows of RESULTS 18-22; guard=fid for section 24's
     for flag in flags:
         key, _, value = flag.partition("=")
         if key in DISTILL_FLAGS or flag in ("cos", "fresh") or key in ("steps", "sample"):

@@ -87,11 +87,11 @@ def distill_round(config: CompressConfig, student: torch.nn.Module, teacher: tor
     from pqcad_deploy.distill.cad import distill
     from pqcad_deploy.distill.dc import HELDOUT_SEED_OFFSET, collect_dc
     from pqcad_deploy.distill.grid import distill_grid
-    from pqcad_deploy.distill.guard import guard_distillation
+    from pqcad_deploy.distill.guard import guard_distillation, resolve_guard_metric
 
     grid = distill_grid(scheduler_config, steps)
     seed = config.seed + round_index
-    guard = dataclasses.replace(settings.guard, metric=config.guard)
+    guard = dataclasses.replace(settings.guard, metric=resolve_guard_metric(config.guard, device)[0])
     dcfg = dataclasses.replace(settings.distill, seed=seed,
                                checkpoint_every=settings.distill_checkpoint_every)
     dc_set = collect_dc(fp_unet, scheduler_config, grid, image_shape,

@@ -118,7 +118,8 @@ def test_compress_distill_carries_the_student_timesteps_to_the_sampler(small_une
     report = json.loads((art / "report.json").read_text())
     assert len(report["distillation"]["losses"]) == PRESETS["fast"].distill.iters  # the (patched) preset's
     guard = report["distillation"]["guard"]  # distill.guard ran on the fast preset's images and recorded both
-    assert guard["config"] == {"images": 4, "min_z": 2.0} and guard["student_steps"] == 5
+    assert guard["config"] == {"images": 4, "min_z": 2.0, "metric": "psnr", "fid_images": 64, "fid_resamples": 10}
+    assert guard["metric"] == "psnr" and guard["student_steps"] == 5
     assert guard["reference_steps"] == 10
     assert guard["psnr_gain_db"] == pytest.approx(guard["psnr_distilled_db"] - guard["psnr_undistilled_db"])
     clear_win = guard["psnr_gain_db"] > max(0.0, 2.0 * guard["psnr_gain_standard_error_db"])

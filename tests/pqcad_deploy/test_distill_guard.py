@@ -117,3 +117,22 @@ def test_the_fid_guard_judges_by_fid_against_fp_and_records_both(unet_and_schedu
     assert report["fid_gain"] > 2 * report["fid_gain_standard_error"] > 0, report
     assert report["kept"] == "distilled" and kept is good
     assert report["psnr_distilled_db"] > report["psnr_undistilled_db"] + 1.0
+
+
+def test_auto_is_fid_on_a_gpu_with_the_weights_and_psnr_otherwise(tmp_path, monkeypatch):
+    """--guard auto never fails for want of weights (it notes the fallback); --guard fid does, at once."""
+    from pqcad_deploy.distill.guard import resolve_guard_metric
+    from pqcad_deploy.eval.errors import WeightsNotFoundError
+
+    weights = tmp_path / "default_1.pt"
+    weights.write_bytes(b"the file's presence is what auto checks")
+    monkeypatch.setenv("PQCAD_FID_WEIGHTS", str(weights))
+    assert resolve_guard_metric("auto", "cuda") == ("fid", None)
+    assert resolve_guard_metric("auto", "cpu") == ("psnr", None)
+    assert resolve_guard_metric("psnr", "cuda") == ("psnr", None)
+    assert resolve_guard_metric("fid", "cpu") == ("fid", None)
+    monkeypatch.setenv("PQCAD_FID_WEIGHTS", str(tmp_path / "missing.pt"))
+    metric, note = resolve_guard_metric("auto", "cuda")
+    assert metric == "psnr" and "FID weights" in note and "missing.pt" in note
+    with pytest.raises(WeightsNotFoundError, match="missing.pt"):
+        resolve_guard_metric("fid", "cuda")
