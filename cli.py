@@ -158,6 +158,13 @@ def _guard_scores(guard: dict) -> str:
                    "images per student, with the FID weights; meant for a GPU) or auto (fid with --device cuda "
                    "where the FID weights are installed, else psnr). Measured: the FID guard's choices scored "
                    "better in 3 of 8 round decisions, worse in 1 (docs/RESULTS.md section 24).")
+@click.option("--guidance-scale", default=1.0, show_default=True, type=float,
+              help="Class-conditional models: classifier-free guidance scale of the FP trajectories the student is "
+                   "calibrated on (eps_u + w (eps_c - eps_u)); 1 turns guidance off. Recorded in the artifact.")
+@click.option("--null-class", default=None, type=int, metavar="LABEL",
+              help="Class-conditional models: the label the model was trained with for 'no class' (the "
+                   "unconditional half of guidance; pqcad-deploy takes it to be the last label). Needed for "
+                   "--guidance-scale above 1.")
 @click.option("--split-concat", default="none", show_default=True, type=_StageChoice("SPLIT_CONCAT"),
               help="Up-block resnets read cat([h, skip]), two halves with very different ranges: compute the "
                    "convs that read it as two convs and an Add, each half with its own INT8 scale "
@@ -198,7 +205,7 @@ def _guard_scores(guard: dict) -> str:
 @_quiet_option
 def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, device, seed, distill,
              resume, avg_weight_bits, first_last, precision_policy, keep_float, bias_correction, bias_correction_data,
-             rounds, guard, split_concat, smoothquant_alpha, act_scale_init,
+             rounds, guard, guidance_scale, null_class, split_concat, smoothquant_alpha, act_scale_init,
              act_scale_check, layer_loss, timestep_sampling, timestep_mean,
              timestep_std, calibration_selection, calibration_oversample, overwrite, quiet) -> None:
     """Compress a diffusers UNet2DModel into an artifact (codes, scales, configs, report)."""
@@ -218,7 +225,7 @@ def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, d
                                 precision_policy=precision_policy, keep_float=tuple(keep_float),
                                 bias_correction=bias_correction, bias_correction_data=bias_correction_data,
                                 split_concat=split_concat, smoothquant_alpha=smoothquant_alpha, rounds=rounds,
-                                guard=guard)
+                                guard=guard, guidance_scale=guidance_scale, null_class=null_class)
         overrides: dict = {}
         if calibration_selection != "none":
             overrides["selection"] = calibration_selection

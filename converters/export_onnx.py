@@ -29,6 +29,7 @@ from pqcad_deploy.converters.qdq import to_export_layer
 from pqcad_deploy.converters.targets import EXPORT_TARGETS, RewriteContext, export_target
 from pqcad_deploy.engines.manifest import INPUT_NAMES, OnnxManifest, output_name_for, write_onnx_manifest
 from pqcad_deploy.artifact import CompressedArtifact, artifact_digest, load_artifact
+from pqcad_deploy.conditioning import conditional_artifact_refusal
 from pqcad_deploy.errors import ExportError, OutputPathError
 from pqcad_deploy.layer_precision import FIRST_LAYER, LAST_LAYER
 from pqcad_deploy.quant.replace import quant_layers
@@ -316,6 +317,9 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
     if weight_storage not in WEIGHT_STORAGES:
         raise ExportError(f"--weight-storage must be one of {', '.join(WEIGHT_STORAGES)}; got {weight_storage!r}.")
     artifact = load_artifact(artifact_path)
+    refusal = conditional_artifact_refusal(artifact.manifest.unet_config, artifact_path, "export")
+    if refusal:
+        raise ExportError(refusal)
     requested_target = target
     target, target_reason = resolve_target(target, {n: r.act_bits for n, r in artifact.manifest.layers.items()},
                                            weight_storage, fp)

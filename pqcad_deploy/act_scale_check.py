@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pqcad_deploy.calibration.trajectories import CalibrationSet
+from pqcad_deploy.conditioning import UNCONDITIONAL, Conditioning
 from pqcad_deploy.eval.pipeline_sampling import generate_images
 from pqcad_deploy.eval.psnr import mean_psnr
 from pqcad_deploy.presets import ScaleCheckConfig
@@ -46,7 +47,8 @@ def _set_act_scales(student: torch.nn.Module, scales: dict[str, torch.Tensor]) -
 @torch.no_grad()
 def keep_better_activation_scales(fp_unet: torch.nn.Module, student: torch.nn.Module, calibration: CalibrationSet,
                                   scheduler_config: dict, steps: int, act_scale_init: str, batch_size: int,
-                                  config: ScaleCheckConfig, seed: int, device: str) -> dict:
+                                  config: ScaleCheckConfig, seed: int, device: str,
+                                  conditioning: Conditioning = UNCONDITIONAL) -> dict:
     """Compare learned and starting activation scales on sampled images; keep the better in `student`.
 
     Returns the report entry: both PSNRs, the number of images and steps, and which scales were kept.
@@ -57,7 +59,8 @@ def keep_better_activation_scales(fp_unet: torch.nn.Module, student: torch.nn.Mo
 
     def images(unet: torch.nn.Module) -> np.ndarray:
         return generate_images(unet, scheduler_config, config.images, steps, seed=check_seed,
-                               batch_size=config.images, device=device, progress=False).images
+                               batch_size=config.images, device=device, progress=False,
+                               conditioning=conditioning).images
 
     reference = images(fp_unet)
     learned = _act_scales(student)

@@ -256,6 +256,7 @@ def analyze_artifact(artifact: str | Path, out: str | Path, *, n: int = 8, seed:
     from pqcad_deploy.engines._atomic import staged_directory
     from pqcad_deploy.artifact import artifact_digest, load_artifact
     from pqcad_deploy.choices import DEVICES, check_choice
+    from pqcad_deploy.conditioning import conditional_artifact_refusal
 
     for name, value in (("n", n), ("batch_size", batch_size), ("sensitivity_steps", sensitivity_steps)):
         if (value is not None or name != "sensitivity_steps") and (not isinstance(value, int) or value < 1):
@@ -265,6 +266,9 @@ def analyze_artifact(artifact: str | Path, out: str | Path, *, n: int = 8, seed:
         raise ConfigError("--device cuda was given but no CUDA GPU is visible to PyTorch; use --device cpu.")
     started = time.perf_counter()
     art = load_artifact(artifact)
+    refusal = conditional_artifact_refusal(art.manifest.unet_config, artifact, "analyze")
+    if refusal:
+        raise ConfigError(refusal)
     with staged_directory(out, overwrite=overwrite, error=OutputPathError, kind=ANALYSIS_KIND) as tmp:
         data = measure(art.build_teacher(like_student=True), art.build_student(), art.manifest, n=n, seed=seed,
                        batch_size=batch_size, device=device, progress=progress, sensitivity_steps=sensitivity_steps)

@@ -74,6 +74,7 @@ CHECKPOINT_SUFFIX = ".checkpoint"
 MANIFEST_FILE = "checkpoint.json"
 DISTILL_MANIFEST_FILE = "distill.json"
 CALIBRATION_FILE = "calibration.safetensors"
+_COND_PREFIX = "cond."  # a conditional model's per-pair conditioning beside x and t
 STAGES: tuple[str, ...] = ("weights", "activations")  # in the order a run does them
 _VERSIONED_PACKAGES = ("pqcad-deploy", "torch", "diffusers")
 _STATE_PREFIX = "state/"
@@ -291,8 +292,9 @@ class Checkpoint:
         if self._calibration_entry is None:
             raise RuntimeError("no checkpoint loaded")
         tensors = self._read_tensors(self._calibration_entry)
+        cond = {k[len(_COND_PREFIX):]: v for k, v in tensors.items() if k.startswith(_COND_PREFIX)}
         self._calibration = CalibrationSet(x=tensors["x"], t=tensors["t"],
-                                           description=self._calibration_entry["description"])
+                                           description=self._calibration_entry["description"], cond=cond)
         return self._calibration
 
     def restore(self, student: torch.nn.Module) -> ResumePoint | None:
@@ -346,7 +348,8 @@ class Checkpoint:
         if self._calibration_entry is None:
             if self._calibration is None:
                 raise RuntimeError("use_calibration() must be called before the first save()")
-            data = save({"x": self._calibration.x.contiguous(), "t": self._calibration.t.contiguous()},
+            data = save({"x": self._calibration.x.contiguous(), "t": self._calibration.t.contiguous(),
+                         **{_COND_PREFIX + k: v.contiguous() for k, v in self._calibration.cond.items()}},
                         metadata={"format": CHECKPOINT_FORMAT})
             _atomic_write(self.path / CALIBRATION_FILE, data)
             self._calibration_entry = {"file": CALIBRATION_FILE, "sha256": _sha256(data),

@@ -20,6 +20,7 @@ from pqcad_deploy.calibration.qc import collect_qc_calibration
 from pqcad_deploy.calibration.trajectories import CalibrationSet
 from pqcad_deploy.checkpoint import Checkpoint, check_checkpoint_dir, checkpoint_dir, run_fingerprint
 from pqcad_deploy.config import CompressConfig, config_to_dict
+from pqcad_deploy.conditioning import UNCONDITIONAL, Conditioning, conditioning_of
 from pqcad_deploy.distill.guard import resolve_guard_metric
 from pqcad_deploy.distill.rounds import distill_rounds
 from pqcad_deploy.errors import ConfigError
@@ -91,10 +92,10 @@ def quantization_report(fp_unet: torch.nn.Module, student: torch.nn.Module,
         }
     signal = noise = 0.0
     count = 0
-    for x, t in calibration.batches(batch_size):
-        x, t = x.to(device), t.to(device)
-        ref = fp_unet(x, t).sample
-        out = student(x, t).sample
+    for x, t, cond in calibration.batches(batch_size):
+        x, t, cond = x.to(device), t.to(device), {k: v.to(device) for k, v in cond.items()}
+        ref = fp_unet(x, t, **cond).sample
+        out = student(x, t, **cond).sample
         signal += float(ref.double().pow(2).sum())
         noise += float((out - ref).double().pow(2).sum())
         count += ref.numel()
@@ -206,8 +207,9 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
     settings = config.settings  # resolved once: every stage below reads these, the report records them
     loaded = load_model(config.model)
     fp_unet = loaded.unet.to(device).eval()
-    checkpoint = _open_checkpoint(config, settings, fp_unet, out, resume, log)
     ucfg = dict(fp_unet.config)
+    conditioning = _conditioning(config, ucfg)  # before the checkpoint and any slow step: options may be refused
+    checkpoint = _open_checkpoint(config, settings, fp_unet, out, resume, log)
     sample_size = ucfg["sample_size"]
     h, w = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
     image_shape = (int(ucfg["in_channels"]), int(h), int(w))
@@ -221,7 +223,7 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
     else:
         calibration = collect_qc_calibration(
             fp_unet, loaded.scheduler_config, image_shape, config.teacher_steps, cal_cfg,
-            seed=config.seed, device=device, progress=progress)
+            seed=config.seed, device=device, progress=progress, conditioning=conditioning)
     checkpoint.use_calibration(calibration)
     teacher_state = fp_unet.state_dict()  # before any rewrite: the rewrites replace modules, never edit these
     plan, plan_report["rewrites"] = _apply_rewrites(config, fp_unet, plan, calibration, cal_cfg.batch_size, device)
@@ -230,10 +232,12 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
                                              device, progress, checkpoint)
     if method_spec(config.method).learns_activation_scales and config.act_scale_check:
         method_report["act_scale_check"] = _check_act_scales(config, settings, fp_unet, student, calibration,
-                                                             loaded.scheduler_config, cal_cfg.batch_size, device)
+                                                             loaded.scheduler_config, cal_cfg.batch_size, device,
+                                                             conditioning)
     if config.bias_correction:
         method_report["bias_correction"] = _correct_biases(config, fp_unet, student, calibration,
-                                                           loaded.scheduler_config, image_shape, device, progress)
+                                                           loaded.scheduler_config, image_shape, device, progress,
+                                                           conditioning)
     report = quantization_report(fp_unet, student, calibration, cal_cfg.batch_size, device)
     report.update(method_report)
     report.update(plan_report)
@@ -268,6 +272,19 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
                           distill_guard=report["distillation"]["guard"] if config.distill else None)
 
 
+def _conditioning(config: CompressConfig, unet_config: dict) -> Conditioning:
+    """The model's conditioning with the user's guidance options (pqcad_deploy.conditioning).
+
+    CAD draws its pairs, targets and guard images unconditionally today, so a conditional model is
+    refused with distillation on rather than distilled on the wrong trajectories.
+    """
+    conditioning = conditioning_of(unet_config, config.guidance_scale, config.null_class)
+    if conditioning is not UNCONDITIONAL and config.distill:
+        raise ConfigError(f"distillation (CAD) of {conditioning.kind}-conditional models is not built yet (issue 17): "
+                          "pass --no-distill to quantize it; the student then samples with the teacher's steps.")
+    return conditioning
+
+
 def _apply_rewrites(config: CompressConfig, fp_unet: torch.nn.Module, plan: dict[str, LayerBits],
                     calibration: CalibrationSet, batch_size: int, device: str) -> tuple[dict[str, LayerBits], dict]:
     """The float-equivalent rewrites of `fp_unet` in place (quant.rewrites); (plan under the new names, report).
@@ -295,7 +312,7 @@ def _apply_rewrites(config: CompressConfig, fp_unet: torch.nn.Module, plan: dict
 
 def _bias_correction_data(config: CompressConfig, fp_unet: torch.nn.Module, student: torch.nn.Module,
                           calibration: CalibrationSet, scheduler_config: dict, image_shape: tuple[int, int, int],
-                          device: str, progress: bool) -> CalibrationSet:
+                          device: str, progress: bool, conditioning: Conditioning) -> CalibrationSet:
     """The (x_t, t) pairs the bias correction estimates on (``config.bias_correction_data``).
 
     The trajectory variants keep the calibration set's counts (trajectories, kept timesteps) and seed,
@@ -308,11 +325,13 @@ def _bias_correction_data(config: CompressConfig, fp_unet: torch.nn.Module, stud
     spread = dataclasses.replace(config.calibration_config, timestep_sampling="uniform", selection="none")
     unet = fp_unet if config.bias_correction_data == "fp-uniform" else student
     return collect_trajectory_calibration(unet, make_ddim_scheduler(scheduler_config, config.teacher_steps), image_shape,
-                                          spread, seed=config.seed, device=device, progress=progress)
+                                          spread, seed=config.seed, device=device, progress=progress,
+                                          conditioning=conditioning)
 
 
 def _correct_biases(config: CompressConfig, fp_unet: torch.nn.Module, student: torch.nn.Module, calibration,
-                    scheduler_config: dict, image_shape: tuple[int, int, int], device: str, progress: bool) -> dict:
+                    scheduler_config: dict, image_shape: tuple[int, int, int], device: str, progress: bool,
+                    conditioning: Conditioning) -> dict:
     """Bias correction of every quantized layer and of the last conv (quant.bias_correction), before CAD.
 
     conv_out is corrected even when it stays float: its output is the noise prediction, where any
@@ -322,7 +341,7 @@ def _correct_biases(config: CompressConfig, fp_unet: torch.nn.Module, student: t
     from pqcad_deploy.quant.bias_correction import correct_biases
 
     data = _bias_correction_data(config, fp_unet, student, calibration, scheduler_config, image_shape, device,
-                                 progress)
+                                 progress, conditioning)
     names = list(quant_layers(student))
     if LAST_LAYER not in names and LAST_LAYER in dict(student.named_modules()):
         names.append(LAST_LAYER)
@@ -332,13 +351,13 @@ def _correct_biases(config: CompressConfig, fp_unet: torch.nn.Module, student: t
 
 def _check_act_scales(config: CompressConfig, settings: PresetSettings, fp_unet: torch.nn.Module,
                       student: torch.nn.Module, calibration, scheduler_config: dict, batch_size: int,
-                      device: str) -> dict:
+                      device: str, conditioning: Conditioning) -> dict:
     """Stage 2's learned activation scales against its starting ones on sampled images (act_scale_check)."""
     from pqcad_deploy.act_scale_check import keep_better_activation_scales
 
     return keep_better_activation_scales(fp_unet, student, calibration, scheduler_config, config.teacher_steps,
                                          config.activation_scale_init, batch_size, settings.scale_check,
-                                         seed=config.seed, device=device)
+                                         seed=config.seed, device=device, conditioning=conditioning)
 
 
 def _jsonable(value):

@@ -82,6 +82,11 @@ class CompressConfig:
             per-image PSNR of a few images against FP at the teacher steps, any device), "fid" (FID of
             the preset's ``guard.fid_images`` images per student against FP's, with the FID weights: a GPU)
             or "auto" (fid on cuda where the weights are installed, else psnr; compress records which ran).
+        guidance_scale: a conditional model's classifier-free guidance scale for the FP trajectories the
+            student is calibrated on (pqcad_deploy.conditioning); 1 is no guidance. The artifact records it
+            and the engines sample with it by default.
+        null_class: a class-conditional model's "no class" label (the unconditional half of guidance);
+            needed for a guidance scale above 1.
     """
 
     model: str = "builtin"
@@ -107,6 +112,8 @@ class CompressConfig:
     smoothquant_alpha: float | None = None
     rounds: int = 1
     guard: str = "auto"
+    guidance_scale: float = 1.0
+    null_class: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("--method", self.method, METHODS)
@@ -126,6 +133,13 @@ class CompressConfig:
             raise ConfigError(f"--rounds {self.rounds} halves the steps {self.rounds} times, so --teacher-steps must be "
                               f"divisible by {2 ** self.rounds}; got {self.teacher_steps}.")
         check_choice("--guard", self.guard, GUARD_METRICS)
+        scale = self.guidance_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 1:
+            raise ConfigError(f"--guidance-scale must be a finite number >= 1 (1 turns guidance off); got {scale!r}.")
+        object.__setattr__(self, "guidance_scale", float(scale))
+        if self.null_class is not None and (isinstance(self.null_class, bool) or not isinstance(self.null_class, int)
+                                            or self.null_class < 0):
+            raise ConfigError(f"--null-class must be a non-negative integer label; got {self.null_class!r}.")
         if self.distill and self.teacher_steps % 2:
             raise ConfigError(f"distillation (on by default) halves the teacher's steps, so --teacher-steps must "
                               f"be even; got {self.teacher_steps}. Pass an even number, or --no-distill.")

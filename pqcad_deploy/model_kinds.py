@@ -27,8 +27,9 @@ from pqcad_deploy.errors import ModelLoadError
 __all__ = ["ModelConfigs", "ModelKind", "MODEL_KINDS", "SUPPORTED_TODAY", "read_model_configs", "detect_model_kind",
            "read_json_config", "refusal_line", "require_supported_kind"]
 
-SUPPORTED_TODAY = ("pqcad-deploy compresses unconditional pixel-space UNet2DModel models only: pass a folder with "
-                   "config.json, weights and scheduler_config.json, or 'builtin'")
+SUPPORTED_TODAY = ("pqcad-deploy compresses unconditional and class-conditional (num_class_embeds) pixel-space "
+                   "UNet2DModel models only: pass a folder with config.json, weights and scheduler_config.json, "
+                   "or 'builtin'")
 """The second half of every refusal: what the tool does take today."""
 
 
@@ -171,8 +172,13 @@ MODEL_KINDS: dict[str, ModelKind] = {
         "unconditional-pixel", "an unconditional pixel-space UNet2DModel", True, None,
         lambda c: c.denoiser_class == _UNET and not c.class_embedding and not c.latent),
     "class-conditional-pixel": ModelKind(
-        "class-conditional-pixel", "a class-conditional pixel-space UNet2DModel (num_class_embeds or "
-        "class_embed_type is set)", False, _not_yet("class-conditional models are"),
+        "class-conditional-pixel", "a class-conditional pixel-space UNet2DModel (num_class_embeds is set)", True,
+        None, lambda c: c.denoiser_class == _UNET and c.denoiser_value("num_class_embeds") is not None
+        and c.denoiser_value("class_embed_type") is None and not c.latent),
+    "other-class-embedding-pixel": ModelKind(
+        "other-class-embedding-pixel", "a pixel-space UNet2DModel with a class_embed_type ('timestep', "
+        "'identity', ...: labels that are not class indices)", False,
+        _not_yet("class embeddings other than num_class_embeds are"),
         lambda c: c.denoiser_class == _UNET and c.class_embedding and not c.latent),
     "unconditional-latent": ModelKind(
         "unconditional-latent", "an unconditional latent UNet2DModel (a vae or vqvae decodes its samples, as in "

@@ -147,6 +147,8 @@ def check_model(unet, where: str, config_path: str | None = None) -> None:
     """
     import torch
 
+    from pqcad_deploy.conditioning import dry_run_conditions
+
     config_path = config_path or "the UNet's config.json"
     bad = [name for name, t in unet.state_dict().items()
            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
@@ -176,7 +178,7 @@ def check_model(unet, where: str, config_path: str | None = None) -> None:
     t = torch.zeros((1,), device=device, dtype=torch.long)
     try:
         with torch.no_grad():
-            out = unet(x, t).sample
+            out = unet(x, t, **dry_run_conditions(cfg, 1, device)).sample
     except Exception as exc:  # any shape / config error deep inside diffusers
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ModelLoadError(f"{where}: a test forward pass of one {channels}x{sides[0]}x{sides[1]} sample fails "
@@ -201,7 +203,7 @@ def _load_local(model: str) -> LoadedModel:
     if cls != _SUPPORTED_CLASS:
         raise ModelLoadError(
             f"{model!r} holds a {cls or 'model of unknown class'}, not a {_SUPPORTED_CLASS}; "
-            "pqcad-deploy compresses unconditional diffusers UNet2DModel models."
+            "pqcad-deploy compresses unconditional and class-conditional diffusers UNet2DModel models."
         )
     scheduler_config = _read_json(scheduler_dir / "scheduler_config.json", "scheduler config")
     try:

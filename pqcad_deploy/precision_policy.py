@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pqcad_deploy.conditioning import dry_run_conditions
 from pqcad_deploy.errors import ConfigError
 from pqcad_deploy.quant.replace import LayerBits, quantizable_layers
 
@@ -117,7 +118,7 @@ def layer_macs(unet: nn.Module, image_shape: tuple[int, int, int]) -> dict[str, 
     try:
         param = next(unet.parameters())
         x = torch.zeros((1, *image_shape), dtype=param.dtype, device=param.device)
-        unet(x, torch.tensor([500], device=param.device))
+        unet(x, torch.tensor([500], device=param.device), **dry_run_conditions(unet.config, 1, param.device))
     finally:
         for h in hooks:
             h.remove()

@@ -48,6 +48,7 @@ __all__ = [
     "OnIteration",
     "block_types",
     "reconstruction_blocks",
+    "first_pair_blocks",
     "capture_block_data",
     "capture_for_reconstruction",
     "init_weight_scales",
@@ -87,13 +88,14 @@ def _layer_names(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def reconstruction_blocks(model: nn.Module, sample: torch.Tensor, timestep: torch.Tensor) -> list[Block]:
+def reconstruction_blocks(model: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
+                          cond: dict[str, torch.Tensor] | None = None) -> list[Block]:
     """The model's reconstruction blocks in execution order, each with the quantized layers it holds.
 
     A block is an outermost module of one of :func:`block_types`, or a quantized (or, on an FP model,
     quantizable) layer outside all of them. Blocks holding no such layer are left out. The order is
-    taken from one forward pass on (`sample`, `timestep`) (module registration order is not execution
-    order: AttnDownBlock2D registers its attentions before its resnets).
+    taken from one forward pass on (`sample`, `timestep`, a conditional model's `cond`) (module
+    registration order is not execution order: AttnDownBlock2D registers its attentions before its resnets).
 
     Raises:
         RuntimeError: if a block runs more than once per forward (its inputs would be ambiguous).
@@ -120,7 +122,7 @@ def reconstruction_blocks(model: nn.Module, sample: torch.Tensor, timestep: torc
                 order.append(name)
         handles.append(model.get_submodule(name).register_forward_pre_hook(pre_hook))
     try:
-        model(sample, timestep)
+        model(sample, timestep, **(cond or {}))
     finally:
         for h in handles:
             h.remove()
@@ -151,6 +153,16 @@ class BlockData:
             batched, value = entry
             return value[index].to(device) if batched else value
         return [pick(a) for a in self.args], {k: pick(v) for k, v in self.kwargs.items()}
+
+
+def _on(cond: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in cond.items()}
+
+
+def first_pair_blocks(model: nn.Module, calibration: CalibrationSet, device: str) -> list[Block]:
+    """:func:`reconstruction_blocks` from the calibration set's first pair (and its conditioning)."""
+    x, t, cond = calibration.rows(torch.arange(1))
+    return reconstruction_blocks(model, x.to(device), t.to(device), _on(cond, device))
 
 
 class _StopForward(Exception):
@@ -193,10 +205,10 @@ def capture_block_data(model: nn.Module, block_name: str, calibration: Calibrati
     if outputs:
         handles.append(module.register_forward_hook(hook))
     try:
-        for x, t in calibration.batches(batch_size):
+        for x, t, cond in calibration.batches(batch_size):
             current_n[0] = int(x.shape[0])
             try:
-                model(x.to(device), t.to(device))
+                model(x.to(device), t.to(device), **_on(cond, device))
             except _StopForward:
                 pass
             else:
@@ -503,8 +515,7 @@ def reconstruct_model(
     index, already done by an earlier, interrupted run (block `index` is always seeded with
     ``config.seed + index``, so the remaining blocks draw the same batches as in one run).
     """
-    x0, t0 = calibration.x[:1].to(device), calibration.t[:1].to(device)
-    blocks = reconstruction_blocks(student, x0, t0)
+    blocks = first_pair_blocks(student, calibration, device)
     if not 0 <= start <= len(blocks):
         raise ValueError(f"start must be in [0, {len(blocks)}]; got {start}")
     results: list[BlockResult] = []

@@ -17,6 +17,7 @@ import torch
 
 from pqcad_deploy.calibration.selection import select_calibration
 from pqcad_deploy.calibration.trajectories import CalibrationSet, collect_trajectory_calibration
+from pqcad_deploy.conditioning import UNCONDITIONAL, Conditioning
 from pqcad_deploy.config import CalibrationConfig
 from pqcad_deploy.schedule import make_ddim_scheduler
 
@@ -32,6 +33,7 @@ def collect_qc_calibration(
     seed: int,
     device: str = "cpu",
     progress: bool = True,
+    conditioning: Conditioning = UNCONDITIONAL,
 ) -> CalibrationSet:
     """The calibration set `config` describes: trajectories, then the selection if one is asked for.
 
@@ -43,12 +45,12 @@ def collect_qc_calibration(
     scheduler = make_ddim_scheduler(scheduler_config, num_steps)
     if config.selection == "none":
         calibration = collect_trajectory_calibration(unet, scheduler, image_shape, config, seed=seed, device=device,
-                                                     progress=progress)
+                                                     progress=progress, conditioning=conditioning)
         calibration.description["selection"] = "none"
         return calibration
     candidates_cfg = dataclasses.replace(config, num_trajectories=config.num_trajectories * config.selection_oversample)
     candidates = collect_trajectory_calibration(unet, scheduler, image_shape, candidates_cfg, seed=seed, device=device,
-                                                progress=progress)
+                                                progress=progress, conditioning=conditioning)
     wanted = len(candidates) // config.selection_oversample  # the pairs that the trajectories alone give
     selected = select_calibration(unet, candidates, wanted, batch_size=config.batch_size, device=device)
     selected.description.update({

@@ -55,8 +55,8 @@ def pooled_mid_block_features(unet: torch.nn.Module, calibration: CalibrationSet
     pooled: list[torch.Tensor] = []
     hook = unet.mid_block.register_forward_hook(lambda mod, inp, out: pooled.append(out.mean(dim=(2, 3)).cpu()))
     try:
-        for x, t in calibration.batches(batch_size):
-            unet(x.to(device), t.to(device))
+        for x, t, cond in calibration.batches(batch_size):
+            unet(x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
     finally:
         hook.remove()
     return torch.cat(pooled).double().numpy()
@@ -67,6 +67,6 @@ def select_calibration(unet: torch.nn.Module, calibration: CalibrationSet, k: in
     """The `k` candidates picked by density and diversity, as a new CalibrationSet."""
     index = torch.from_numpy(density_diversity_indices(
         pooled_mid_block_features(unet, calibration, batch_size, device), k, gamma))
-    return CalibrationSet(x=calibration.x[index], t=calibration.t[index],
-                          description={**calibration.description, "selection": "density_diversity",
+    x, t, cond = calibration.rows(index)
+    return CalibrationSet(x=x, t=t, cond=cond, description={**calibration.description, "selection": "density_diversity",
                                        "selection_gamma": gamma, "selected": k, "candidates": len(calibration)})

@@ -4,6 +4,11 @@ Image i always starts from the noise of `torch.Generator("cpu").manual_seed(seed
 batch size or device, so every method compared (FP, fake-quant students) sees the same initial noise
 for the same image index. The UNet may be the FP model or a fake-quant student: both are
 UNet2DModels to the pipeline.
+
+A conditional model (pqcad_deploy.conditioning) is sampled by the same DDIM loop written out, since
+DDIMPipeline passes no class labels: the same per-image noise (diffusers' ``randn_tensor`` draws
+image i from its own generator), DDIMScheduler.step with eta 0, the same output conversion, with image
+i conditioned on class ``i % classes`` and guided as diffusers' pipelines guide.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from pqcad_deploy.conditioning import UNCONDITIONAL, Conditioning, guided_eps
 
 __all__ = ["GeneratedImages", "generate_images"]
 
@@ -31,10 +38,15 @@ class GeneratedImages:
 
 @torch.no_grad()
 def generate_images(unet: torch.nn.Module, scheduler_config: dict, n: int, steps: int, seed: int = 0,
-                    batch_size: int = 500, device: str = "cpu", progress: bool = True) -> GeneratedImages:
-    """`n` uint8 images from DDIM with `steps` steps; image i is seeded with `seed + i`."""
+                    batch_size: int = 500, device: str = "cpu", progress: bool = True,
+                    conditioning: Conditioning = UNCONDITIONAL) -> GeneratedImages:
+    """`n` uint8 images from DDIM with `steps` steps; image i is seeded with `seed + i` (and, for a
+    conditional model, conditioned on its class ``i % classes``)."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
+    if conditioning is not UNCONDITIONAL:
+        return _generate_conditional(unet, scheduler_config, n, steps, seed, batch_size, device, progress,
+                                     conditioning)
     scheduler = DDIMScheduler.from_config(scheduler_config)
     pipe = DDIMPipeline(unet=unet.to(device).eval(), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -46,6 +58,34 @@ def generate_images(unet: torch.nn.Module, scheduler_config: dict, n: int, steps
         images = pipe(batch_size=count, generator=generators, num_inference_steps=steps, eta=0.0,
                       output_type="np").images  # float [0, 1], NHWC
         out.append(np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return GeneratedImages(images=np.concatenate(out), seconds=time.perf_counter() - started, steps=steps)
+
+
+@torch.no_grad()
+def _generate_conditional(unet: torch.nn.Module, scheduler_config: dict, n: int, steps: int, seed: int,
+                          batch_size: int, device: str, progress: bool, conditioning: Conditioning) -> GeneratedImages:
+    """DDIMPipeline's loop with the conditioning passed and guided (module docstring)."""
+    from diffusers import DDIMScheduler
+
+    unet = unet.to(device).eval()
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(steps)
+    size = unet.config.sample_size
+    shape = (int(unet.config.in_channels), *((size, size) if isinstance(size, int) else size))
+    out = []
+    started = time.perf_counter()
+    for start in tqdm(range(0, n, batch_size), desc=f"DDIM-{steps}", unit="batch", disable=not progress):
+        count = min(batch_size, n - start)
+        x = torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(seed + start + i))
+                       for i in range(count)]).to(device)
+        cond = conditioning.draw(torch.arange(start, start + count))
+        for t in scheduler.timesteps:
+            t_batch = torch.full((count,), int(t), device=device, dtype=torch.long)
+            x = scheduler.step(guided_eps(unet, x, t_batch, cond, conditioning), t, x, eta=0.0).prev_sample
+        images = (x / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+        out.append(np.round(images * 255.0).astype(np.uint8))
     if device == "cuda":
         torch.cuda.synchronize()
     return GeneratedImages(images=np.concatenate(out), seconds=time.perf_counter() - started, steps=steps)

@@ -24,7 +24,7 @@ from pqcad_deploy.methods.registry import MethodJob
 from pqcad_deploy.quant import primitives as P
 from pqcad_deploy.quant.replace import LayerBits, quant_layers, swap_in_quant_layers
 from pqcad_deploy.reconstruct import (
-    OnIteration, ReconstructionConfig, init_weight_scales, reconstruct_model, reconstruction_blocks,
+    OnIteration, ReconstructionConfig, first_pair_blocks, init_weight_scales, reconstruct_model,
 )
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ def brecq_quantize(
     weight_results: list[dict] = list(entries.get("weights", []))  # one entry per finished block
     act_results: list[dict] = list(entries.get("activations", []))
     t_weights = entries.get("seconds_weights")
-    n_blocks = len(reconstruction_blocks(student, calibration.x[:1].to(device), calibration.t[:1].to(device)))
+    n_blocks = len(first_pair_blocks(student, calibration, device))
 
     def finished(results: list[dict], stage: str):
         def on_block(result) -> None:

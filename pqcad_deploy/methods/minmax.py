@@ -32,9 +32,9 @@ def calibrate_activations_minmax(student: torch.nn.Module, calibration: Calibrat
         layer.input_quantizer.observed_amax.zero_()
         layer.input_quantizer.observing = True
     n_batches = (len(calibration) + batch_size - 1) // batch_size
-    for x, t in tqdm(calibration.batches(batch_size), total=n_batches, desc="activation ranges",
-                     unit="batch", disable=not progress):
-        student(x.to(device), t.to(device))
+    for x, t, cond in tqdm(calibration.batches(batch_size), total=n_batches, desc="activation ranges",
+                           unit="batch", disable=not progress):
+        student(x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
     for layer in layers.values():
         quantizer = layer.input_quantizer
         quantizer.observing = False

@@ -28,7 +28,7 @@ from pqcad_deploy.methods.registry import MethodJob
 from pqcad_deploy.progressive import Transition, TransitionRule, TransitionTracker, bit_ladder
 from pqcad_deploy.quant.replace import LayerBits, quant_layers
 from pqcad_deploy.reconstruct import (
-    ReconstructionConfig, capture_for_reconstruction, reconstruct_block, reconstruction_blocks,
+    ReconstructionConfig, capture_for_reconstruction, first_pair_blocks, reconstruct_block,
 )
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def pq_quantize(
     resume = checkpoint.restore(student) if checkpoint is not None else None
     entries = resume.entries if resume is not None else {}
     started -= resume.seconds if resume is not None else 0.0
-    blocks = reconstruction_blocks(student, calibration.x[:1].to(device), calibration.t[:1].to(device))
+    blocks = first_pair_blocks(student, calibration, device)
     transitions = [Transition(**t) for t in entries.get("transitions", [])]
     weight_results: list[dict] = list(entries.get("weights", []))
     act_results: list[dict] = list(entries.get("activations", []))

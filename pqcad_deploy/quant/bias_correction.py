@@ -72,7 +72,8 @@ def _subset(calibration: CalibrationSet, max_samples: int) -> CalibrationSet:
     if len(calibration) <= max_samples:
         return calibration
     index = torch.linspace(0, len(calibration) - 1, max_samples).round().long()
-    return CalibrationSet(x=calibration.x[index], t=calibration.t[index], description=calibration.description)
+    x, t, cond = calibration.rows(index)
+    return CalibrationSet(x=x, t=t, description=calibration.description, cond=cond)
 
 
 @torch.no_grad()
@@ -99,9 +100,9 @@ def channel_means(model: nn.Module, names: Iterable[str], calibration: Calibrati
         module = model.get_submodule(name)
         hooks.append(module.register_forward_hook(lambda m, i, o, name=name: hook(name, m, i, o)))
     try:
-        for x, t in calibration.batches(batch_size):
+        for x, t, cond in calibration.batches(batch_size):
             try:
-                model(x.to(device), t.to(device))
+                model(x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
             except _StopForward:
                 pass
     finally:
@@ -110,7 +111,8 @@ def channel_means(model: nn.Module, names: Iterable[str], calibration: Calibrati
     return {name: (sums[name] / counts[name]).cpu() for name in wanted if name in sums}
 
 
-def execution_order(model: nn.Module, names: Iterable[str], example: tuple[torch.Tensor, torch.Tensor]) -> list[str]:
+def execution_order(model: nn.Module, names: Iterable[str], example: tuple[torch.Tensor, torch.Tensor],
+                    cond: dict[str, torch.Tensor] | None = None) -> list[str]:
     """`names` sorted by when the forward pass first runs them (module order can differ)."""
     wanted = list(names)
     order: list[str] = []
@@ -118,7 +120,7 @@ def execution_order(model: nn.Module, names: Iterable[str], example: tuple[torch
         lambda m, i, o, name=n: order.append(name) if name not in order else None) for n in wanted]
     try:
         with torch.no_grad():
-            model(*example)
+            model(*example, **(cond or {}))
     finally:
         for h in hooks:
             h.remove()
@@ -146,8 +148,8 @@ def correct_biases(fp_unet: nn.Module, student: nn.Module, layer_names: Iterable
     requested = list(layer_names)  # iterated twice below
     names = [n for n in requested if getattr(student.get_submodule(n), "bias", None) is not None]
     skipped = [n for n in requested if n not in names]
-    x0, t0 = next(iter(data.batches(1)))
-    names = execution_order(student, names, (x0.to(device), t0.to(device)))
+    x0, t0, cond0 = next(iter(data.batches(1)))
+    names = execution_order(student, names, (x0.to(device), t0.to(device)), {k: v.to(device) for k, v in cond0.items()})
     fp_means = channel_means(fp_unet, names, data, config.batch_size, device)
     layers = {}
     for name in tqdm(names, desc="bias correction", unit="layer", disable=not progress):

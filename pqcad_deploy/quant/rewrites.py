@@ -177,8 +177,8 @@ def fit_smoothing(unet: nn.Module, calibration: CalibrationSet, alpha: float, ba
             amax[name] = x if amax[name] is None else torch.maximum(amax[name], x)
         hooks.append(module.register_forward_pre_hook(hook))
     try:
-        for x, t in calibration.batches(batch_size):
-            unet(x.to(device), t.to(device))
+        for x, t, cond in calibration.batches(batch_size):
+            unet(x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
     finally:
         for h in hooks:
             h.remove()

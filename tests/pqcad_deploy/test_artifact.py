@@ -215,7 +215,7 @@ def test_build_student_reproduces_in_memory_student(compressed, fp, calibration)
     built = load_artifact(result.artifact).build_student()
     assert all(isinstance(m, (QuantConv2d, QuantLinear)) for n, m in built.named_modules() if n in plan)
     with torch.no_grad():
-        for x, t in calibration.batches(4):
+        for x, t, _cond in calibration.batches(4):
             assert torch.equal(built(x, t).sample, in_memory(x, t).sample)
 
 

@@ -27,8 +27,8 @@ from pqcad_deploy.model_kinds import MODEL_KINDS, detect_model_kind
 from pqcad_deploy.models import BUILTIN_MODELS, load_model
 
 ROOT = Path(__file__).resolve().parents[2]
-TODAY = ("pqcad-deploy compresses unconditional pixel-space UNet2DModel models only: pass a folder with config.json, "
-         "weights and scheduler_config.json, or 'builtin'.")
+TODAY = ("pqcad-deploy compresses unconditional and class-conditional (num_class_embeds) pixel-space UNet2DModel "
+         "models only: pass a folder with config.json, weights and scheduler_config.json, or 'builtin'.")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ CASES: dict[str, tuple[Callable[..., Path], str]] = {
     "class-embed-type-identity": (
         lambda sd, cc, small, tmp: _edit_and_return(_copy(cc, tmp / "m"), "config.json",
                                                     _set(num_class_embeds=None, class_embed_type="identity")),
-        "class-conditional-pixel"),
+        "other-class-embedding-pixel"),
     "sd-1.5-shaped": (lambda sd, cc, small, tmp: sd, "text-conditional-latent"),
     "sd-without-text-encoder": (lambda sd, cc, small, tmp: _without_text_encoder(sd, tmp / "m"),
                                 "class-conditional-latent"),
@@ -140,7 +140,8 @@ def _edit_and_return(d: Path, name: str, edit: Callable[[dict], None]) -> Path:
 
 def test_the_cases_cover_every_kind() -> None:
     assert {kind for _, kind in CASES.values()} == set(MODEL_KINDS)
-    assert [name for name, kind in MODEL_KINDS.items() if kind.supported] == ["unconditional-pixel"]
+    assert [name for name, kind in MODEL_KINDS.items() if kind.supported] == ["unconditional-pixel",
+                                                                              "class-conditional-pixel"]
     for name, kind in MODEL_KINDS.items():
         assert kind.name == name
         assert (kind.refusal is None) == kind.supported, name
@@ -184,10 +185,10 @@ def test_detect_model_kind_errors(tmp_path, small_unet_dir) -> None:
 # ----------------------------------------------------------------------------- refusals through the CLI
 REFUSALS: dict[str, tuple[str, str]] = {
     # case of CASES -> the line after "error: ", with {m} for the --model value
-    "class-conditional": ("class-conditional-pixel",
-                          "{m!r} holds a class-conditional pixel-space UNet2DModel (num_class_embeds or "
-                          "class_embed_type is set); class-conditional models are not supported yet (issue 17 adds "
-                          "them); " + TODAY),
+    "class-embed-type-identity": ("other-class-embedding-pixel",
+                                  "{m!r} holds a pixel-space UNet2DModel with a class_embed_type ('timestep', "
+                                  "'identity', ...: labels that are not class indices); class embeddings other than "
+                                  "num_class_embeds are not supported yet (issue 17 adds them); " + TODAY),
     "sd-1.5-shaped": ("text-conditional-latent",
                       "{m!r} holds a text-conditional latent pipeline of the Stable Diffusion family "
                       "(UNet2DConditionModel, vae, text_encoder, tokenizer); text-conditional latent models are not "
@@ -221,7 +222,7 @@ def test_compress_refuses_unsupported_kinds_in_one_line(case, sd_dir, class_dir,
     assert list(out.iterdir()) == []
 
 
-@pytest.mark.parametrize("case", ["class-conditional", "sd-1.5-shaped"])
+@pytest.mark.parametrize("case", ["class-embed-type-identity", "sd-1.5-shaped"])
 def test_refusal_comes_before_the_weights_are_read(case, sd_dir, class_dir, small_unet_dir, tmp_path) -> None:
     """Garbage weights: the kind's line, not "cannot load the UNet weights" (today's check ran after loading)."""
     make, _ = CASES[case]

@@ -1,0 +1,151 @@
+"""Class conditioning through the PyTorch stage (issue 17): guidance arithmetic, guided calibration
+trajectories, the conditional sampler against diffusers' DDIMPipeline, and compress end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from _cli_runner import run_cli  # tests/, on sys.path through tests/conftest.py
+from _pipelines import NULL_CLASS, NUM_CLASSES, make_class_conditional_unet_dir
+from pqcad_deploy.conditioning import (UNCONDITIONAL, ClassConditioning, class_labels_for, conditioning_of,
+                                       guided_eps)
+from pqcad_deploy.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def class_dir(tmp_path_factory) -> Path:
+    return make_class_conditional_unet_dir(tmp_path_factory.mktemp("cc") / "cc")
+
+
+@pytest.fixture(scope="module")
+def loaded(class_dir):
+    from pqcad_deploy.models import load_model
+
+    return load_model(str(class_dir))
+
+
+def test_conditioning_of_reads_the_config_and_refuses_what_cannot_work() -> None:
+    config = {"num_class_embeds": NUM_CLASSES + 1}
+    assert conditioning_of({}) is UNCONDITIONAL
+    assert conditioning_of(config) == ClassConditioning(num_classes=NUM_CLASSES + 1)  # no null: every label is a class
+    guided = conditioning_of(config, guidance_scale=3.0, null_class=NULL_CLASS)
+    assert guided == ClassConditioning(num_classes=NUM_CLASSES, null_class=NULL_CLASS, guidance_scale=3.0)
+    assert guided.to_dict() == {"kind": "class", "num_classes": 10, "null_class": 10, "guidance_scale": 3.0}
+    with pytest.raises(ConfigError, match=r"^--guidance-scale 3 needs the model's null class"):
+        conditioning_of(config, guidance_scale=3.0)
+    with pytest.raises(ConfigError, match=r"^--null-class 3: .* last label \(10, DiT's convention\)"):
+        conditioning_of(config, null_class=3)
+    with pytest.raises(ConfigError, match=r"^--null-class must be one of the model's 11 labels \(0 \.\. 10\); got 11"):
+        conditioning_of(config, null_class=11)
+    with pytest.raises(ConfigError, match=r"^--guidance-scale and --null-class apply to conditional models"):
+        conditioning_of({}, guidance_scale=2.0)
+    assert class_labels_for(torch.arange(23), 10).tolist() == [i % 10 for i in range(23)]
+
+
+def test_guided_eps_is_diffusers_arithmetic_on_one_doubled_batch(loaded) -> None:
+    unet = loaded.unet
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.full((3,), 400)
+    cond = {"class_labels": torch.tensor([0, 4, 9])}
+    with torch.no_grad():
+        eps_c = unet(x, t, **cond).sample
+        eps_u = unet(x, t, class_labels=torch.full((3,), NULL_CLASS)).sample
+        guided = guided_eps(unet, x, t, cond, ClassConditioning(NUM_CLASSES, NULL_CLASS, 4.0))
+        plain = guided_eps(unet, x, t, cond, ClassConditioning(NUM_CLASSES, NULL_CLASS, 1.0))
+    torch.testing.assert_close(guided, eps_u + 4.0 * (eps_c - eps_u), rtol=1e-5, atol=1e-5)
+    assert torch.equal(plain, eps_c)  # scale 1: one conditional call, no doubled batch
+    assert float((guided - eps_c).abs().max()) > 1e-3
+
+
+def test_the_conditional_sampler_is_ddimpipeline_with_the_class_passed(loaded) -> None:
+    """Image i with class i % 10 equals diffusers' DDIMPipeline run on a UNet that always gets that class
+    (the same seeded noise per image, the same step and conversion)."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    from pqcad_deploy.eval.pipeline_sampling import generate_images
+
+    conditioning = ClassConditioning(NUM_CLASSES, NULL_CLASS, 1.0)
+    ours = generate_images(loaded.unet, loaded.scheduler_config, 3, 4, seed=5, batch_size=3, progress=False,
+                           conditioning=conditioning).images
+    unet = loaded.unet
+    forward = unet.forward
+    for i in range(3):
+        unet.forward = lambda sample, timestep, i=i, **kw: forward(  # the class reaches DDIMPipeline's calls
+            sample, timestep, class_labels=torch.full((sample.shape[0],), i % NUM_CLASSES), **kw)
+        try:
+            pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(loaded.scheduler_config))
+            pipe.set_progress_bar_config(disable=True)
+            theirs = pipe(batch_size=1, generator=[torch.Generator("cpu").manual_seed(5 + i)], num_inference_steps=4,
+                          eta=0.0, output_type="np").images
+        finally:
+            unet.forward = forward
+        expected = (theirs.clip(0, 1) * 255).round().astype("uint8")[0]
+        assert abs(ours[i].astype(int) - expected.astype(int)).max() <= 1, i
+
+
+def test_guided_calibration_keeps_both_halves_of_every_guided_step(loaded) -> None:
+    from pqcad_deploy.calibration.trajectories import collect_trajectory_calibration
+    from pqcad_deploy.config import CalibrationConfig
+    from pqcad_deploy.schedule import make_ddim_scheduler
+
+    config = CalibrationConfig(num_trajectories=3, timesteps_kept=2, batch_size=3, timestep_sampling="uniform")
+    scheduler = make_ddim_scheduler(loaded.scheduler_config, 4)
+    guided = ClassConditioning(NUM_CLASSES, NULL_CLASS, 3.0)
+    cal = collect_trajectory_calibration(loaded.unet, scheduler, (3, 32, 32), config, seed=0, progress=False,
+                                         conditioning=guided)
+    labels = cal.cond["class_labels"]
+    assert len(cal) == 3 * 2 * 2 and labels.dtype == torch.int64
+    # per kept step: the three trajectories' classes (j % 10), then the same x_t with the null class
+    assert labels.tolist() == [0, 1, 2, NULL_CLASS, NULL_CLASS, NULL_CLASS] * 2
+    assert torch.equal(cal.x[0:3], cal.x[3:6]) and cal.description["conditioning"] == guided.to_dict()
+    # the last kept x_t is the guided trajectory's: rerun it by hand
+    x = torch.cat([torch.randn((3, 3, 32, 32), generator=torch.Generator().manual_seed(0))])
+    cond = {"class_labels": torch.tensor([0, 1, 2])}
+    with torch.no_grad():
+        for t in scheduler.timesteps[:-1]:
+            x = scheduler.step(guided_eps(loaded.unet, x, torch.full((3,), float(t)), cond, guided), t, x,
+                               eta=0.0).prev_sample
+    torch.testing.assert_close(cal.x[6:9], x, rtol=1e-5, atol=1e-5)
+    batches = list(cal.batches(5))
+    assert [b[2]["class_labels"].tolist() for b in batches] == [[0, 1, 2, 10, 10], [10, 0, 1, 2, 10], [10, 10]]
+    unguided = collect_trajectory_calibration(loaded.unet, scheduler, (3, 32, 32), config, seed=0, progress=False,
+                                              conditioning=ClassConditioning(NUM_CLASSES, NULL_CLASS, 1.0))
+    assert len(unguided) == 6 and unguided.cond["class_labels"].tolist() == [0, 1, 2] * 2
+
+
+def test_compress_quantizes_a_class_conditional_model_with_guidance(class_dir, tmp_path) -> None:
+    """The CLI, end to end: the guided calibration and the options are in the artifact, the student runs
+    with class labels, and the verbs not wired yet (CAD, export, analyze) say so in one line."""
+    from pqcad_deploy.artifact import load_artifact
+
+    art = tmp_path / "art"
+    result = run_cli("compress", "--model", class_dir, "--out", art, "--preset", "fast", "--teacher-steps", "6",
+                     "--method", "minmax", "--no-distill", "--guidance-scale", "2.5", "--null-class", str(NULL_CLASS),
+                     "--quiet")
+    assert result.code == 0, result.err
+    manifest = json.loads((art / "artifact.json").read_text())
+    assert manifest["options"]["guidance_scale"] == 2.5 and manifest["options"]["null_class"] == NULL_CLASS
+    assert manifest["calibration"]["conditioning"] == {"kind": "class", "num_classes": 10, "null_class": 10,
+                                                       "guidance_scale": 2.5}
+    report = json.loads((art / "report.json").read_text())
+    assert report["noise_pred_sqnr_db"] > 10  # measured on guided pairs of both halves: 8-bit minmax is close
+    student = load_artifact(art).build_student()
+    with torch.no_grad():
+        eps = student(torch.zeros(2, 3, 32, 32), torch.full((2,), 10), class_labels=torch.tensor([1, 10])).sample
+    assert eps.shape == (2, 3, 32, 32)
+    refused = run_cli("compress", "--model", class_dir, "--out", tmp_path / "cad", "--preset", "fast",
+                      "--teacher-steps", "6", "--quiet")
+    assert refused.code == 1 and not (tmp_path / "cad").exists()
+    assert refused.err == ("error: distillation (CAD) of class-conditional models is not built yet (issue 17): pass "
+                           "--no-distill to quantize it; the student then samples with the teacher's steps.\n")
+    for verb, args in (("export", ("export", art, "--onnx", tmp_path / "x.onnx")),
+                       ("analyze", ("analyze", art, "--out", tmp_path / "analysis"))):
+        out = run_cli(*args)
+        assert out.code == 1 and out.err == (
+            f"error: {art} is a class-conditional artifact; {verb} of class-conditional artifacts is not built yet "
+            "(issue 17): compress takes them (--no-distill), export, analyze and sample do not yet.\n"), out.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
