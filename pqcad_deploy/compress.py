@@ -20,7 +20,7 @@ from pqcad_deploy.calibration.qc import collect_qc_calibration
 from pqcad_deploy.calibration.trajectories import CalibrationSet
 from pqcad_deploy.checkpoint import Checkpoint, check_checkpoint_dir, checkpoint_dir, run_fingerprint
 from pqcad_deploy.config import CompressConfig, config_to_dict
-from pqcad_deploy.conditioning import UNCONDITIONAL, Conditioning, conditioning_of
+from pqcad_deploy.conditioning import Conditioning, conditioning_of
 from pqcad_deploy.distill.guard import resolve_guard_metric
 from pqcad_deploy.distill.rounds import distill_rounds
 from pqcad_deploy.errors import ConfigError
@@ -273,16 +273,9 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
 
 
 def _conditioning(config: CompressConfig, unet_config: dict) -> Conditioning:
-    """The model's conditioning with the user's guidance options (pqcad_deploy.conditioning).
-
-    CAD draws its pairs, targets and guard images unconditionally today, so a conditional model is
-    refused with distillation on rather than distilled on the wrong trajectories.
-    """
-    conditioning = conditioning_of(unet_config, config.guidance_scale, config.null_class)
-    if conditioning is not UNCONDITIONAL and config.distill:
-        raise ConfigError(f"distillation (CAD) of {conditioning.kind}-conditional models is not built yet (issue 17): "
-                          "pass --no-distill to quantize it; the student then samples with the teacher's steps.")
-    return conditioning
+    """The model's conditioning with the user's guidance options (pqcad_deploy.conditioning), checked
+    before any slow step."""
+    return conditioning_of(unet_config, config.guidance_scale, config.null_class)
 
 
 def _apply_rewrites(config: CompressConfig, fp_unet: torch.nn.Module, plan: dict[str, LayerBits],

@@ -139,7 +139,7 @@ def conditional_artifact_refusal(unet_config: dict, artifact: object, verb: str)
     if unet_config.get("num_class_embeds") is None:
         return None
     return (f"{artifact} is a class-conditional artifact; {verb} of class-conditional artifacts is not built yet "
-            "(issue 17): compress takes them (--no-distill), export, analyze and sample do not yet.")
+            "(issue 17): compress takes them; export, analyze and sample do not yet.")
 
 
 def select_rows(cond: dict[str, torch.Tensor], index: torch.Tensor | slice) -> dict[str, torch.Tensor]:

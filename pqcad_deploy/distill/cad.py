@@ -46,6 +46,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pqcad_deploy.conditioning import select_rows
 from pqcad_deploy.distill.dc import DCSet
 from pqcad_deploy.distill.grid import DistillGrid, distill_grid
 from pqcad_deploy.distill.target import (DDIMCoefficients, predict_x0, teacher_target,
@@ -131,7 +132,8 @@ def compute_targets(teacher: nn.Module, dc_set: DCSet, grid: DistillGrid, coeffs
     for start in tqdm(starts, desc="teacher targets", unit="batch", disable=not progress):
         x = dc_set.x[start:start + batch_size].to(device)
         t = dc_set.t[start:start + batch_size].to(device)
-        out.append(teacher_target(teacher, x, t, grid, coeffs)[0].to(torch.float32).cpu())
+        cond = _on(select_rows(dc_set.cond, slice(start, start + batch_size)), device)
+        out.append(teacher_target(teacher, x, t, grid, coeffs, cond)[0].to(torch.float32).cpu())
     return torch.cat(out)
 
 
@@ -146,20 +148,26 @@ def rdd_loss(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tens
     return (s @ s.T - t @ t.T).pow(2).mean()
 
 
+def _on(cond: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in cond.items()}
+
+
 def _x0_loss(student: nn.Module, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
-             coeffs: DDIMCoefficients) -> tuple[torch.Tensor, torch.Tensor]:
+             coeffs: DDIMCoefficients, cond: dict[str, torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean_b max(SNR_t, 1) * mean((x0_pred - x0_target)^2), x0_pred), float32."""
     alpha, sigma = (v.to(x_t.dtype) for v in coeffs.alpha_sigma(t))
-    eps = student(x_t, t.to(x_t.dtype)).sample
+    eps = student(x_t, t.to(x_t.dtype), **(cond or {})).sample
     x0_pred = predict_x0(x_t, eps, alpha, sigma)
     weight = truncated_snr_weight(alpha, sigma)
     return (weight * (x0_pred - target).pow(2).flatten(1).mean(dim=1)).mean(), x0_pred
 
 
 def distill_loss(student: nn.Module, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
-                 coeffs: DDIMCoefficients, rdd_weight: float = 0.0) -> torch.Tensor:
+                 coeffs: DDIMCoefficients, rdd_weight: float = 0.0,
+                 cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """mean_b max(SNR_t, 1) * mean((x0_pred - x0_target)^2) (+ rdd_weight * RDD), float32."""
-    loss, x0_pred = _x0_loss(student, x_t, t, target, coeffs)
+    loss, x0_pred = _x0_loss(student, x_t, t, target, coeffs, cond)
     if rdd_weight > 0:
         loss = loss + rdd_weight * rdd_loss(x0_pred, target)
     return loss
@@ -203,7 +211,8 @@ def _heldout_loss(student: nn.Module, heldout: DCSet, targets: torch.Tensor, coe
     for start in range(0, len(heldout), batch_size):
         x = heldout.x[start:start + batch_size].to(device)
         t = heldout.t[start:start + batch_size].to(device)
-        loss, _ = _x0_loss(student, x, t, targets[start:start + batch_size].to(device), coeffs)
+        cond = _on(select_rows(heldout.cond, slice(start, start + batch_size)), device)
+        loss, _ = _x0_loss(student, x, t, targets[start:start + batch_size].to(device), coeffs, cond)
         total += float(loss) * x.shape[0]
     return total / max(len(heldout), 1)
 
@@ -277,13 +286,14 @@ def distill(student: nn.Module, teacher: nn.Module, scheduler_config: dict, teac
             group["lr"] = base * factor
         if dc_set.fresh:
             batch = dc_set.draw(config.batch_size, generator, coeffs)
-            x, t = batch.x.to(device), batch.t.to(device)
+            x, t, cond = batch.x.to(device), batch.t.to(device), _on(batch.cond, device)
             with torch.no_grad():
-                target = teacher_target(teacher, x, t, grid, coeffs)[0].to(torch.float32)
+                target = teacher_target(teacher, x, t, grid, coeffs, cond)[0].to(torch.float32)
         else:
             index = torch.randint(0, len(dc_set), (config.batch_size,), generator=generator)
             x, t, target = dc_set.x[index].to(device), dc_set.t[index].to(device), targets[index].to(device)
-        loss = distill_loss(student, x, t, target, coeffs, config.rdd_weight)
+            cond = _on(select_rows(dc_set.cond, index), device)
+        loss = distill_loss(student, x, t, target, coeffs, config.rdd_weight, cond)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:

@@ -19,16 +19,24 @@ final samples), t uniform over the student grid, each pair from noise injection 
 ``mix`` and from a trajectory state otherwise, with fresh Gaussian noise either way, so the student
 never sees the same pair twice (issue 14: the fixed 1,024-pair set could be memorised).
 
+A conditional model's trajectories are guided as its calibration's are (pqcad_deploy.conditioning:
+trajectory j conditioned on class ``j % classes``), and every pair carries the condition of the
+trajectory it came from, or, when the model guides, the null class for a seeded half of the pairs:
+the student learns both branches of guidance, each against the teacher's two steps on that branch
+(per-branch distillation; the guided combination is formed at sampling time, as for the teacher).
+An unconditional model draws exactly the random numbers it drew before.
+
 Deterministic for a seed: every draw comes from one seeded ``torch.Generator`` in a fixed order.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
+from pqcad_deploy.conditioning import UNCONDITIONAL, Conditioning, guided_eps, select_rows
 from pqcad_deploy.distill.grid import DistillGrid
 from pqcad_deploy.distill.target import DDIMCoefficients
 from pqcad_deploy.presets import DC_SOURCES, DCConfig, DCSource
@@ -50,6 +58,7 @@ class DCBatch:
     t: torch.Tensor
     injected: torch.Tensor  # bool [B]
     x0: torch.Tensor  # the pool sample behind each injected pair (unused for trajectory pairs)
+    cond: dict[str, torch.Tensor] = field(default_factory=dict)  # a conditional model's, per pair
 
 
 @dataclass
@@ -71,6 +80,11 @@ class DCSet:
     student: tuple[int, ...] = ()
     mix: float = 0.5
     perturbation: float = 0.0
+    cond: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The fixed pairs' conditioning (rows of `x`); empty for an unconditional model."""
+    pool_cond: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The conditioning of each pooled trajectory (rows of `states` and `finals`)."""
+    conditioning: Conditioning = UNCONDITIONAL
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -88,15 +102,31 @@ class DCSet:
         index = torch.randint(0, k, (batch_size,), generator=generator)
         t = torch.tensor(self.student, dtype=torch.int64)[index]
         injected = torch.rand(batch_size, generator=generator) < self.mix
-        from_traj = self.states[torch.randint(0, n, (batch_size,), generator=generator), index]
-        x0 = self.finals[torch.randint(0, n, (batch_size,), generator=generator)]
+        traj_rows = torch.randint(0, n, (batch_size,), generator=generator)
+        from_traj = self.states[traj_rows, index]
+        x0_rows = torch.randint(0, n, (batch_size,), generator=generator)
+        x0 = self.finals[x0_rows]
         alpha, sigma = (v.to(torch.float32).reshape(-1, 1, 1, 1) for v in coeffs.alpha_sigma(t))
         noised = alpha * x0 + sigma * torch.randn(x0.shape, generator=generator)
         x = torch.where(injected.reshape(-1, 1, 1, 1), noised, from_traj)
         jitter = torch.randn(x.shape, generator=generator)
         if self.perturbation > 0:
             x = x + self.perturbation * sigma * jitter
-        return DCBatch(x=x.contiguous(), t=t, injected=injected, x0=x0)
+        cond = _pair_conditions(self.pool_cond, torch.where(injected, x0_rows, traj_rows), self.conditioning,
+                                generator)
+        return DCBatch(x=x.contiguous(), t=t, injected=injected, x0=x0, cond=cond)
+
+
+def _pair_conditions(pool_cond: dict[str, torch.Tensor], rows: torch.Tensor, conditioning: Conditioning,
+                     generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The conditions of pairs from pooled trajectories `rows`: each trajectory's own, and, when the model
+    guides, the null condition for a seeded half (both branches of guidance are trained). Draws no random
+    number for an unconditional model."""
+    cond = select_rows(pool_cond, rows)
+    if cond and conditioning.guides:
+        null = torch.rand(len(rows), generator=generator) < 0.5
+        cond = {k: torch.where(null, conditioning.null(len(rows))[k], v) for k, v in cond.items()}
+    return cond
 
 
 def stratified_timesteps(student: tuple[int, ...], size: int, generator: torch.Generator) -> torch.Tensor:
@@ -110,7 +140,8 @@ def stratified_timesteps(student: tuple[int, ...], size: int, generator: torch.G
 
 @torch.no_grad()
 def _fp_trajectories(unet: torch.nn.Module, scheduler_config: dict, grid: DistillGrid, noise: torch.Tensor,
-                     batch_size: int, device: str, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     batch_size: int, device: str, progress: bool, pool_cond: dict[str, torch.Tensor],
+                     conditioning: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
     """FP DDIM (eta 0) on the teacher grid: x at every student timestep [n, K, ...] and final x_0 [n, ...]."""
     scheduler = make_ddim_scheduler(scheduler_config, len(grid.teacher))
     position = {t: k for k, t in enumerate(grid.student)}
@@ -121,11 +152,12 @@ def _fp_trajectories(unet: torch.nn.Module, scheduler_config: dict, grid: Distil
     bar = tqdm(total=n_batches * len(grid.teacher), desc="C_DC trajectories", unit="step", disable=not progress)
     for start in range(0, n, batch_size):
         x = noise[start:start + batch_size].to(device)
+        cond = select_rows(pool_cond, slice(start, start + x.shape[0]))
         for t in scheduler.timesteps:
             if int(t) in position:
                 at_student[start:start + x.shape[0], position[int(t)]] = x.cpu()
             t_batch = torch.full((x.shape[0],), float(t), device=device)
-            x = scheduler.step(unet(x, t_batch).sample, t, x, eta=0.0).prev_sample
+            x = scheduler.step(guided_eps(unet, x, t_batch, cond, conditioning), t, x, eta=0.0).prev_sample
             bar.update(1)
         final[start:start + x.shape[0]] = x.cpu()
     bar.close()
@@ -134,7 +166,7 @@ def _fp_trajectories(unet: torch.nn.Module, scheduler_config: dict, grid: Distil
 
 def collect_dc(unet: torch.nn.Module, scheduler_config: dict, grid: DistillGrid,
                image_shape: tuple[int, int, int], config: DCConfig, device: str = "cpu",
-               progress: bool = True) -> DCSet:
+               progress: bool = True, conditioning: Conditioning = UNCONDITIONAL) -> DCSet:
     """Draw C_DC with the FP model (module docstring).
 
     Runs ceil(size / K) FP trajectories (K student steps), enough for distinct trajectories at each
@@ -145,7 +177,9 @@ def collect_dc(unet: torch.nn.Module, scheduler_config: dict, grid: DistillGrid,
     n_traj = max(-(-config.size // k), config.trajectories or 0)
     noise = torch.randn((n_traj, *image_shape), generator=generator)
     t = stratified_timesteps(grid.student, config.size, generator)
-    at_student, final = _fp_trajectories(unet, scheduler_config, grid, noise, config.batch_size, device, progress)
+    pool_cond = conditioning.draw(torch.arange(n_traj))
+    at_student, final = _fp_trajectories(unet, scheduler_config, grid, noise, config.batch_size, device, progress,
+                                         pool_cond, conditioning)
     coeffs = DDIMCoefficients.from_config(scheduler_config)
     alpha, sigma = (v.to(torch.float32).reshape(-1, 1, 1, 1) for v in coeffs.alpha_sigma(t))
     position = {s: i for i, s in enumerate(grid.student)}
@@ -157,15 +191,22 @@ def collect_dc(unet: torch.nn.Module, scheduler_config: dict, grid: DistillGrid,
             rows = (t == s).nonzero().flatten()
             traj[rows] = torch.randperm(n_traj, generator=generator)[: rows.numel()]
         x = at_student[traj, torch.tensor([position[int(s)] for s in t.tolist()], dtype=torch.int64)]
+        rows = traj
     else:
-        x0 = final[torch.randint(0, n_traj, (config.size,), generator=generator)]
+        rows = torch.randint(0, n_traj, (config.size,), generator=generator)
+        x0 = final[rows]
         x = alpha * x0 + sigma * torch.randn(x0.shape, generator=generator)
     if config.perturbation > 0:
         x = x + config.perturbation * sigma * torch.randn(x.shape, generator=generator)
+    cond = _pair_conditions(pool_cond, rows, conditioning, generator)
     description = {"source": config.source, "config": asdict(config), "trajectories": n_traj,
                    "student_timesteps": list(grid.student), "teacher_steps": len(grid.teacher),
                    "stratified": True, "fresh": config.fresh}
+    if conditioning is not UNCONDITIONAL:  # an unconditional C_DC's description stays as it was
+        description["conditioning"] = conditioning.to_dict()
+    extra = {"cond": cond, "pool_cond": pool_cond, "conditioning": conditioning}
     if not config.fresh:
-        return DCSet(x=x.contiguous(), t=t, description=description, x0=x0)
+        return DCSet(x=x.contiguous(), t=t, description=description, x0=x0, **extra)
     return DCSet(x=x.contiguous(), t=t, description=description, x0=x0, states=at_student, finals=final,
-                 student=tuple(grid.student), mix=float(config.mix), perturbation=float(config.perturbation))
+                 student=tuple(grid.student), mix=float(config.mix), perturbation=float(config.perturbation),
+                 **extra)

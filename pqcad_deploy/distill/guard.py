@@ -29,6 +29,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from pqcad_deploy.conditioning import UNCONDITIONAL, Conditioning
 from pqcad_deploy.eval.pipeline_sampling import generate_images
 from pqcad_deploy.eval.psnr import mean_psnr, psnr_per_image
 from pqcad_deploy.presets import GuardConfig
@@ -119,7 +120,8 @@ def resolve_guard_metric(choice: str, device: str) -> tuple[str, str | None]:
 @torch.no_grad()
 def guard_distillation(fp_unet: torch.nn.Module, distilled: torch.nn.Module, undistilled: torch.nn.Module,
                        scheduler_config: dict, teacher_steps: int, student_steps: int, config: GuardConfig,
-                       seed: int, device: str, also_against: int | None = None) -> tuple[torch.nn.Module, dict]:
+                       seed: int, device: str, also_against: int | None = None,
+                       conditioning: Conditioning = UNCONDITIONAL) -> tuple[torch.nn.Module, dict]:
     """(the kept student, the report entry) by ``config.metric`` against FP at `teacher_steps`.
 
     The distilled student is kept when its gain is positive and larger than `config.min_z` standard
@@ -136,7 +138,7 @@ def guard_distillation(fp_unet: torch.nn.Module, distilled: torch.nn.Module, und
 
     def images(unet: torch.nn.Module, steps: int, n: int) -> np.ndarray:
         return generate_images(unet, scheduler_config, n, steps, seed=check_seed, batch_size=min(n, 500),
-                               device=device, progress=False).images
+                               device=device, progress=False, conditioning=conditioning).images
 
     gain, error, fields = GUARD_METRICS[config.metric](images, (distilled, undistilled), fp_unet, teacher_steps,
                                                        student_steps, config, device)

@@ -84,21 +84,24 @@ def distill_round(config: CompressConfig, student: torch.nn.Module, teacher: tor
     """One CAD round at `steps` teacher steps, then its guard; (student, report, the student's timesteps)."""
     import copy
 
+    from pqcad_deploy.conditioning import conditioning_of
     from pqcad_deploy.distill.cad import distill
     from pqcad_deploy.distill.dc import HELDOUT_SEED_OFFSET, collect_dc
     from pqcad_deploy.distill.grid import distill_grid
     from pqcad_deploy.distill.guard import guard_distillation, resolve_guard_metric
 
     grid = distill_grid(scheduler_config, steps)
+    conditioning = conditioning_of(dict(fp_unet.config), config.guidance_scale, config.null_class)
     seed = config.seed + round_index
     guard = dataclasses.replace(settings.guard, metric=resolve_guard_metric(config.guard, device)[0])
     dcfg = dataclasses.replace(settings.distill, seed=seed,
                                checkpoint_every=settings.distill_checkpoint_every)
     dc_set = collect_dc(fp_unet, scheduler_config, grid, image_shape,
-                        dataclasses.replace(settings.dc, seed=seed), device=device, progress=progress)
+                        dataclasses.replace(settings.dc, seed=seed), device=device, progress=progress,
+                        conditioning=conditioning)
     heldout = collect_dc(fp_unet, scheduler_config, grid, image_shape,
                          dataclasses.replace(settings.heldout, seed=seed + HELDOUT_SEED_OFFSET),
-                         device=device, progress=False)
+                         device=device, progress=False, conditioning=conditioning)
     teacher_state = None if teacher is fp_unet else teacher.state_dict()  # frozen: it never changes
 
     def save(distill_state: dict) -> None:
@@ -113,6 +116,7 @@ def distill_round(config: CompressConfig, student: torch.nn.Module, teacher: tor
     # the round's own teacher steps are recorded beside it (guard_distillation's docstring says why).
     student, report["guard"] = guard_distillation(fp_unet, student, undistilled, scheduler_config,
                                                   config.teacher_steps, len(grid.student), guard,
-                                                  seed=seed, device=device, also_against=steps)
+                                                  seed=seed, device=device, also_against=steps,
+                                                  conditioning=conditioning)
     report["round"] = round_index
     return student, report, [int(t) for t in grid.student]

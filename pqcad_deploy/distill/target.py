@@ -147,7 +147,8 @@ def truncated_snr_weight(alpha_t: torch.Tensor, sigma_t: torch.Tensor) -> torch.
 
 @torch.no_grad()
 def teacher_target(teacher: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, grid: DistillGrid,
-                   coeffs: DDIMCoefficients) -> tuple[torch.Tensor, torch.Tensor]:
+                   coeffs: DDIMCoefficients, cond: dict[str, torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's DDIM steps from student step t to the student's next step, and the x0 target.
 
     Args:
@@ -156,6 +157,8 @@ def teacher_target(teacher: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor,
         t: int64 [B] timesteps on the student grid.
         grid: the teacher/student grids.
         coeffs: DDIM coefficients of the model's scheduler.
+        cond: a conditional model's per-pair conditioning (both teacher steps take the pair's own:
+            one branch of guidance, the class or the null class; pqcad_deploy.conditioning).
 
     Returns:
         (x0_target, x_end), both float64 [B, C, H, W]; x_end is the teacher's x_{t''}.
@@ -166,13 +169,15 @@ def teacher_target(teacher: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor,
     a_t, s_t = coeffs.alpha_sigma(t)
     a_m, s_m = coeffs.alpha_sigma(mid)
     model_dtype = next(teacher.parameters()).dtype
-    eps = teacher(x_t.to(model_dtype), t.to(model_dtype)).sample.to(torch.float64)
+    cond = cond or {}
+    eps = teacher(x_t.to(model_dtype), t.to(model_dtype), **cond).sample.to(torch.float64)
     x_mid = ddim_step(x, eps, a_t, s_t, a_m, s_m, coeffs.clip_range)
     x_end = x_mid.clone()
     two = mid != end  # the student step covers a second teacher step t' -> t''
     if bool(two.any()):
         a_e, s_e = coeffs.alpha_sigma(end[two])
-        eps2 = teacher(x_mid[two].to(model_dtype), mid[two].to(model_dtype)).sample.to(torch.float64)
+        eps2 = teacher(x_mid[two].to(model_dtype), mid[two].to(model_dtype),
+                       **{k: v[two] for k, v in cond.items()}).sample.to(torch.float64)
         x_end[two] = ddim_step(x_mid[two], eps2, a_m[two], s_m[two], a_e, s_e, coeffs.clip_range)
     a_e, s_e = coeffs.alpha_sigma(end)
     return x0_target(x, x_end, a_t, s_t, a_e, s_e, degenerate=predict_x0(x, eps, a_t, s_t)), x_end

@@ -119,7 +119,7 @@ def test_guided_calibration_keeps_both_halves_of_every_guided_step(loaded) -> No
 
 def test_compress_quantizes_a_class_conditional_model_with_guidance(class_dir, tmp_path) -> None:
     """The CLI, end to end: the guided calibration and the options are in the artifact, the student runs
-    with class labels, and the verbs not wired yet (CAD, export, analyze) say so in one line."""
+    with class labels, and the verbs not wired yet (export, analyze) say so in one line."""
     from pqcad_deploy.artifact import load_artifact
 
     art = tmp_path / "art"
@@ -137,15 +137,91 @@ def test_compress_quantizes_a_class_conditional_model_with_guidance(class_dir, t
     with torch.no_grad():
         eps = student(torch.zeros(2, 3, 32, 32), torch.full((2,), 10), class_labels=torch.tensor([1, 10])).sample
     assert eps.shape == (2, 3, 32, 32)
-    refused = run_cli("compress", "--model", class_dir, "--out", tmp_path / "cad", "--preset", "fast",
-                      "--teacher-steps", "6", "--quiet")
-    assert refused.code == 1 and not (tmp_path / "cad").exists()
-    assert refused.err == ("error: distillation (CAD) of class-conditional models is not built yet (issue 17): pass "
-                           "--no-distill to quantize it; the student then samples with the teacher's steps.\n")
     for verb, args in (("export", ("export", art, "--onnx", tmp_path / "x.onnx")),
                        ("analyze", ("analyze", art, "--out", tmp_path / "analysis"))):
         out = run_cli(*args)
         assert out.code == 1 and out.err == (
             f"error: {art} is a class-conditional artifact; {verb} of class-conditional artifacts is not built yet "
-            "(issue 17): compress takes them (--no-distill), export, analyze and sample do not yet.\n"), out.err
+            "(issue 17): compress takes them; export, analyze and sample do not yet.\n"), out.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+# ----------------------------------------------------------------------------- CAD with conditions
+def test_the_x0_target_takes_two_diffusers_steps_on_the_pairs_own_branch(loaded) -> None:
+    """teacher_target with a class (or the null class) per pair is two DDIMScheduler steps of the
+    teacher called with that pair's label, the pairs of one batch each on their own branch."""
+    from pqcad_deploy.distill.grid import distill_grid
+    from pqcad_deploy.distill.target import DDIMCoefficients, predict_x0, teacher_target
+    from pqcad_deploy.schedule import make_ddim_scheduler
+
+    unet = loaded.unet.double()
+    try:
+        grid = distill_grid(loaded.scheduler_config, 6)
+        coeffs = DDIMCoefficients.from_config(loaded.scheduler_config)
+        t0 = grid.student[0]
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        labels = torch.tensor([3, NULL_CLASS])
+        target, x_end = teacher_target(unet, x, torch.full((2,), t0), grid, coeffs, {"class_labels": labels})
+        scheduler = make_ddim_scheduler(loaded.scheduler_config, 6)
+        first, second = grid.teacher_path(t0)
+        for row in range(2):
+            xr, cls = x[row:row + 1], labels[row:row + 1]
+            with torch.no_grad():
+                for t in (first, second):
+                    xr = scheduler.step(unet(xr, t, class_labels=cls).sample, t, xr, eta=0.0).prev_sample
+            torch.testing.assert_close(x_end[row:row + 1], xr, rtol=0, atol=1e-6)  # as test_distill_target
+        assert float((x_end[0] - x_end[1]).abs().max()) > 1e-6  # the label changed the steps
+        assert target.shape == x.shape and bool(torch.isfinite(target).all())
+    finally:
+        loaded.unet.float()
+
+
+def test_cdc_pairs_carry_their_trajectorys_class_or_the_null_class(loaded) -> None:
+    from pqcad_deploy.distill.dc import collect_dc
+    from pqcad_deploy.distill.grid import distill_grid
+    from pqcad_deploy.distill.target import DDIMCoefficients
+    from pqcad_deploy.presets import DCConfig
+
+    grid = distill_grid(loaded.scheduler_config, 4)
+    guided = ClassConditioning(NUM_CLASSES, NULL_CLASS, 2.0)
+    for fresh in (False, True):
+        dc = collect_dc(loaded.unet, loaded.scheduler_config, grid, (3, 32, 32),
+                        DCConfig(size=40, fresh=fresh, seed=3), progress=False, conditioning=guided)
+        labels = dc.cond["class_labels"]
+        assert len(labels) == 40 and dc.description["conditioning"] == guided.to_dict()
+        null = labels == NULL_CLASS
+        assert 8 <= int(null.sum()) <= 32  # a seeded half of the pairs train the unconditional branch
+        assert set(labels[~null].tolist()) <= set(range(dc.pool_cond["class_labels"].numel()))
+        assert dc.pool_cond["class_labels"].tolist() == [j % NUM_CLASSES for j in range(len(dc.pool_cond["class_labels"]))]
+    batch = dc.draw(64, torch.Generator().manual_seed(0), DDIMCoefficients.from_config(loaded.scheduler_config))
+    drawn = batch.cond["class_labels"]
+    assert drawn.shape == (64,) and 16 <= int((drawn == NULL_CLASS).sum()) <= 48
+    again = dc.draw(64, torch.Generator().manual_seed(0), DDIMCoefficients.from_config(loaded.scheduler_config))
+    assert torch.equal(again.cond["class_labels"], drawn) and torch.equal(again.x, batch.x)
+    plain = collect_dc(loaded.unet, loaded.scheduler_config, grid, (3, 32, 32), DCConfig(size=40, fresh=True, seed=3),
+                       progress=False, conditioning=ClassConditioning(NUM_CLASSES + 1))
+    # no guidance: every pair keeps its trajectory's label (here 11 classes, 10 among them), none is replaced
+    assert set(plain.cond["class_labels"].tolist()) <= set(range(NUM_CLASSES + 1))
+
+
+def test_compress_distills_a_guided_class_conditional_model(class_dir, tmp_path, monkeypatch) -> None:
+    """compress with CAD on the class-conditional fixture: guided C_DC, both branches, the guard sampling
+    with the classes; the artifact samples on the halved grid. (10 iterations: the path is under test.)"""
+    import dataclasses
+
+    from pqcad_deploy.presets import PRESETS, DCConfig, DistillConfig
+
+    monkeypatch.setitem(PRESETS, "fast", dataclasses.replace(
+        PRESETS["fast"], dc=DCConfig(size=16), heldout=DCConfig(size=8),
+        distill=DistillConfig(iters=10, batch_size=4, heldout_every=5), distill_checkpoint_every=5))
+    art = tmp_path / "art"
+    result = run_cli("compress", "--model", class_dir, "--out", art, "--preset", "fast", "--teacher-steps", "4",
+                     "--method", "minmax", "--guidance-scale", "2", "--null-class", str(NULL_CLASS), "--quiet")
+    assert result.code == 0, result.err
+    manifest = json.loads((art / "artifact.json").read_text())
+    assert manifest["options"]["distill"] and len(manifest["student_timesteps"]) == 2
+    distillation = json.loads((art / "report.json").read_text())["distillation"]
+    assert distillation["extra"]["dc"]["conditioning"] == {"kind": "class", "num_classes": 10, "null_class": 10,
+                                                            "guidance_scale": 2.0}
+    assert len(distillation["losses"]) == 10 and distillation["guard"]["kept"] in ("distilled", "undistilled")
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in distillation["losses"])
