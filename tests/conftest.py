@@ -34,6 +34,22 @@ def small_unet_dir(unet_dirs) -> Path:
     return unet_dirs["c1_32_attn1_default"]
 
 
+@pytest.fixture(scope="session")
+def sd_pipeline_dir(tmp_path_factory) -> Path:
+    """The SD-1.5-shaped pipeline of tests/_pipelines.py, written once per run (5 s): never edit it, copy it."""
+    from _pipelines import make_sd_pipeline_dir
+
+    return make_sd_pipeline_dir(tmp_path_factory.mktemp("sd") / "sd")
+
+
+@pytest.fixture(scope="session")
+def class_conditional_dir(tmp_path_factory) -> Path:
+    """The class-conditional UNet2DModel of tests/_pipelines.py, written once per run: never edit it, copy it."""
+    from _pipelines import make_class_conditional_unet_dir
+
+    return make_class_conditional_unet_dir(tmp_path_factory.mktemp("cc") / "cc")
+
+
 @pytest.fixture
 def full_disk(tmp_path):
     """A 64 KiB tmpfs (root on Linux, as on this project's machines and CI), to fill a disk for real.

@@ -23,12 +23,12 @@ from pqcad_deploy.engines.ort_session import ort_session
 from pqcad_deploy.engines.tokenizer import load_clip_tokenizer
 from pqcad_deploy.errors import ModelLoadError, OutputPathError
 
-from _pipelines import SD_MAX_TOKENS, SD_TEXT_WIDTH, make_sd_pipeline_dir
+from _pipelines import SD_MAX_TOKENS, SD_TEXT_WIDTH
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> Path:
-    return make_sd_pipeline_dir(tmp_path_factory.mktemp("sd") / "sd")
+def pipeline(sd_pipeline_dir) -> Path:
+    return sd_pipeline_dir
 
 
 @pytest.fixture(scope="module")

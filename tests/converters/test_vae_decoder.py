@@ -23,14 +23,14 @@ from pqcad_deploy.converters.vae_decoder import (VAE_PARITY_TOLERANCES, export_v
 from pqcad_deploy.engines.ort_session import ort_session
 from pqcad_deploy.errors import ExportError, ModelLoadError, OutputPathError
 
-from _pipelines import SD_LATENT_SIZE, SD_VAE_CONFIG, SD_VAE_SCALE, make_sd_pipeline_dir
+from _pipelines import SD_LATENT_SIZE, SD_VAE_CONFIG, SD_VAE_SCALE
 
 IMAGE_SIZE = SD_LATENT_SIZE * SD_VAE_SCALE
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> Path:
-    return make_sd_pipeline_dir(tmp_path_factory.mktemp("sd") / "sd")
+def pipeline(sd_pipeline_dir) -> Path:
+    return sd_pipeline_dir
 
 
 @pytest.fixture(scope="module")

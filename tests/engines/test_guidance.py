@@ -19,7 +19,7 @@ from pqcad_deploy.engines.ddim import DDIMSampler, ddim_timesteps
 from pqcad_deploy.engines.errors import ConfigError, EngineError
 from pqcad_deploy.engines.guidance import Guidance, guided_ddim, rescale_noise_cfg
 
-from _pipelines import NULL_CLASS, SD_LATENT_SIZE, make_class_conditional_unet_dir, make_sd_pipeline_dir
+from _pipelines import NULL_CLASS, SD_LATENT_SIZE
 
 STEPS = 5
 # Agreement with diffusers in float32, as max|ours - diffusers| / max|diffusers|. Measured (torch 2.13
@@ -158,8 +158,8 @@ def test_loop_calls_the_model_on_the_right_batches() -> None:
 
 
 @pytest.fixture(scope="module")
-def sd_pipeline(tmp_path_factory) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(str(make_sd_pipeline_dir(tmp_path_factory.mktemp("sd") / "sd")))
+def sd_pipeline(sd_pipeline_dir) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd_pipeline_dir))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -214,8 +214,8 @@ def test_sd_pipeline_guidance_matches_diffusers(sd_pipeline: StableDiffusionPipe
         assert _relative_error(plain, reference) > 100 * LOOP_REL_TOL
 
 
-def test_class_conditional_guidance_matches_diffusers_ddim(tmp_path) -> None:
-    folder = make_class_conditional_unet_dir(tmp_path / "cc")
+def test_class_conditional_guidance_matches_diffusers_ddim(class_conditional_dir) -> None:
+    folder = class_conditional_dir
     unet = UNet2DModel.from_pretrained(str(folder)).eval()
     scheduler = DDIMScheduler.from_pretrained(str(folder))  # the folder's DDPM config, read as a DDIM one
     scheduler.set_timesteps(STEPS)

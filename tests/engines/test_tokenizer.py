@@ -25,7 +25,6 @@ import pytest
 from pqcad_deploy.engines.errors import BackendUnavailableError, ConfigError, EngineDirectoryError
 from pqcad_deploy.engines.tokenizer import CLIP_MAX_LENGTH, load_clip_tokenizer
 
-from _pipelines import make_sd_pipeline_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -106,9 +105,9 @@ def _write_byte_level_tokenizer(folder: Path, pad_token: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
+def folders(tmp_path_factory, sd_pipeline_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tokenizers")
-    return {"sd_pipeline": make_sd_pipeline_dir(root / "sd") / "tokenizer",
+    return {"sd_pipeline": sd_pipeline_dir / "tokenizer",
             "sd15_bytes": _write_byte_level_tokenizer(root / "sd15", "<|endoftext|>"),
             "sd2_bytes": _write_byte_level_tokenizer(root / "sd2", "!")}
 

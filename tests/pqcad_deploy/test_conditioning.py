@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from _cli_runner import run_cli  # tests/, on sys.path through tests/conftest.py
-from _pipelines import NULL_CLASS, NUM_CLASSES, make_class_conditional_unet_dir
+from _pipelines import NULL_CLASS, NUM_CLASSES
 from pqcad_deploy.conditioning import (UNCONDITIONAL, ClassConditioning, class_labels_for, conditioning_of,
                                        guided_eps)
 from pqcad_deploy.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
-def class_dir(tmp_path_factory) -> Path:
-    return make_class_conditional_unet_dir(tmp_path_factory.mktemp("cc") / "cc")
+def class_dir(class_conditional_dir) -> Path:
+    return class_conditional_dir
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_the_x0_target_takes_two_diffusers_steps_on_the_pairs_own_branch(loaded)
     """teacher_target with a class (or the null class) per pair is two DDIMScheduler steps of the
     teacher called with that pair's label, the pairs of one batch each on their own branch."""
     from pqcad_deploy.distill.grid import distill_grid
-    from pqcad_deploy.distill.target import DDIMCoefficients, predict_x0, teacher_target
+    from pqcad_deploy.distill.target import DDIMCoefficients, teacher_target
     from pqcad_deploy.schedule import make_ddim_scheduler
 
     unet = loaded.unet.double()

@@ -32,13 +32,13 @@ TODAY = ("pqcad-deploy compresses unconditional and class-conditional (num_class
 
 
 @pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory) -> Path:
-    return make_sd_pipeline_dir(tmp_path_factory.mktemp("sd") / "sd")
+def sd_dir(sd_pipeline_dir) -> Path:
+    return sd_pipeline_dir
 
 
 @pytest.fixture(scope="module")
-def class_dir(tmp_path_factory) -> Path:
-    return make_class_conditional_unet_dir(tmp_path_factory.mktemp("cc") / "cc")
+def class_dir(class_conditional_dir) -> Path:
+    return class_conditional_dir
 
 
 def _edit_json(path: Path, edit: Callable[[dict], None]) -> None:
