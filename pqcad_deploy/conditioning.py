@@ -5,7 +5,8 @@ Issue 17's first conditional kind is the class-conditional pixel-space UNet2DMod
 that runs the model (calibration trajectories, the reconstruction's captures, the checks that sample)
 passes the conditioning as keyword arguments, ``unet(x, t, **cond)``, where ``cond`` holds per-sample
 tensors with the batch first (``class_labels`` here; ``encoder_hidden_states`` for the text kind to come).
-An unconditional model's ``cond`` is ``{}``, so its calls, and its artifacts, are what they were.
+An unconditional model's ``cond`` is ``{}``, so its calls, and the weights of its artifacts, are what they
+were (the artifact's options record ``guidance_scale`` 1 and ``null_class`` null beside the others).
 
 Guidance is diffusers' (engines/guidance.py follows it line for line for the torch-free sampler): at a
 scale w > 1 the model runs once on the unconditional copy of the batch and once on the conditional
@@ -15,8 +16,8 @@ trained with for "no class" (DiT's convention: one embedding row more than there
 one null). A model has one only if it was trained with label dropout, so guidance > 1 needs it named.
 
 Which class image i gets is ``i % num_classes`` (every class equally often, as the issue's FID at
-1,000 samples per class asks), and the same rule in the engines, so the same seeds give the same
-images in PyTorch and in ONNX Runtime.
+1,000 samples per class asks); the torch-free sampler is to use the same rule when `sample` takes these
+models, so that the same seeds give the same images in PyTorch and in ONNX Runtime.
 """
 
 from __future__ import annotations
