@@ -108,10 +108,10 @@ def test_the_fid_guard_judges_by_fid_against_fp_and_records_both(unet_and_schedu
         pytest.skip(f"FID weights not installed: {exc}")
     fp, scheduler_config = unet_and_scheduler
     good, bad = copy.deepcopy(fp), _damaged(fp)
-    config = GuardConfig(images=2, metric="fid", fid_images=16, fid_resamples=3)
+    config = GuardConfig(images=2, metric="fid", fid_images=12, fid_resamples=2)
     kept, report = guard_distillation(fp, good, bad, scheduler_config, teacher_steps=4, student_steps=2,
                                       config=config, seed=0, device="cpu")
-    assert report["metric"] == "fid" and report["fid_images"] == 16 and report["fid_resamples"] == 3
+    assert report["metric"] == "fid" and report["fid_images"] == 12 and report["fid_resamples"] == 2
     assert report["fid_gain"] == pytest.approx(report["fid_undistilled"] - report["fid_distilled"])
     assert report["fid_undistilled"] > report["fid_distilled"] + 10, report
     assert report["fid_gain"] > 2 * report["fid_gain_standard_error"] > 0, report
