@@ -20,7 +20,7 @@ from pqcad_deploy.calibration.qc import collect_qc_calibration
 from pqcad_deploy.calibration.trajectories import CalibrationSet
 from pqcad_deploy.checkpoint import Checkpoint, check_checkpoint_dir, checkpoint_dir, run_fingerprint
 from pqcad_deploy.config import CompressConfig, config_to_dict
-from pqcad_deploy.conditioning import Conditioning, conditioning_of
+from pqcad_deploy.conditioning import Conditioning, conditioning_of, conditions_on
 from pqcad_deploy.distill.guard import resolve_guard_metric
 from pqcad_deploy.distill.rounds import distill_rounds
 from pqcad_deploy.errors import ConfigError
@@ -93,7 +93,7 @@ def quantization_report(fp_unet: torch.nn.Module, student: torch.nn.Module,
     signal = noise = 0.0
     count = 0
     for x, t, cond in calibration.batches(batch_size):
-        x, t, cond = x.to(device), t.to(device), {k: v.to(device) for k, v in cond.items()}
+        x, t, cond = x.to(device), t.to(device), conditions_on(cond, device)
         ref = fp_unet(x, t, **cond).sample
         out = student(x, t, **cond).sample
         signal += float(ref.double().pow(2).sum())
@@ -208,7 +208,8 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
     loaded = load_model(config.model)
     fp_unet = loaded.unet.to(device).eval()
     ucfg = dict(fp_unet.config)
-    conditioning = _conditioning(config, ucfg)  # before the checkpoint and any slow step: options may be refused
+    # before the checkpoint and any slow step: the guidance options may be refused
+    conditioning = conditioning_of(ucfg, config.guidance_scale, config.null_class)
     checkpoint = _open_checkpoint(config, settings, fp_unet, out, resume, log)
     sample_size = ucfg["sample_size"]
     h, w = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
@@ -270,12 +271,6 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
                           noise_pred_sqnr_db=report["noise_pred_sqnr_db"], num_quantized_layers=len(layers),
                           student_steps=len(timesteps), distilled=config.distill,
                           distill_guard=report["distillation"]["guard"] if config.distill else None)
-
-
-def _conditioning(config: CompressConfig, unet_config: dict) -> Conditioning:
-    """The model's conditioning with the user's guidance options (pqcad_deploy.conditioning), checked
-    before any slow step."""
-    return conditioning_of(unet_config, config.guidance_scale, config.null_class)
 
 
 def _apply_rewrites(config: CompressConfig, fp_unet: torch.nn.Module, plan: dict[str, LayerBits],

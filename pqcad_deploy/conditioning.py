@@ -29,7 +29,7 @@ import torch
 from pqcad_deploy.errors import ConfigError
 
 __all__ = ["ClassConditioning", "Conditioning", "UNCONDITIONAL", "class_labels_for", "conditioning_of",
-           "conditional_artifact_refusal", "dry_run_conditions", "guided_eps", "select_rows", "concat_rows"]
+           "conditional_artifact_refusal", "conditions_on", "dry_run_conditions", "guided_eps", "select_rows", "concat_rows"]
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,11 @@ def conditional_artifact_refusal(unet_config: dict, artifact: object, verb: str)
             "(issue 17): compress takes them; export, analyze and sample do not yet.")
 
 
+def conditions_on(cond: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """`cond` with every tensor on `device` (the model's keyword arguments for one batch)."""
+    return {k: v.to(device) for k, v in cond.items()}
+
+
 def select_rows(cond: dict[str, torch.Tensor], index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
     """The rows `index` of every conditioning tensor (a batch of a calibration set)."""
     return {k: v[index] for k, v in cond.items()}
@@ -160,10 +165,10 @@ def guided_eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: di
     """The (guided) noise prediction diffusers' pipelines would use: one call at scale 1, else one call on
     [unconditional, conditional] and eps_u + w (eps_c - eps_u) (engines/guidance.py's arithmetic)."""
     device = x.device
-    cond = {k: v.to(device) for k, v in cond.items()}
+    cond = conditions_on(cond, device)
     if not conditioning.guides:
         return unet(x, t, **cond).sample
-    null = {k: v.to(device) for k, v in conditioning.null(x.shape[0]).items()}
+    null = conditions_on(conditioning.null(x.shape[0]), device)
     both = {k: torch.cat([null[k], cond[k]]) for k in cond}
     eps_u, eps_c = unet(torch.cat([x, x]), torch.cat([t, t]), **both).sample.chunk(2)
     scale = conditioning.guidance_scale  # type: ignore[attr-defined]

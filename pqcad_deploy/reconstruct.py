@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pqcad_deploy.calibration.trajectories import CalibrationSet
+from pqcad_deploy.conditioning import conditions_on
 from pqcad_deploy.presets import ReconstructionConfig
 from pqcad_deploy.quant import adaround as A
 from pqcad_deploy.quant import primitives as P
@@ -155,14 +156,10 @@ class BlockData:
         return [pick(a) for a in self.args], {k: pick(v) for k, v in self.kwargs.items()}
 
 
-def _on(cond: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in cond.items()}
-
-
 def first_pair_blocks(model: nn.Module, calibration: CalibrationSet, device: str) -> list[Block]:
     """:func:`reconstruction_blocks` from the calibration set's first pair (and its conditioning)."""
     x, t, cond = calibration.rows(torch.arange(1))
-    return reconstruction_blocks(model, x.to(device), t.to(device), _on(cond, device))
+    return reconstruction_blocks(model, x.to(device), t.to(device), conditions_on(cond, device))
 
 
 class _StopForward(Exception):
@@ -208,7 +205,7 @@ def capture_block_data(model: nn.Module, block_name: str, calibration: Calibrati
         for x, t, cond in calibration.batches(batch_size):
             current_n[0] = int(x.shape[0])
             try:
-                model(x.to(device), t.to(device), **_on(cond, device))
+                model(x.to(device), t.to(device), **conditions_on(cond, device))
             except _StopForward:
                 pass
             else:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pqcad_deploy.calibration.trajectories import CalibrationSet
+from pqcad_deploy.conditioning import conditions_on
 from pqcad_deploy.errors import ConfigError
 
 __all__ = ["density_diversity_indices", "pooled_mid_block_features", "select_calibration"]
@@ -56,7 +57,7 @@ def pooled_mid_block_features(unet: torch.nn.Module, calibration: CalibrationSet
     hook = unet.mid_block.register_forward_hook(lambda mod, inp, out: pooled.append(out.mean(dim=(2, 3)).cpu()))
     try:
         for x, t, cond in calibration.batches(batch_size):
-            unet(x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
+            unet(x.to(device), t.to(device), **conditions_on(cond, device))
     finally:
         hook.remove()
     return torch.cat(pooled).double().numpy()

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pqcad_deploy.conditioning import select_rows
+from pqcad_deploy.conditioning import conditions_on, select_rows
 from pqcad_deploy.distill.dc import DCSet
 from pqcad_deploy.distill.grid import DistillGrid, distill_grid
 from pqcad_deploy.distill.target import (DDIMCoefficients, predict_x0, teacher_target,
@@ -132,7 +132,7 @@ def compute_targets(teacher: nn.Module, dc_set: DCSet, grid: DistillGrid, coeffs
     for start in tqdm(starts, desc="teacher targets", unit="batch", disable=not progress):
         x = dc_set.x[start:start + batch_size].to(device)
         t = dc_set.t[start:start + batch_size].to(device)
-        cond = _on(select_rows(dc_set.cond, slice(start, start + batch_size)), device)
+        cond = conditions_on(select_rows(dc_set.cond, slice(start, start + batch_size)), device)
         out.append(teacher_target(teacher, x, t, grid, coeffs, cond)[0].to(torch.float32).cpu())
     return torch.cat(out)
 
@@ -146,10 +146,6 @@ def rdd_loss(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tens
     s = nn.functional.normalize(student_out.flatten(1), dim=1)
     t = nn.functional.normalize(teacher_out.flatten(1), dim=1)
     return (s @ s.T - t @ t.T).pow(2).mean()
-
-
-def _on(cond: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in cond.items()}
 
 
 def _x0_loss(student: nn.Module, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
@@ -211,7 +207,7 @@ def _heldout_loss(student: nn.Module, heldout: DCSet, targets: torch.Tensor, coe
     for start in range(0, len(heldout), batch_size):
         x = heldout.x[start:start + batch_size].to(device)
         t = heldout.t[start:start + batch_size].to(device)
-        cond = _on(select_rows(heldout.cond, slice(start, start + batch_size)), device)
+        cond = conditions_on(select_rows(heldout.cond, slice(start, start + batch_size)), device)
         loss, _ = _x0_loss(student, x, t, targets[start:start + batch_size].to(device), coeffs, cond)
         total += float(loss) * x.shape[0]
     return total / max(len(heldout), 1)
@@ -286,13 +282,13 @@ def distill(student: nn.Module, teacher: nn.Module, scheduler_config: dict, teac
             group["lr"] = base * factor
         if dc_set.fresh:
             batch = dc_set.draw(config.batch_size, generator, coeffs)
-            x, t, cond = batch.x.to(device), batch.t.to(device), _on(batch.cond, device)
+            x, t, cond = batch.x.to(device), batch.t.to(device), conditions_on(batch.cond, device)
             with torch.no_grad():
                 target = teacher_target(teacher, x, t, grid, coeffs, cond)[0].to(torch.float32)
         else:
             index = torch.randint(0, len(dc_set), (config.batch_size,), generator=generator)
             x, t, target = dc_set.x[index].to(device), dc_set.t[index].to(device), targets[index].to(device)
-            cond = _on(select_rows(dc_set.cond, index), device)
+            cond = conditions_on(select_rows(dc_set.cond, index), device)
         loss = distill_loss(student, x, t, target, coeffs, config.rdd_weight, cond)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

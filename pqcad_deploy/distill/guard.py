@@ -135,10 +135,14 @@ def guard_distillation(fp_unet: torch.nn.Module, distilled: torch.nn.Module, und
     to 33.5.
     """
     check_seed = seed + GUARD_SEED_OFFSET
+    sampled: dict[tuple[int, int, int], np.ndarray] = {}  # each model's images are drawn once
 
     def images(unet: torch.nn.Module, steps: int, n: int) -> np.ndarray:
-        return generate_images(unet, scheduler_config, n, steps, seed=check_seed, batch_size=min(n, 500),
-                               device=device, progress=False, conditioning=conditioning).images
+        key = (id(unet), steps, n)
+        if key not in sampled:
+            sampled[key] = generate_images(unet, scheduler_config, n, steps, seed=check_seed, batch_size=min(n, 500),
+                                           device=device, progress=False, conditioning=conditioning).images
+        return sampled[key]
 
     gain, error, fields = GUARD_METRICS[config.metric](images, (distilled, undistilled), fp_unet, teacher_steps,
                                                        student_steps, config, device)

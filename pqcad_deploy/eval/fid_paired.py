@@ -80,4 +80,4 @@ def paired_fid_gain(reference: np.ndarray, features_a: np.ndarray, features_b: n
             gains.append(fid(b, index) - fid(a, index))
         error = float(np.std(gains, ddof=1))
     return PairedFid(fid_a=fids[0], fid_b=fids[1], gain=fids[1] - fids[0], standard_error=error,
-                     resamples=max(resamples, 0) if resamples > 1 else 0)
+                     resamples=resamples if resamples > 1 else 0)

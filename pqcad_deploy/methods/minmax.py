@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pqcad_deploy.calibration.trajectories import CalibrationSet
+from pqcad_deploy.conditioning import conditions_on
 from pqcad_deploy.methods.registry import MethodJob
 from pqcad_deploy.quant import primitives as P
 from pqcad_deploy.quant.replace import LayerBits, quant_layers, swap_in_quant_layers
@@ -34,7 +35,7 @@ def calibrate_activations_minmax(student: torch.nn.Module, calibration: Calibrat
     n_batches = (len(calibration) + batch_size - 1) // batch_size
     for x, t, cond in tqdm(calibration.batches(batch_size), total=n_batches, desc="activation ranges",
                            unit="batch", disable=not progress):
-        student(x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
+        student(x.to(device), t.to(device), **conditions_on(cond, device))
     for layer in layers.values():
         quantizer = layer.input_quantizer
         quantizer.observing = False

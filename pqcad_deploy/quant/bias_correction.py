@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pqcad_deploy.calibration.trajectories import CalibrationSet
+from pqcad_deploy.conditioning import conditions_on
 
 __all__ = ["BiasCorrectionConfig", "channel_means", "execution_order", "mean_output_error", "correct_biases"]
 
@@ -102,7 +103,7 @@ def channel_means(model: nn.Module, names: Iterable[str], calibration: Calibrati
     try:
         for x, t, cond in calibration.batches(batch_size):
             try:
-                model(x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
+                model(x.to(device), t.to(device), **conditions_on(cond, device))
             except _StopForward:
                 pass
     finally:
@@ -149,7 +150,7 @@ def correct_biases(fp_unet: nn.Module, student: nn.Module, layer_names: Iterable
     names = [n for n in requested if getattr(student.get_submodule(n), "bias", None) is not None]
     skipped = [n for n in requested if n not in names]
     x0, t0, cond0 = next(iter(data.batches(1)))
-    names = execution_order(student, names, (x0.to(device), t0.to(device)), {k: v.to(device) for k, v in cond0.items()})
+    names = execution_order(student, names, (x0.to(device), t0.to(device)), conditions_on(cond0, device))
     fp_means = channel_means(fp_unet, names, data, config.batch_size, device)
     layers = {}
     for name in tqdm(names, desc="bias correction", unit="layer", disable=not progress):

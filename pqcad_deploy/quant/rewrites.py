@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from pqcad_deploy.calibration.trajectories import CalibrationSet
+from pqcad_deploy.conditioning import conditions_on
 
 __all__ = ["SPLIT_CONCAT_CHOICES", "SplitInputConv2d", "SmoothedLinear", "concat_input_layers",
            "split_concat_inputs", "smooth_linears", "fit_smoothing", "restore_rewrites", "RewriteResult"]
@@ -178,7 +179,7 @@ def fit_smoothing(unet: nn.Module, calibration: CalibrationSet, alpha: float, ba
         hooks.append(module.register_forward_pre_hook(hook))
     try:
         for x, t, cond in calibration.batches(batch_size):
-            unet(x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
+            unet(x.to(device), t.to(device), **conditions_on(cond, device))
     finally:
         for h in hooks:
             h.remove()
