@@ -165,6 +165,10 @@ def _guard_scores(guard: dict) -> str:
               help="Class-conditional models: the label the model was trained with for 'no class' (the "
                    "unconditional half of guidance; pqcad-deploy takes it to be the last label). Needed for "
                    "--guidance-scale above 1.")
+@click.option("--prompt-file", default=None, type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="Text-conditional pipelines (Stable Diffusion): prompts, one per line, that the calibration and "
+                   "distillation trajectories are drawn with (sample i uses prompt i mod count); use the kind of "
+                   "prompts the model will be sampled with.")
 @click.option("--split-concat", default="none", show_default=True, type=_StageChoice("SPLIT_CONCAT"),
               help="Up-block resnets read cat([h, skip]), two halves with very different ranges: compute the "
                    "convs that read it as two convs and an Add, each half with its own INT8 scale "
@@ -205,10 +209,10 @@ def _guard_scores(guard: dict) -> str:
 @_quiet_option
 def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, device, seed, distill,
              resume, avg_weight_bits, first_last, precision_policy, keep_float, bias_correction, bias_correction_data,
-             rounds, guard, guidance_scale, null_class, split_concat, smoothquant_alpha, act_scale_init,
+             rounds, guard, guidance_scale, null_class, prompt_file, split_concat, smoothquant_alpha, act_scale_init,
              act_scale_check, layer_loss, timestep_sampling, timestep_mean,
              timestep_std, calibration_selection, calibration_oversample, overwrite, quiet) -> None:
-    """Compress a diffusers UNet2DModel into an artifact (codes, scales, configs, report)."""
+    """Compress a diffusers UNet (pixel-space, or a latent pipeline's) into an artifact (codes, scales, configs, report)."""
     from pqcad_deploy.compress import compress as run_compress
     from pqcad_deploy.config import CompressConfig
 
@@ -225,7 +229,8 @@ def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, d
                                 precision_policy=precision_policy, keep_float=tuple(keep_float),
                                 bias_correction=bias_correction, bias_correction_data=bias_correction_data,
                                 split_concat=split_concat, smoothquant_alpha=smoothquant_alpha, rounds=rounds,
-                                guard=guard, guidance_scale=guidance_scale, null_class=null_class)
+                                guard=guard, guidance_scale=guidance_scale, null_class=null_class,
+                                prompt_file=None if prompt_file is None else str(prompt_file))
         overrides: dict = {}
         if calibration_selection != "none":
             overrides["selection"] = calibration_selection

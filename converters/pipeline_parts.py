@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from pqcad_deploy.converters.export_onnx import DEFAULT_OPSET
-from pqcad_deploy.errors import ExportError, ModelLoadError, OutputPathError
-from pqcad_deploy.model_kinds import read_json_config
+from pqcad_deploy.errors import ExportError, OutputPathError
+from pqcad_deploy.latent_parts import part_config  # re-exported: the loaders live in the PyTorch stage
 
 __all__ = ["PART_METADATA_KEY", "PART_OPSET", "PartParity", "export_part", "part_config", "part_parity",
            "read_part_metadata", "relative_l2", "rename_tensor", "set_value_shape"]
@@ -35,34 +35,6 @@ PART_METADATA_KEY = "pqcad.pipeline_part"
 """ONNX metadata key holding ``{"kind": "vae_decoder" | "text_encoder", ...}`` as sorted JSON."""
 PART_OPSET = DEFAULT_OPSET
 """The UNet export's default opset (17): the ONNX Runtime targets' and one every TensorRT 10 parses."""
-
-
-def part_config(pipeline_dir: Path | str, subfolder: str, classes: Sequence[str], class_key: str) -> tuple[Path, dict]:
-    """(`pipeline_dir/subfolder`, its config.json) after checking the part is one of `classes`.
-
-    Args:
-        subfolder: the part's folder in diffusers' pipeline layout ("vae", "text_encoder").
-        classes: the model classes we export for this part.
-        class_key: where its config names the class: diffusers' "_class_name", or transformers'
-            "architectures" (a list).
-
-    Raises:
-        ModelLoadError: the folder or its config is missing, unreadable, or names another class.
-    """
-    root = Path(pipeline_dir)
-    folder = root / subfolder
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ModelLoadError(f"{root} has no {subfolder}/config.json; pass a diffusers pipeline folder "
-                             f"(model_index.json, unet/, {subfolder}/, ...) as StableDiffusionPipeline.save_pretrained "
-                             "writes it.")
-    config = read_json_config(config_path, f"{subfolder} config")
-    named = config.get(class_key)
-    names = named if isinstance(named, list) else [named]
-    if not any(name in classes for name in names):
-        raise ModelLoadError(f"{config_path} describes {named!r}; pqcad-deploy exports a {subfolder}/ of class "
-                             f"{' or '.join(classes)} only.")
-    return folder, config
 
 
 def _is_part(path: Path, kind: str) -> bool:

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pqcad_deploy.converters.pipeline_parts import (PART_OPSET, PartParity, export_part, part_config, part_parity,
+from pqcad_deploy.converters.pipeline_parts import (PART_OPSET, PartParity, export_part, part_parity,
                                                     read_part_metadata, set_value_shape)
-from pqcad_deploy.errors import ExportError, ModelLoadError
+from pqcad_deploy.errors import ExportError
+from pqcad_deploy.latent_parts import load_text_encoder_model as load_text_encoder  # re-exported
 
 __all__ = ["ENCODER_HIDDEN_STATES_OUTPUT", "INPUT_IDS_INPUT", "TEXT_ENCODER_KIND", "TEXT_ENCODER_PARITY_TOLERANCE",
            "TextEncoderExport", "export_text_encoder", "load_text_encoder", "text_encoder_parity"]
@@ -37,7 +38,6 @@ TEXT_ENCODER_PARITY_TOLERANCE = 1e-5
 SD-1.5-shaped test pipeline (tests/_pipelines.py, seeds 0-9, batch 3): at most 2.8e-7. The tolerance
 is the UNet export's for float outputs (converters.parity.EXACT_REL_TOL); an export bug (a missing
 layer norm, a wrong causal mask) moves the states by tens of percent."""
-_CLASSES = ("CLIPTextModel",)
 
 
 @dataclass(frozen=True)
@@ -61,23 +61,6 @@ class _TextEncoderForExport(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids).last_hidden_state
-
-
-def load_text_encoder(pipeline_dir: Path | str):
-    """The pipeline's CLIPTextModel (float32, eval mode).
-
-    Raises:
-        ModelLoadError: no text_encoder/ folder, another model class, or weights that do not load.
-    """
-    from transformers import CLIPTextModel
-
-    folder, _ = part_config(pipeline_dir, "text_encoder", _CLASSES, "architectures")
-    try:
-        model = CLIPTextModel.from_pretrained(str(folder), torch_dtype=torch.float32)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a broken folder
-        raise ModelLoadError(f"cannot load the text encoder from {folder}: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    return model.eval()
 
 
 def export_text_encoder(pipeline_dir: Path | str, out_path: Path | str, *,

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pqcad_deploy.converters.pipeline_parts import (PART_OPSET, PartParity, export_part, part_config, part_parity,
+from pqcad_deploy.converters.pipeline_parts import (PART_OPSET, PartParity, export_part, part_parity,
                                                     read_part_metadata, rename_tensor)
-from pqcad_deploy.errors import ExportError, ModelLoadError
+from pqcad_deploy.errors import ExportError
+from pqcad_deploy.latent_parts import load_vae  # re-exported: compress decodes with the same loader
 
 __all__ = ["LATENTS_INPUT", "IMAGES_OUTPUT", "VAE_DECODER_KIND", "VAE_DECODER_PRECISIONS", "VAE_PARITY_TOLERANCES",
            "VaeDecoderExport", "VaeDecoderPrecision", "export_vae_decoder", "load_vae", "vae_decoder_parity"]
@@ -46,10 +47,6 @@ test pipeline (tests/_pipelines.py, seeds 0-9, batch 3): fp32 at most 2.1e-6 (fl
 ONNX Runtime's kernels), fp16 at most 1.3e-3 (FP16's 2^-11 rounding through 35 convolutions); each
 tolerance leaves a margin of 5x to 8x, while an export bug (a wrong scaling factor, a dropped layer)
 moves the images by tens of percent."""
-_CLASSES = ("AutoencoderKL",)
-# latent normalisations some newer VAEs declare (SD3 / Flux: shift_factor; SDXL-derived: per-channel
-# mean/std); StableDiffusionPipeline, whose latents this graph decodes, applies none of them
-_UNHANDLED_KEYS = ("shift_factor", "latents_mean", "latents_std")
 _TRACE_INPUT = "sample"  # the input name converters.tensorrt.to_float16 expects; renamed to LATENTS_INPUT
 
 
@@ -77,32 +74,6 @@ class _VaeDecoderForExport(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents / self.scaling_factor).sample.clamp(-1.0, 1.0)
-
-
-def load_vae(pipeline_dir: Path | str):
-    """The pipeline's AutoencoderKL (float32, eval mode) and its config dict.
-
-    Raises:
-        ModelLoadError: no vae/ folder, another VAE class, a latent normalisation this graph does not
-            apply, or weights that do not load.
-    """
-    from diffusers import AutoencoderKL
-
-    folder, config = part_config(pipeline_dir, "vae", _CLASSES, "_class_name")
-    declared = [key for key in _UNHANDLED_KEYS if config.get(key) is not None]
-    if declared:
-        raise ModelLoadError(f"{folder / 'config.json'} sets {', '.join(declared)}; pqcad-deploy decodes latents "
-                             "the way StableDiffusionPipeline does (divided by scaling_factor only), so this VAE "
-                             "is not supported yet.")
-    if not isinstance(config.get("scaling_factor"), (int, float)) or config["scaling_factor"] <= 0:
-        raise ModelLoadError(f"{folder / 'config.json'} has scaling_factor {config.get('scaling_factor')!r}; "
-                             "it must be a positive number (0.18215 in Stable Diffusion 1.x / 2.x).")
-    try:
-        vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=torch.float32)
-    except Exception as exc:  # noqa: BLE001 - diffusers raises many types for a broken folder
-        raise ModelLoadError(f"cannot load the VAE from {folder}: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    return vae.eval(), config
 
 
 def _precision_check(precision: str) -> None:

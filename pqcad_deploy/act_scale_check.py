@@ -21,7 +21,7 @@ import torch
 
 from pqcad_deploy.calibration.trajectories import CalibrationSet
 from pqcad_deploy.conditioning import UNCONDITIONAL, Conditioning
-from pqcad_deploy.eval.pipeline_sampling import generate_images
+from pqcad_deploy.eval.pipeline_sampling import Decode, generate_images
 from pqcad_deploy.eval.psnr import mean_psnr
 from pqcad_deploy.presets import ScaleCheckConfig
 from pqcad_deploy.quant.replace import quant_layers
@@ -48,7 +48,7 @@ def _set_act_scales(student: torch.nn.Module, scales: dict[str, torch.Tensor]) -
 def keep_better_activation_scales(fp_unet: torch.nn.Module, student: torch.nn.Module, calibration: CalibrationSet,
                                   scheduler_config: dict, steps: int, act_scale_init: str, batch_size: int,
                                   config: ScaleCheckConfig, seed: int, device: str,
-                                  conditioning: Conditioning = UNCONDITIONAL) -> dict:
+                                  conditioning: Conditioning = UNCONDITIONAL, decode: Decode | None = None) -> dict:
     """Compare learned and starting activation scales on sampled images; keep the better in `student`.
 
     Returns the report entry: both PSNRs, the number of images and steps, and which scales were kept.
@@ -60,7 +60,7 @@ def keep_better_activation_scales(fp_unet: torch.nn.Module, student: torch.nn.Mo
     def images(unet: torch.nn.Module) -> np.ndarray:
         return generate_images(unet, scheduler_config, config.images, steps, seed=check_seed,
                                batch_size=config.images, device=device, progress=False,
-                               conditioning=conditioning).images
+                               conditioning=conditioning, decode=decode).images
 
     reference = images(fp_unet)
     learned = _act_scales(student)

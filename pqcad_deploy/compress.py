@@ -20,7 +20,8 @@ from pqcad_deploy.calibration.qc import collect_qc_calibration
 from pqcad_deploy.calibration.trajectories import CalibrationSet
 from pqcad_deploy.checkpoint import Checkpoint, check_checkpoint_dir, checkpoint_dir, run_fingerprint
 from pqcad_deploy.config import CompressConfig, config_to_dict
-from pqcad_deploy.conditioning import Conditioning, conditioning_of, conditions_on
+from pqcad_deploy.conditioning import Conditioning, conditioning_for, conditions_on, read_prompt_file
+from pqcad_deploy.eval.pipeline_sampling import Decode
 from pqcad_deploy.distill.guard import resolve_guard_metric
 from pqcad_deploy.distill.rounds import distill_rounds
 from pqcad_deploy.errors import ConfigError
@@ -205,11 +206,12 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     settings = config.settings  # resolved once: every stage below reads these, the report records them
-    loaded = load_model(config.model)
-    fp_unet = loaded.unet.to(device).eval()
+    prompts = read_prompt_file(config.prompt_file) if config.prompt_file is not None else None
+    loaded = load_model(config.model).to(device)
+    fp_unet = loaded.unet.eval()
     ucfg = dict(fp_unet.config)
     # before the checkpoint and any slow step: the guidance options may be refused
-    conditioning = conditioning_of(ucfg, config.guidance_scale, config.null_class)
+    conditioning = conditioning_for(loaded, config.guidance_scale, config.null_class, prompts)
     checkpoint = _open_checkpoint(config, settings, fp_unet, out, resume, log)
     sample_size = ucfg["sample_size"]
     h, w = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
@@ -234,7 +236,7 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
     if method_spec(config.method).learns_activation_scales and config.act_scale_check:
         method_report["act_scale_check"] = _check_act_scales(config, settings, fp_unet, student, calibration,
                                                              loaded.scheduler_config, cal_cfg.batch_size, device,
-                                                             conditioning)
+                                                             conditioning, loaded.decode)
     if config.bias_correction:
         method_report["bias_correction"] = _correct_biases(config, fp_unet, student, calibration,
                                                            loaded.scheduler_config, image_shape, device, progress,
@@ -243,13 +245,14 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
     report.update(method_report)
     report.update(plan_report)
     report["method"] = config.method
+    report["conditioning"] = conditioning.to_dict()
     report["preset_settings"] = preset_to_dict(settings)
     timesteps = ddim_timesteps(loaded.scheduler_config, config.teacher_steps)
     if config.distill:
         with _saying_what_is_kept(checkpoint, distillation=True):
             student, report["distillation"], timesteps = distill_rounds(
                 config, student, fp_unet, loaded.scheduler_config, image_shape, device, progress, checkpoint,
-                resume, log, settings=settings)
+                resume, log, settings=settings, conditioning=conditioning, decode=loaded.decode)
     layers = {name: LayerRecord(kind=r["kind"], weight_bits=r["weight_bits"], act_bits=r["act_bits"],
                                 weight_shape=list(quant_layers(student)[name].weight.shape))
               for name, r in report["layers"].items()}
@@ -339,13 +342,13 @@ def _correct_biases(config: CompressConfig, fp_unet: torch.nn.Module, student: t
 
 def _check_act_scales(config: CompressConfig, settings: PresetSettings, fp_unet: torch.nn.Module,
                       student: torch.nn.Module, calibration, scheduler_config: dict, batch_size: int,
-                      device: str, conditioning: Conditioning) -> dict:
+                      device: str, conditioning: Conditioning, decode: Decode | None) -> dict:
     """Stage 2's learned activation scales against its starting ones on sampled images (act_scale_check)."""
     from pqcad_deploy.act_scale_check import keep_better_activation_scales
 
     return keep_better_activation_scales(fp_unet, student, calibration, scheduler_config, config.teacher_steps,
                                          config.activation_scale_init, batch_size, settings.scale_check,
-                                         seed=config.seed, device=device, conditioning=conditioning)
+                                         seed=config.seed, device=device, conditioning=conditioning, decode=decode)
 
 
 def _jsonable(value):

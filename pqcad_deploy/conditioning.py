@@ -22,13 +22,16 @@ models, so that the same seeds give the same images in PyTorch and in ONNX Runti
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from pqcad_deploy.errors import ConfigError
 
-__all__ = ["ClassConditioning", "Conditioning", "UNCONDITIONAL", "class_labels_for", "conditioning_of",
+__all__ = ["ClassConditioning", "Conditioning", "EmbeddingConditioning", "UNCONDITIONAL", "CONDITIONING_BUILDERS",
+           "conditioning_for", "read_prompt_file", "class_labels_for", "conditioning_of",
            "conditional_artifact_refusal", "conditions_on", "dry_run_conditions", "guided_eps", "select_rows", "concat_rows"]
 
 
@@ -97,6 +100,59 @@ class ClassConditioning(Conditioning):
                 "guidance_scale": self.guidance_scale}
 
 
+@dataclass(frozen=True, eq=False)
+class EmbeddingConditioning(Conditioning):
+    """A cross-attention model: ``encoder_hidden_states`` (float32 [batch, tokens, width]) beside (x, t).
+
+    The SD code path. Sample i is conditioned on row ``i % rows`` of `table`: the embedded prompts of a
+    Stable Diffusion pipeline (one row per line of the user's prompt file), or a class-embedding table's
+    class rows (row c = class c, so the class rule is :func:`class_labels_for`'s).
+
+    Attributes:
+        table: float32 [rows, tokens, width], on the CPU.
+        null_embedding: float32 [tokens, width]: the empty prompt's embedding, or the table's null row;
+            None when the model has none (then only guidance_scale 1 works).
+        guidance_scale: w of eps_u + w (eps_c - eps_u); 1 is no guidance.
+        source: where the rows come from: "prompts" or "class_embeddings".
+        labels: a name per row (the prompts, or the class names), for reports.
+    """
+
+    table: torch.Tensor = None  # type: ignore[assignment]
+    null_embedding: torch.Tensor | None = None
+    guidance_scale: float = 1.0
+    source: str = "prompts"
+    labels: tuple[str, ...] = ()
+    kind = "embedding"
+
+    def __post_init__(self) -> None:
+        if self.table is None or self.table.dim() != 3 or self.table.shape[0] < 1:
+            raise ConfigError("a cross-attention model needs at least one condition embedding [tokens, width].")
+        if self.guidance_scale > 1.0 and self.null_embedding is None:
+            raise ConfigError(f"--guidance-scale {self.guidance_scale:g} needs the model's unconditional embedding "
+                              "(a null class row): this model has none, so use --guidance-scale 1.")
+
+    @property
+    def guides(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    @property
+    def rows(self) -> int:
+        return int(self.table.shape[0])
+
+    def draw(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"encoder_hidden_states": self.table[indices.to(torch.int64) % self.rows].contiguous()}
+
+    def null(self, n: int) -> dict[str, torch.Tensor]:
+        if self.null_embedding is None:
+            raise ConfigError("this model has no unconditional embedding, so it cannot run unconditionally.")
+        return {"encoder_hidden_states": self.null_embedding.expand(n, *self.null_embedding.shape).contiguous()}
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "source": self.source, "rows": self.rows, "tokens": int(self.table.shape[1]),
+                "width": int(self.table.shape[2]), "guidance_scale": self.guidance_scale,
+                "has_null": self.null_embedding is not None, "labels": list(self.labels)}
+
+
 def class_labels_for(indices: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Sample i's class: ``i % num_classes`` (int64), every class equally often over a run of samples."""
     return (indices.to(torch.int64) % num_classes).contiguous()
@@ -128,19 +184,102 @@ def conditioning_of(unet_config: dict, guidance_scale: float = 1.0, null_class: 
     return ClassConditioning(num_classes=classes, null_class=null_class, guidance_scale=float(guidance_scale))
 
 
+def _pixel_conditioning(loaded, guidance_scale: float, null_class: int | None,
+                        prompts: Sequence[str] | None) -> Conditioning:
+    if prompts is not None:
+        raise ConfigError("--prompt-file applies to text-conditional pipelines (Stable Diffusion); this model takes "
+                          "no prompts: drop it.")
+    return conditioning_of(dict(loaded.unet.config), guidance_scale, null_class)
+
+
+def _class_table_conditioning(loaded, guidance_scale: float, null_class: int | None,
+                              prompts: Sequence[str] | None) -> Conditioning:
+    table = loaded.class_table
+    if prompts is not None:
+        raise ConfigError("--prompt-file applies to text-conditional pipelines; this model is conditioned on its "
+                          f"{table.num_classes} classes (class_embeddings/): drop it.")
+    if null_class is not None and null_class != table.null_class:
+        raise ConfigError(f"--null-class {null_class}: this model's null class is {table.null_class} "
+                          "(class_embeddings/config.json); drop --null-class.")
+    null = None if table.null_class is None else table.embeddings[table.null_class]
+    return EmbeddingConditioning(table=table.embeddings[:table.num_classes], null_embedding=null,
+                                 guidance_scale=float(guidance_scale), source="class_embeddings",
+                                 labels=table.class_names)
+
+
+def _text_conditioning(loaded, guidance_scale: float, null_class: int | None,
+                       prompts: Sequence[str] | None) -> Conditioning:
+    if null_class is not None:
+        raise ConfigError("--null-class applies to class-conditional models; a text-conditional pipeline's "
+                          "unconditional half is the empty prompt: drop it.")
+    if not prompts:
+        raise ConfigError("a text-conditional pipeline is calibrated and distilled on prompts: pass --prompt-file "
+                          "FILE (one prompt per line, the kind of prompts it will be sampled with).")
+    encoder = loaded.text_encoder
+    return EmbeddingConditioning(table=encoder.embed(prompts), null_embedding=encoder.embed([""])[0],
+                                 guidance_scale=float(guidance_scale), source="prompts", labels=tuple(prompts))
+
+
+CONDITIONING_BUILDERS: dict[str, Callable[..., Conditioning]] = {
+    "unconditional-pixel": _pixel_conditioning,
+    "class-conditional-pixel": _pixel_conditioning,
+    "class-embedding-latent": _class_table_conditioning,
+    "text-conditional-latent": _text_conditioning,
+}
+"""How each supported model kind (pqcad_deploy.model_kinds) is conditioned: (loaded model, guidance scale,
+null class, prompts) -> Conditioning."""
+
+
+def conditioning_for(loaded, guidance_scale: float = 1.0, null_class: int | None = None,
+                     prompts: Sequence[str] | None = None) -> Conditioning:
+    """The conditioning of a loaded model (pqcad_deploy.models.LoadedModel) with the user's settings.
+
+    Raises:
+        ConfigError: settings that do not apply to the model's kind (a prompt file for a class model, a
+            null class for a text model, guidance without an unconditional half).
+    """
+    return CONDITIONING_BUILDERS[loaded.kind](loaded, guidance_scale, null_class, prompts)
+
+
+def read_prompt_file(path: str | Path) -> tuple[str, ...]:
+    """The prompts of a prompt file: one per line, blank lines and surrounding spaces dropped.
+
+    Raises:
+        ConfigError: a file that cannot be read as UTF-8 text, or holds no prompt.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the prompt file {path}: {exc}; pass a UTF-8 text file with one prompt "
+                          "per line.") from None
+    prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not prompts:
+        raise ConfigError(f"the prompt file {path} holds no prompt; write one prompt per line.")
+    return prompts
+
+
 def dry_run_conditions(unet_config, n: int, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Conditioning for a forward pass that only has to run (a load check, MAC counts, shapes): class 0."""
+    """Conditioning for a forward pass that only has to run (a load check, MAC counts, shapes): class 0, or
+    one zero token of ``cross_attention_dim`` for a cross-attention UNet."""
+    if unet_config.get("cross_attention_dim") is not None:
+        width = unet_config["cross_attention_dim"]
+        width = int(width[0] if isinstance(width, (list, tuple)) else width)
+        return {"encoder_hidden_states": torch.zeros((n, 1, width), device=device)}
     if unet_config.get("num_class_embeds") is None:
         return {}
     return {"class_labels": torch.zeros((n,), dtype=torch.long, device=device)}
 
 
 def conditional_artifact_refusal(unet_config: dict, artifact: object, verb: str) -> str | None:
-    """The one line refusing `verb` on a conditional artifact until issue 17 wires it, else None."""
+    """The one line refusing `verb` on a conditional artifact (a verb that does not take them yet), else None.
+
+    Only analyze calls it now: compress, export, build-engine and sample take class-conditional models.
+    """
     if unet_config.get("num_class_embeds") is None:
         return None
-    return (f"{artifact} is a class-conditional artifact; {verb} of class-conditional artifacts is not built yet "
-            "(issue 17): compress takes them; export, analyze and sample do not yet.")
+    return (f"{artifact} is a class-conditional artifact, and {verb} does not take conditional artifacts yet "
+            "(issue 17; its measurements run the student without class labels); compress, export, build-engine "
+            "and sample do.")
 
 
 def conditions_on(cond: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:

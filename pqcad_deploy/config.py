@@ -87,6 +87,8 @@ class CompressConfig:
             and the engines sample with it by default.
         null_class: a class-conditional model's "no class" label (the unconditional half of guidance);
             needed for a guidance scale above 1.
+        prompt_file: a text-conditional pipeline's prompts (one per line) for the calibration and
+            distillation trajectories; sample i is drawn with prompt i % count.
     """
 
     model: str = "builtin"
@@ -114,6 +116,7 @@ class CompressConfig:
     guard: str = "auto"
     guidance_scale: float = 1.0
     null_class: int | None = None
+    prompt_file: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("--method", self.method, METHODS)

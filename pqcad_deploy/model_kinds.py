@@ -28,8 +28,10 @@ __all__ = ["ModelConfigs", "ModelKind", "MODEL_KINDS", "SUPPORTED_TODAY", "read_
            "read_json_config", "refusal_line", "require_supported_kind"]
 
 SUPPORTED_TODAY = ("pqcad-deploy compresses unconditional and class-conditional (num_class_embeds) pixel-space "
-                   "UNet2DModel models only: pass a folder with config.json, weights and scheduler_config.json, "
-                   "or 'builtin'")
+                   "UNet2DModel models (a folder with config.json, weights and scheduler_config.json, or 'builtin'), "
+                   "and latent UNet2DConditionModel pipelines conditioned through cross-attention: Stable Diffusion "
+                   "1.x / 2.x folders (unet/, vae/, text_encoder/, tokenizer/, scheduler/) and class-embedding "
+                   "pipelines (unet/, vae/, class_embeddings/, scheduler/; builtin:cifar10-latent)")
 """The second half of every refusal: what the tool does take today."""
 
 
@@ -71,6 +73,11 @@ class ModelConfigs:
     @property
     def has_text_encoder(self) -> bool:
         return "text_encoder" in self.components
+
+    @property
+    def has_class_table(self) -> bool:
+        """A learned table of class embeddings fed to the UNet's cross-attention (`class_embeddings/`)."""
+        return "class_embeddings" in self.components
 
     @property
     def class_embedding(self) -> bool:
@@ -184,15 +191,19 @@ MODEL_KINDS: dict[str, ModelKind] = {
         "unconditional-latent", "an unconditional latent UNet2DModel (a vae or vqvae decodes its samples, as in "
         "LDMPipeline)", False, _not_yet("latent models are"),
         lambda c: c.denoiser_class == _UNET and not c.class_embedding and c.latent),
+    "class-embedding-latent": ModelKind(
+        "class-embedding-latent", "a class-conditional latent pipeline whose UNet2DConditionModel attends to a learned "
+        "table of class embeddings (unet/, vae/, class_embeddings/)", True, None,
+        lambda c: c.latent and c.denoiser_class == _COND_UNET and c.has_class_table and not c.has_text_encoder),
     "class-conditional-latent": ModelKind(
         "class-conditional-latent", "a class-conditional latent model (a vae, and a UNet2DModel with a class "
-        "embedding or a UNet2DConditionModel without a text encoder)", False,
-        _not_yet("class-conditional latent models are"),
+        "embedding or a UNet2DConditionModel with neither a text encoder nor a class_embeddings table)", False,
+        _not_yet("class-conditional latent models without a class_embeddings table are"),
         lambda c: c.latent and ((c.denoiser_class == _UNET and c.class_embedding)
                                 or (c.denoiser_class == _COND_UNET and not c.has_text_encoder))),
     "text-conditional-latent": ModelKind(
         "text-conditional-latent", "a text-conditional latent pipeline of the Stable Diffusion family "
-        "(UNet2DConditionModel, vae, text_encoder, tokenizer)", False, _not_yet("text-conditional latent models are"),
+        "(UNet2DConditionModel, vae, text_encoder, tokenizer)", True, None,
         lambda c: c.latent and c.denoiser_class == _COND_UNET and c.has_text_encoder),
     "conditional-unet-without-vae": ModelKind(
         "conditional-unet-without-vae", "a UNet2DConditionModel with no vae beside it, not a UNet2DModel (pass the "
@@ -247,7 +258,7 @@ def _first_match(configs: ModelConfigs) -> ModelKind | None:
 
 def _unknown_class(configs: ModelConfigs, shown: str) -> ModelLoadError:
     cls = configs.denoiser_class or "model of unknown class"
-    return ModelLoadError(f"{shown!r} holds a {cls}, not a UNet2DModel; {SUPPORTED_TODAY}.")
+    return ModelLoadError(f"{shown!r} holds a {cls}, not a UNet2DModel or UNet2DConditionModel; {SUPPORTED_TODAY}.")
 
 
 def detect_model_kind(path: Path | str) -> ModelKind:

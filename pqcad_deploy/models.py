@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pqcad_deploy.errors import ModelLoadError
-from pqcad_deploy.model_kinds import read_json_config as _read_json, require_supported_kind
+from pqcad_deploy.model_kinds import detect_model_kind, read_json_config as _read_json, require_supported_kind
 
 __all__ = ["BUILTIN_MODEL_DIR", "BUILTIN_MODELS", "LoadedModel", "is_builtin", "resolve_model_dir", "load_model", "ddim_config", "check_model",
            "size_multiple"]
@@ -41,17 +41,48 @@ def is_builtin(model: str) -> bool:
     """`builtin` or `builtin:NAME` (a name that is not in BUILTIN_MODELS is refused by the loader)."""
     return model == "builtin" or model.startswith("builtin:")
 
-_SUPPORTED_CLASS = "UNet2DModel"
-
 
 @dataclass
 class LoadedModel:
-    """A loaded UNet with its schedule and where it came from."""
+    """A loaded UNet with its schedule, where it came from and, for a latent pipeline, its other parts.
 
-    unet: "object"  # diffusers.UNet2DModel; typed loosely to keep diffusers a lazy import
+    Attributes:
+        unet: diffusers UNet2DModel or UNet2DConditionModel (typed loosely: diffusers is a lazy import).
+        scheduler_config: the DDIMScheduler config every stage samples with.
+        source: the --model value (builtin name, absolute folder, hub id).
+        unet_dir: the folder the UNet's weights came from, or None from the hub.
+        kind: the folder's model kind (pqcad_deploy.model_kinds.MODEL_KINDS).
+        vae: the AutoencoderKL of a latent pipeline (float32), or None for a pixel-space model.
+        class_table: the learned class embeddings of a class-embedding pipeline (latent_parts.ClassTable).
+        text_encoder: the CLIP text encoder + tokenizer of a text-conditional pipeline (latent_parts.TextEncoder).
+    """
+
+    unet: "object"
     scheduler_config: dict
     source: str
     unet_dir: Path | None
+    kind: str = "unconditional-pixel"
+    vae: "object | None" = None
+    class_table: "object | None" = None
+    text_encoder: "object | None" = None
+
+    @property
+    def decode(self):
+        """latents -> images in [-1, 1] through the VAE, or None when the UNet samples pixels."""
+        if self.vae is None:
+            return None
+        from functools import partial
+
+        from pqcad_deploy.latent_parts import vae_decode
+
+        return partial(vae_decode, self.vae)
+
+    def to(self, device: str) -> "LoadedModel":
+        """Move the UNet and the VAE (the parts that run per sample) to `device`; returns self."""
+        self.unet = self.unet.to(device)
+        if self.vae is not None:
+            self.vae = self.vae.to(device)
+        return self
 
 
 def ddim_config(scheduler_config: dict) -> dict:
@@ -87,7 +118,7 @@ def resolve_model_dir(model: str) -> tuple[Path, Path]:
         raise ModelLoadError(f"unknown builtin model {model!r}; the builtin models are "
                              f"{', '.join(sorted(BUILTIN_MODELS))}.")
     path = BUILTIN_MODELS[model] if is_builtin(model) else Path(model).expanduser()
-    if is_builtin(model) and not (path / "config.json").is_file():
+    if is_builtin(model) and not ((path / "config.json").is_file() or (path / "model_index.json").is_file()):
         raise ModelLoadError(f"the embedded model {model!r} is missing from {path}; reinstall pqcad-deploy.")
     if not path.is_dir():
         raise ModelLoadError(f"model directory {model!r} does not exist.")
@@ -192,22 +223,42 @@ def check_model(unet, where: str, config_path: str | None = None) -> None:
                              "are finite (they overflow); the model cannot be compressed: check its weights.")
 
 
+_UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+
+
+def _latent_parts(kind: str, root: Path) -> dict:
+    """The parts beside the UNet a model kind needs (latent_parts), loaded from the pipeline folder."""
+    from pqcad_deploy import latent_parts
+
+    parts: dict = {}
+    if kind in ("class-embedding-latent", "text-conditional-latent"):
+        parts["vae"] = latent_parts.load_vae(root)[0]
+    if kind == "class-embedding-latent":
+        parts["class_table"] = latent_parts.load_class_table(root)
+    if kind == "text-conditional-latent":
+        parts["text_encoder"] = latent_parts.load_text_encoder(root)
+    return parts
+
+
 def _load_local(model: str) -> LoadedModel:
-    from diffusers import UNet2DModel
+    import diffusers
+    import torch
 
     _quiet_diffusers()
 
     unet_dir, scheduler_dir = resolve_model_dir(model)
+    root = BUILTIN_MODELS[model] if is_builtin(model) else Path(model).expanduser()
+    kind = detect_model_kind(root).name
     unet_config = _read_json(unet_dir / "config.json", "UNet config")
     cls = unet_config.get("_class_name")
-    if cls != _SUPPORTED_CLASS:
+    if cls not in _UNET_CLASSES:
         raise ModelLoadError(
-            f"{model!r} holds a {cls or 'model of unknown class'}, not a {_SUPPORTED_CLASS}; "
-            "pqcad-deploy compresses unconditional and class-conditional diffusers UNet2DModel models."
+            f"{model!r} holds a {cls or 'model of unknown class'}, not a {' or a '.join(_UNET_CLASSES)}; "
+            "pqcad-deploy compresses diffusers UNets."
         )
     scheduler_config = _read_json(scheduler_dir / "scheduler_config.json", "scheduler config")
-    try:
-        unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+    try:  # float32 whatever the file holds (the latent builtin ships float16 weights)
+        unet = getattr(diffusers, cls).from_pretrained(str(unet_dir), local_files_only=True, torch_dtype=torch.float32)
     except Exception as exc:  # diffusers raises OSError, ValueError, safetensors errors...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load the UNet weights from {unet_dir}: {first}") from None
@@ -219,7 +270,8 @@ def _load_local(model: str) -> LoadedModel:
     unet = unet.eval()
     check_model(unet, f"the embedded model {model!r}" if is_builtin(model) else f"model {model!r}",
                 str(unet_dir / "config.json"))
-    return LoadedModel(unet=unet, scheduler_config=config, source=source, unet_dir=unet_dir)
+    return LoadedModel(unet=unet, scheduler_config=config, source=source, unet_dir=unet_dir, kind=kind,
+                       **_latent_parts(kind, root))
 
 
 def _load_hub(model: str) -> LoadedModel:

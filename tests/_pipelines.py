@@ -137,3 +137,51 @@ def make_sd_pipeline_dir(path: Path, seed: int = 0) -> Path:
         requires_safety_checker=False)
     pipeline.save_pretrained(str(path))
     return path
+
+
+# ------------------------------------------------------------------ class-embedding latent pipeline
+CLASS_LATENT_TOKENS = 2
+"""Tokens per class in the class-embedding fixture's table (the builtin latent model's layout)."""
+CLASS_LATENT_UNET_CONFIG: dict = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=SD_TEXT_WIDTH, attention_head_dim=2, norm_num_groups=4)
+CLASS_LATENT_VAE_CONFIG: dict = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    norm_num_groups=4, sample_size=16, scaling_factor=0.5)
+
+
+def make_class_latent_pipeline_dir(path: Path, seed: int = 0) -> Path:
+    """Save a class-embedding latent pipeline (random weights): the layout of builtin:cifar10-latent.
+
+    unet/ (UNet2DConditionModel, cross-attention), vae/ (AutoencoderKL, 2x downsampling: 16 px images
+    from 8x8 latents), scheduler/ (SD's DDIM settings) and class_embeddings/ (config.json +
+    embeddings.safetensors [NUM_CLASSES + 1, CLASS_LATENT_TOKENS, SD_TEXT_WIDTH], the null class last),
+    with a model_index.json naming them (pqcad_deploy.latent_parts reads the table).
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**CLASS_LATENT_UNET_CONFIG).save_pretrained(str(path / "unet"))
+    torch.manual_seed(seed + 1)
+    AutoencoderKL(**CLASS_LATENT_VAE_CONFIG).save_pretrained(str(path / "vae"))
+    DDIMScheduler(**{k: v for k, v in SD_SCHEDULER_CONFIG.items() if k != "skip_prk_steps"},
+                  clip_sample=False).save_pretrained(str(path / "scheduler"))
+    torch.manual_seed(seed + 2)
+    table = path / "class_embeddings"
+    table.mkdir(parents=True, exist_ok=True)
+    save_file({"embeddings": torch.randn(NUM_CLASSES + 1, CLASS_LATENT_TOKENS, SD_TEXT_WIDTH)},
+              str(table / "embeddings.safetensors"))
+    (table / "config.json").write_text(json.dumps({
+        "_class_name": "ClassEmbeddingTable", "num_classes": NUM_CLASSES, "null_class": NULL_CLASS,
+        "tokens": CLASS_LATENT_TOKENS, "width": SD_TEXT_WIDTH,
+        "class_names": [f"class{i}" for i in range(NUM_CLASSES)]}, indent=2) + "\n")
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "ClassConditionalLatentPipeline", "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "class_embeddings": ["pqcad_deploy", "ClassEmbeddingTable"]},
+        indent=2) + "\n")
+    return path

@@ -50,6 +50,14 @@ def class_conditional_dir(tmp_path_factory) -> Path:
     return make_class_conditional_unet_dir(tmp_path_factory.mktemp("cc") / "cc")
 
 
+@pytest.fixture(scope="session")
+def class_latent_dir(tmp_path_factory) -> Path:
+    """The class-embedding latent pipeline of tests/_pipelines.py, written once per run: never edit it, copy it."""
+    from _pipelines import make_class_latent_pipeline_dir
+
+    return make_class_latent_pipeline_dir(tmp_path_factory.mktemp("cl") / "cl")
+
+
 @pytest.fixture
 def full_disk(tmp_path):
     """A 64 KiB tmpfs (root on Linux, as on this project's machines and CI), to fill a disk for real.

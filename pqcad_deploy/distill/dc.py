@@ -125,7 +125,8 @@ def _pair_conditions(pool_cond: dict[str, torch.Tensor], rows: torch.Tensor, con
     cond = select_rows(pool_cond, rows)
     if cond and conditioning.guides:
         null = torch.rand(len(rows), generator=generator) < 0.5
-        cond = {k: torch.where(null, conditioning.null(len(rows))[k], v) for k, v in cond.items()}
+        nulls = conditioning.null(len(rows))
+        cond = {k: torch.where(null.reshape(-1, *[1] * (v.dim() - 1)), nulls[k], v) for k, v in cond.items()}
     return cond
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from pqcad_deploy.conditioning import UNCONDITIONAL, Conditioning
-from pqcad_deploy.eval.pipeline_sampling import generate_images
+from pqcad_deploy.eval.pipeline_sampling import Decode, generate_images
 from pqcad_deploy.eval.psnr import mean_psnr, psnr_per_image
 from pqcad_deploy.presets import GuardConfig
 
@@ -121,7 +121,8 @@ def resolve_guard_metric(choice: str, device: str) -> tuple[str, str | None]:
 def guard_distillation(fp_unet: torch.nn.Module, distilled: torch.nn.Module, undistilled: torch.nn.Module,
                        scheduler_config: dict, teacher_steps: int, student_steps: int, config: GuardConfig,
                        seed: int, device: str, also_against: int | None = None,
-                       conditioning: Conditioning = UNCONDITIONAL) -> tuple[torch.nn.Module, dict]:
+                       conditioning: Conditioning = UNCONDITIONAL,
+                       decode: Decode | None = None) -> tuple[torch.nn.Module, dict]:
     """(the kept student, the report entry) by ``config.metric`` against FP at `teacher_steps`.
 
     The distilled student is kept when its gain is positive and larger than `config.min_z` standard
@@ -141,7 +142,8 @@ def guard_distillation(fp_unet: torch.nn.Module, distilled: torch.nn.Module, und
         key = (id(unet), steps, n)
         if key not in sampled:
             sampled[key] = generate_images(unet, scheduler_config, n, steps, seed=check_seed, batch_size=min(n, 500),
-                                           device=device, progress=False, conditioning=conditioning).images
+                                           device=device, progress=False, conditioning=conditioning,
+                                           decode=decode).images
         return sampled[key]
 
     gain, error, fields = GUARD_METRICS[config.metric](images, (distilled, undistilled), fp_unet, teacher_steps,

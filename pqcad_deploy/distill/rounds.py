@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 
 from pqcad_deploy.checkpoint import Checkpoint
+from pqcad_deploy.conditioning import Conditioning
+from pqcad_deploy.eval.pipeline_sampling import Decode
 from pqcad_deploy.config import CompressConfig
 from pqcad_deploy.presets import PresetSettings
 
@@ -27,7 +29,8 @@ def distill_rounds(config: CompressConfig, student: torch.nn.Module, fp_unet: to
                    image_shape: tuple[int, int, int], device: str, progress: bool, checkpoint: Checkpoint,
                    resume: bool = False, log: Callable[[str], None] = print,
                    on_round: RoundHook | None = None,
-                   settings: PresetSettings | None = None) -> tuple[torch.nn.Module, dict, list[int]]:
+                   settings: PresetSettings | None = None, conditioning: Conditioning | None = None,
+                   decode: Decode | None = None) -> tuple[torch.nn.Module, dict, list[int]]:
     """CAD: distil the quantized student to N/2 steps (N/2^rounds with ``rounds``); (student, report, timesteps).
 
     Round r trains on C_DC drawn from the FP model on the N/2^r grid, with the FP model as the teacher
@@ -63,7 +66,7 @@ def distill_rounds(config: CompressConfig, student: torch.nn.Module, fp_unet: to
     for r in range(first, config.rounds):
         student, report, timesteps = distill_round(config, student, teacher, fp_unet, scheduler_config, steps,
                                                     image_shape, device, progress, checkpoint, state, r, reports,
-                                                    settings)
+                                                    settings, conditioning, decode)
         state = None
         reports.append(report)
         if on_round is not None:
@@ -80,7 +83,8 @@ def distill_rounds(config: CompressConfig, student: torch.nn.Module, fp_unet: to
 def distill_round(config: CompressConfig, student: torch.nn.Module, teacher: torch.nn.Module,
                    fp_unet: torch.nn.Module, scheduler_config: dict, steps: int, image_shape: tuple[int, int, int],
                    device: str, progress: bool, checkpoint: Checkpoint, state: dict | None, round_index: int,
-                   reports: list[dict], settings: PresetSettings) -> tuple[torch.nn.Module, dict, list[int]]:
+                   reports: list[dict], settings: PresetSettings, conditioning: Conditioning | None = None,
+                   decode: Decode | None = None) -> tuple[torch.nn.Module, dict, list[int]]:
     """One CAD round at `steps` teacher steps, then its guard; (student, report, the student's timesteps)."""
     import copy
 
@@ -91,7 +95,8 @@ def distill_round(config: CompressConfig, student: torch.nn.Module, teacher: tor
     from pqcad_deploy.distill.guard import guard_distillation, resolve_guard_metric
 
     grid = distill_grid(scheduler_config, steps)
-    conditioning = conditioning_of(dict(fp_unet.config), config.guidance_scale, config.null_class)
+    if conditioning is None:  # a pixel-space model's, from its config (compress passes every model's)
+        conditioning = conditioning_of(dict(fp_unet.config), config.guidance_scale, config.null_class)
     seed = config.seed + round_index
     guard = dataclasses.replace(settings.guard, metric=resolve_guard_metric(config.guard, device)[0])
     dcfg = dataclasses.replace(settings.distill, seed=seed,
@@ -117,6 +122,6 @@ def distill_round(config: CompressConfig, student: torch.nn.Module, teacher: tor
     student, report["guard"] = guard_distillation(fp_unet, student, undistilled, scheduler_config,
                                                   config.teacher_steps, len(grid.student), guard,
                                                   seed=seed, device=device, also_against=steps,
-                                                  conditioning=conditioning)
+                                                  conditioning=conditioning, decode=decode)
     report["round"] = round_index
     return student, report, [int(t) for t in grid.student]

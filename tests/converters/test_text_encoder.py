@@ -87,7 +87,7 @@ def test_refusals_are_one_clear_line(pipeline, exported, tmp_path) -> None:
     config = json.loads((pipeline / "text_encoder" / "config.json").read_text())
     (other / "text_encoder" / "config.json").write_text(json.dumps({**config, "architectures": ["T5EncoderModel"]}))
     with pytest.raises(ModelLoadError, match=r"/text_encoder/config\.json describes \['T5EncoderModel'\]; pqcad-deploy "
-                                             r"exports a text_encoder/ of class CLIPTextModel only\.$"):
+                                             r"takes a text_encoder/ of class CLIPTextModel only\.$"):
         export_text_encoder(other, tmp_path / "out.onnx")
     with pytest.raises(OutputPathError, match=rf"^{exported.path} already exists; pass --overwrite"):
         export_text_encoder(pipeline, exported.path)

@@ -162,7 +162,7 @@ def test_refusals_are_one_clear_line(pipeline, tmp_path) -> None:
         export_vae_decoder(sd3, tmp_path / "out.onnx")
     shutil.rmtree(sd3)
     tiny = _vae_folder_with(tmp_path, pipeline, _class_name="AutoencoderTiny")
-    with pytest.raises(ModelLoadError, match=r"/vae/config\.json describes 'AutoencoderTiny'; pqcad-deploy exports a "
+    with pytest.raises(ModelLoadError, match=r"/vae/config\.json describes 'AutoencoderTiny'; pqcad-deploy takes a "
                                              r"vae/ of class AutoencoderKL only\.$"):
         export_vae_decoder(tiny, tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()

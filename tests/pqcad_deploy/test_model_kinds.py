@@ -28,7 +28,10 @@ from pqcad_deploy.models import BUILTIN_MODELS, load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TODAY = ("pqcad-deploy compresses unconditional and class-conditional (num_class_embeds) pixel-space UNet2DModel "
-         "models only: pass a folder with config.json, weights and scheduler_config.json, or 'builtin'.")
+         "models (a folder with config.json, weights and scheduler_config.json, or 'builtin'), and latent "
+         "UNet2DConditionModel pipelines conditioned through cross-attention: Stable Diffusion 1.x / 2.x folders "
+         "(unet/, vae/, text_encoder/, tokenizer/, scheduler/) and class-embedding pipelines (unet/, vae/, "
+         "class_embeddings/, scheduler/; builtin:cifar10-latent).")
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +110,8 @@ CASES: dict[str, tuple[Callable[..., Path], str]] = {
     "sd-1.5-shaped": (lambda sd, cc, small, tmp: sd, "text-conditional-latent"),
     "sd-without-text-encoder": (lambda sd, cc, small, tmp: _without_text_encoder(sd, tmp / "m"),
                                 "class-conditional-latent"),
+    "class-embedding-table": (lambda sd, cc, small, tmp: _with_class_table(_without_text_encoder(sd, tmp / "m")),
+                              "class-embedding-latent"),
     "class-unet2d-with-vae": (lambda sd, cc, small, tmp: _latent_unet2d(cc, sd / "vae", tmp / "m"),
                               "class-conditional-latent"),
     "ldm-unet2d-with-vqvae": (lambda sd, cc, small, tmp: _latent_unet2d(small, sd / "vae", tmp / "m", "vqvae"),
@@ -133,6 +138,13 @@ CASES: dict[str, tuple[Callable[..., Path], str]] = {
 }
 
 
+def _with_class_table(d: Path) -> Path:
+    """The layout of builtin:cifar10-latent (JSON only: detection reads no weights)."""
+    (d / "class_embeddings").mkdir()
+    (d / "class_embeddings" / "config.json").write_text(json.dumps({"_class_name": "ClassEmbeddingTable"}))
+    return d
+
+
 def _edit_and_return(d: Path, name: str, edit: Callable[[dict], None]) -> Path:
     _edit_json(d / name, edit)
     return d
@@ -140,8 +152,8 @@ def _edit_and_return(d: Path, name: str, edit: Callable[[dict], None]) -> Path:
 
 def test_the_cases_cover_every_kind() -> None:
     assert {kind for _, kind in CASES.values()} == set(MODEL_KINDS)
-    assert [name for name, kind in MODEL_KINDS.items() if kind.supported] == ["unconditional-pixel",
-                                                                              "class-conditional-pixel"]
+    assert [name for name, kind in MODEL_KINDS.items() if kind.supported] == [
+        "unconditional-pixel", "class-conditional-pixel", "class-embedding-latent", "text-conditional-latent"]
     for name, kind in MODEL_KINDS.items():
         assert kind.name == name
         assert (kind.refusal is None) == kind.supported, name
@@ -175,7 +187,7 @@ def test_detect_model_kind_errors(tmp_path, small_unet_dir) -> None:
     d = _config_only(tmp_path / "vq", "VQModel")
     with pytest.raises(ModelLoadError) as exc:
         detect_model_kind(d)
-    assert str(exc.value) == f"{str(d)!r} holds a VQModel, not a UNet2DModel; {TODAY}"
+    assert str(exc.value) == f"{str(d)!r} holds a VQModel, not a UNet2DModel or UNet2DConditionModel; {TODAY}"
     broken = _copy(small_unet_dir, tmp_path / "broken")
     (broken / "config.json").write_text("{")
     with pytest.raises(ModelLoadError, match=r"^UNet config .*config.json is not valid JSON \("):
@@ -189,10 +201,11 @@ REFUSALS: dict[str, tuple[str, str]] = {
                                   "{m!r} holds a pixel-space UNet2DModel with a class_embed_type ('timestep', "
                                   "'identity', ...: labels that are not class indices); class embeddings other than "
                                   "num_class_embeds are not supported yet (issue 17 adds them); " + TODAY),
-    "sd-1.5-shaped": ("text-conditional-latent",
-                      "{m!r} holds a text-conditional latent pipeline of the Stable Diffusion family "
-                      "(UNet2DConditionModel, vae, text_encoder, tokenizer); text-conditional latent models are not "
-                      "supported yet (issue 17 adds them); " + TODAY),
+    "sd-without-text-encoder": ("class-conditional-latent",
+                                "{m!r} holds a class-conditional latent model (a vae, and a UNet2DModel with a class "
+                                "embedding or a UNet2DConditionModel with neither a text encoder nor a "
+                                "class_embeddings table); class-conditional latent models without a class_embeddings "
+                                "table are not supported yet (issue 17 adds them); " + TODAY),
     "controlnet-in-index": ("controlnet",
                             "{m!r} holds a ControlNet (model_index.json names a controlnet, or the model is a "
                             "ControlNetModel); ControlNet image conditioning is not supported; " + TODAY),
@@ -222,7 +235,7 @@ def test_compress_refuses_unsupported_kinds_in_one_line(case, sd_dir, class_dir,
     assert list(out.iterdir()) == []
 
 
-@pytest.mark.parametrize("case", ["class-embed-type-identity", "sd-1.5-shaped"])
+@pytest.mark.parametrize("case", ["class-embed-type-identity", "sd-without-text-encoder"])
 def test_refusal_comes_before_the_weights_are_read(case, sd_dir, class_dir, small_unet_dir, tmp_path) -> None:
     """Garbage weights: the kind's line, not "cannot load the UNet weights" (today's check ran after loading)."""
     make, _ = CASES[case]
