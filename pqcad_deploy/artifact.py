@@ -339,6 +339,10 @@ class LayerTensors:
         return dict(zip(self.keys(name), (self.weight_codes, self.weight_scale, self.act_scale)))
 
 
+ARTIFACT_UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+"""The diffusers UNets an artifact may hold (pixel-space, and a latent pipeline's cross-attention UNet)."""
+
+
 @dataclass
 class CompressedArtifact:
     """A loaded artifact: its manifest and tensors, and builders for the teacher and the student."""
@@ -349,11 +353,12 @@ class CompressedArtifact:
     report: dict = field(repr=False)
 
     def _empty_unet(self) -> torch.nn.Module:
-        from diffusers import UNet2DModel
+        import diffusers
 
-        if self.manifest.unet_class != "UNet2DModel":
-            raise ArtifactError(f"{self.path} holds a {self.manifest.unet_class}; only UNet2DModel is supported.")
-        return UNet2DModel.from_config(self.manifest.unet_config).eval()
+        if self.manifest.unet_class not in ARTIFACT_UNET_CLASSES:
+            raise ArtifactError(f"{self.path} holds a {self.manifest.unet_class}; pqcad-deploy artifacts hold a "
+                                f"{' or a '.join(ARTIFACT_UNET_CLASSES)}.")
+        return getattr(diffusers, self.manifest.unet_class).from_config(self.manifest.unet_config).eval()
 
     def layer_tensors(self, name: str) -> LayerTensors:
         """The stored codes and scales of quantized layer `name` (validated when the artifact loaded)."""

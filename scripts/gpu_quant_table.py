@@ -16,7 +16,8 @@ weights are still travelling in pieces (docs/RESULTS.md section 15):
 - ``score``: FID of every cached row against its model's shipped reference statistics, written to
   ``OUT/results.json`` with the FP rows' channel means beside each row's.
 
-A row is ``model:method:weight_bits:act_bits[:flag...]`` with model ``fmnist`` or ``cifar10``,
+A row is ``model:method:weight_bits:act_bits[:flag...]`` with model ``fmnist``, ``cifar10`` or ``latent``
+(issue 17's class-conditional latent model: ``$PQCAD_LATENT_MODEL``, default builtin:cifar10-latent),
 method ``fp`` (the FP model itself; bits ignored) / ``minmax`` / ``brecq`` / ``pqcad``, and flags
 ``all`` / ``safe`` (``--precision-policy all`` / ``tensorrt-safe``), ``bc`` / ``nobc``
 (``--bias-correction`` / ``--no-bias-correction``); unflagged options take compress's defaults, which
@@ -27,7 +28,8 @@ sampled at its own steps). CAD rows (issue 14): ``steps=N`` (teacher steps; an `
 them), ``r=R`` (``--rounds``), and the distillation settings ``it=`` iterations, ``lr=``, ``bs=`` batch,
 ``ema=`` decay, ``wu=`` warm-up iterations, ``cos`` (cosine decay), ``rdd=`` weight, ``clip=`` gradient
 norm, ``fresh`` (fresh C_DC pairs), ``mix=`` (their noise-injection share), ``dcn=`` (C_DC size),
-``traj=`` (pool trajectories), ``guard=fid`` (compress's ``--guard fid``: the make process waits for
+``traj=`` (pool trajectories), ``gs=W`` (issue 17: ``--guidance-scale W`` of a conditional model;
+an ``fp`` row samples with it), ``guard=fid`` (compress's ``--guard fid``: the make process waits for
 ``$PQCAD_FID_WEIGHTS`` to exist before the first guard, since the weights arrive in pieces), e.g. ``cifar10:pqcad:8:8:cad:steps=20:fresh:ema=0.999:cos:it=4000``.
 
     python -m scripts.gpu_quant_table make --rows fmnist:pqcad:8:8,... --cache /tmp/q13
@@ -39,15 +41,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-MODELS = {"fmnist": "builtin:fashion-mnist", "cifar10": "builtin:cifar10"}
+MODELS = {"fmnist": "builtin:fashion-mnist", "cifar10": "builtin:cifar10",
+          # issue 17's class-conditional latent model: the shipped builtin, or the folder a GPU round has just trained
+          "latent": os.environ.get("PQCAD_LATENT_MODEL", "builtin:cifar10-latent")}
 REFERENCES = {"fmnist": ROOT / "pqcad_deploy/eval/data/fashion_mnist_train_fid_stats.npz",
-              "cifar10": ROOT / "pqcad_deploy/eval/data/cifar10_train_fid_stats.npz"}
+              "cifar10": ROOT / "pqcad_deploy/eval/data/cifar10_train_fid_stats.npz",
+              "latent": ROOT / "pqcad_deploy/eval/data/cifar10_train_fid_stats.npz"}
 OPTION_FLAGS = {"fl": "first_last", "init": "act_scale_init", "split": "split_concat", "sq": "smoothquant_alpha",
                 "bcdata": "bias_correction_data"}
 FLOAT_OPTIONS = {"smoothquant_alpha"}
@@ -78,6 +84,8 @@ def parse_row(row: str) -> tuple[str, str, int, int, dict]:
             options["rounds"] = int(value)
         elif key == "guard" and value:
             options["guard"] = value
+        elif key == "gs" and value:
+            options["guidance_scale"] = float(value)
         elif key in OPTION_FLAGS and value:
             options[OPTION_FLAGS[key]] = float(value) if OPTION_FLAGS[key] in FLOAT_OPTIONS else value
         elif flag in ("all", "safe"):
@@ -207,6 +215,7 @@ def make_cad(row: str, cache: Path, steps: int, n: int, preset: str, device: str
 
     from pqcad_deploy.artifact import load_artifact
     from pqcad_deploy.checkpoint import Checkpoint
+    from pqcad_deploy.conditioning import conditioning_for
     from pqcad_deploy.config import CompressConfig
     from pqcad_deploy.distill.rounds import distill_rounds
     from pqcad_deploy.eval.pipeline_sampling import generate_images
@@ -219,11 +228,12 @@ def make_cad(row: str, cache: Path, steps: int, n: int, preset: str, device: str
     art = shared_pq_artifact(row, cache, steps, preset, device, log=lambda m: print(m, flush=True))
     artifact = load_artifact(art)
     model, method, wb, ab, options = parse_row(row)
-    loaded = load_model(MODELS[model])
-    fp_unet = loaded.unet.to(device).eval()
+    loaded = load_model(MODELS[model]).to(device)
+    fp_unet = loaded.unet.eval()
     student = artifact.build_student().to(device)
     config = CompressConfig(model=MODELS[model], method=method, weight_bits=wb, act_bits=ab, teacher_steps=steps,
                             preset=preset, device=device, seed=0, **options)
+    conditioning = conditioning_for(loaded, config.guidance_scale, config.null_class)
     round_started = [time.perf_counter()]
 
     def sample_round(r: int, kept: torch.nn.Module, report: dict, timesteps: list[int]) -> None:
@@ -232,7 +242,7 @@ def make_cad(row: str, cache: Path, steps: int, n: int, preset: str, device: str
             raise RuntimeError(f"round {r + 1}'s timesteps {timesteps} are not diffusers' {k}-step grid")
         distill_seconds = time.perf_counter() - round_started[0]
         gen = generate_images(kept, loaded.scheduler_config, n, k, seed=0, batch_size=1000, device=device,
-                              progress=False)
+                              progress=False, conditioning=conditioning, decode=loaded.decode)
         info = {**base, "round": r + 1, "sample_steps": k, "distill_seconds": distill_seconds,
                 "generate_seconds": gen.seconds, "guard": report.get("guard"), "heldout": report.get("heldout"),
                 "final_loss": (report.get("losses") or [None])[-1], "distill_overrides": changes}
@@ -243,7 +253,8 @@ def make_cad(row: str, cache: Path, steps: int, n: int, preset: str, device: str
         _wait_for_fid_weights(log=lambda m: print(m, flush=True))
     with distill_overrides(row, preset) as changes, tempfile.TemporaryDirectory() as tmp:
         distill_rounds(config, student, fp_unet, loaded.scheduler_config, tuple(artifact.manifest.image_shape),
-                       device, False, Checkpoint(Path(tmp) / "checkpoint", "gpu-table"), on_round=sample_round)
+                       device, False, Checkpoint(Path(tmp) / "checkpoint", "gpu-table"), on_round=sample_round,
+                       conditioning=conditioning, decode=loaded.decode)
 
 
 def _wait_for_fid_weights(log, limit_s: float = 1500.0) -> None:
@@ -268,6 +279,7 @@ def make_plain(row: str, cache: Path, steps: int, n: int, preset: str, device: s
     import torch
 
     from pqcad_deploy.artifact import load_artifact
+    from pqcad_deploy.conditioning import conditioning_for
     from pqcad_deploy.eval.pipeline_sampling import generate_images
     from pqcad_deploy.models import load_model
 
@@ -276,8 +288,11 @@ def make_plain(row: str, cache: Path, steps: int, n: int, preset: str, device: s
     started = time.perf_counter()
     info: dict = {"row": row, "torch": torch.__version__, "preset": preset,
                   "gpu": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"}
-    loaded = load_model(MODELS[model])
+    loaded = load_model(MODELS[model]).to(device)
     unet = loaded.unet
+    options = parse_row(row)[4]
+    conditioning = conditioning_for(loaded, options.get("guidance_scale", 1.0))
+    info["conditioning"] = conditioning.to_dict()
     if method != "fp":
         art = shared_pq_artifact(row, cache, steps, preset, device, log=lambda m: print(m, flush=True))
         report = json.loads((art / "report.json").read_text())
@@ -292,7 +307,7 @@ def make_plain(row: str, cache: Path, steps: int, n: int, preset: str, device: s
     entries = [(name, steps)] if samples is None else [(f"{name}_at{k}", k) for k in samples]
     for entry, k in entries:
         gen = generate_images(unet, loaded.scheduler_config, n, k, seed=0, batch_size=1000, device=device,
-                              progress=False)
+                              progress=False, conditioning=conditioning, decode=loaded.decode)
         _save_entry(cache, entry, {**info, "sample_steps": k, "generate_seconds": gen.seconds}, gen.images)
 
 
