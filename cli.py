@@ -324,6 +324,7 @@ def export(artifact, onnx_path, fp, opset, target, weight_storage, parity, parit
                          weight_storage=weight_storage, parity=parity, parity_gate=parity_gate)
     extra = "" if result.target == "qdq" else f", target {result.target}"
     extra += f", {result.int4_weight_layers} with INT4 weights" if result.int4_weight_layers else ""
+    extra += f", {result.conditioning.describe()}" if result.conditioning is not None else ""
     if result.calibration_seconds and result.rewrite is None:
         extra += f", Conv output scales calibrated in {result.calibration_seconds:.1f} s"
     click.echo(f"wrote {result.path} ({result.precision}, opset {result.opset}, "
@@ -380,8 +381,9 @@ def build_engine(ctx, onnx_path, backend, out, optimization_level, provider, ove
                      optimization_level=optimization_level if onnxruntime and provider == "cpu" else None,
                      provider=provider if onnxruntime else None)
     where = f" on {manifest.ort_provider}" if manifest.ort_provider not in (None, "cpu") else ""
+    conditioned = "" if manifest.onnx.conditioning is None else f", {manifest.onnx.conditioning.describe()}"
     click.echo(f"wrote {out} ({manifest.backend}{where}, {manifest.onnx.precision}, "
-               f"{manifest.onnx.student_steps} sampling steps, {time.perf_counter() - started:.1f} s)")
+               f"{manifest.onnx.student_steps} sampling steps{conditioned}, {time.perf_counter() - started:.1f} s)")
     if manifest.tensorrt is not None:  # where the plan runs, what runs in INT8, and how to build it by hand
         from pqcad_deploy.engines.tensorrt_options import LAYER_REPORT_FILE
         from pqcad_deploy.engines.tensorrt_report import read_layer_report
@@ -439,11 +441,21 @@ def check(ctx, onnx_path, target, as_json) -> None:
 @click.option("--grid/--no-grid", default=True, show_default=True,
               help="Write grid.png of the first 64 images (8 x 8).")
 @click.option("--resume", is_flag=True,
-              help="Continue an interrupted run from OUT.partial/ (same engine, seed and steps): finished "
-                   "images are kept and the result equals an uninterrupted run's.")
+              help="Continue an interrupted run from OUT.partial/ (same engine, seed, steps and conditioning): "
+                   "finished images are kept and the result equals an uninterrupted run's.")
+@click.option("--class", "class_labels", default=None, metavar="LABELS",
+              help="Class-conditional engines: comma-separated class labels (e.g. 3 or 0,4,7) cycled over the "
+                   "images (image i gets the (i mod count)-th). Default: image i gets class i mod "
+                   "num_classes, as PyTorch sampling (and FID) does. Recorded in samples.json.")
+@click.option("--guidance-scale", default=None, type=float, metavar="W",
+              help="Conditional engines: classifier-free guidance scale, eps_u + W (eps_c - eps_u); 1 turns it off "
+                   "(one model call per step instead of two); above 1 needs the model's null class. Default: "
+                   "the scale the student was calibrated at (engine.json's conditioning). Recorded in "
+                   "samples.json.")
 @_overwrite_option
 @_quiet_option
-def sample(engine, num_images, seed, out, steps, npz, batch_size, threads, grid, resume, overwrite, quiet) -> None:
+def sample(engine, num_images, seed, out, steps, npz, batch_size, threads, grid, resume, class_labels,
+           guidance_scale, overwrite, quiet) -> None:
     """Generate images with DDIM (eta 0) on an engine; numpy only, no torch.
 
     Images are written batch by batch into OUT.partial/; after Ctrl-C or a crash, rerun the same
@@ -451,12 +463,25 @@ def sample(engine, num_images, seed, out, steps, npz, batch_size, threads, grid,
     """
     from pqcad_deploy.engines.generate import generate_to_directory
 
+    labels = None if class_labels is None else _label_list(class_labels)
     done = generate_to_directory(engine, out, num_images, seed=seed, steps=steps, npz=npz,
                                  batch_size=batch_size, overwrite=overwrite, threads=threads,
-                                 progress=not quiet, resume=resume, grid=grid)
+                                 progress=not quiet, resume=resume, grid=grid, class_labels=labels,
+                                 guidance_scale=guidance_scale)
     reused = f", {done.reused} kept from the interrupted run" if done.reused else ""
-    click.echo(f"wrote {done.n} images to {done.out_dir} ({len(done.timesteps)} DDIM steps, "
+    conditioned = "" if done.conditions is None else f", {done.conditions.describe()}"
+    click.echo(f"wrote {done.n} images to {done.out_dir} ({len(done.timesteps)} DDIM steps{conditioned}, "
                f"{done.images_per_second:.2f} images/s{reused})" + (f" and {done.npz}" if done.npz else ""))
+
+
+def _label_list(text: str) -> list[int]:
+    """--class's comma-separated labels as integers (their range is the engine's: checked by sample)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise click.BadParameter(f"must be comma-separated integer labels like 3 or 0,4,7; got {text!r}.",
+                                 param_hint="--class") from None
 
 
 @cli.group("eval", epilog=_EPILOG)

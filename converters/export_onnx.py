@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from pqcad_deploy.converters.conditions import artifact_conditioning, condition_spec, torch_conditions
 from pqcad_deploy.converters.naming import qdq_names
 from pqcad_deploy.converters.parity import ParityVerdict
 from pqcad_deploy.converters.qdq import to_export_layer
 from pqcad_deploy.converters.targets import EXPORT_TARGETS, RewriteContext, export_target
-from pqcad_deploy.engines.manifest import INPUT_NAMES, OnnxManifest, output_name_for, write_onnx_manifest
+from pqcad_deploy.engines.manifest import OnnxManifest, output_name_for, write_onnx_manifest
 from pqcad_deploy.artifact import CompressedArtifact, artifact_digest, load_artifact
-from pqcad_deploy.conditioning import conditional_artifact_refusal
 from pqcad_deploy.errors import ExportError, OutputPathError
 from pqcad_deploy.layer_precision import FIRST_LAYER, LAST_LAYER
 from pqcad_deploy.quant.replace import quant_layers
@@ -67,6 +67,7 @@ class ExportResult:
     target_reason: str = ""  # why "onnxruntime" resolved to `target`
     parity: ParityVerdict | None = None  # None when parity was not checked
     rewrite: object = None  # the target rewrite's summary (converters.tensorrt.TensorRTRewrite), if any
+    conditioning: object = None  # a conditional model's engines.conditioning.ConditioningSpec (its graph input)
 
 
 class ParityGateError(ExportError):
@@ -74,14 +75,19 @@ class ParityGateError(ExportError):
 
 
 class _UNetForExport(nn.Module):
-    """(sample, timestep[batch]) -> the UNet's prediction tensor."""
+    """(sample, timestep[batch], *conditions) -> the UNet's prediction tensor.
 
-    def __init__(self, unet: nn.Module) -> None:
+    A conditional model's inputs (``class_labels`` [batch]) follow as positional graph inputs and reach
+    the UNet as the keyword arguments it takes (``condition_names``, in graph order).
+    """
+
+    def __init__(self, unet: nn.Module, condition_names: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.unet = unet
+        self.condition_names = condition_names
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep).sample
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, **dict(zip(self.condition_names, conditions))).sample
 
 
 def precision_name(artifact: CompressedArtifact, fp: bool) -> str:
@@ -317,9 +323,8 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
     if weight_storage not in WEIGHT_STORAGES:
         raise ExportError(f"--weight-storage must be one of {', '.join(WEIGHT_STORAGES)}; got {weight_storage!r}.")
     artifact = load_artifact(artifact_path)
-    refusal = conditional_artifact_refusal(artifact.manifest.unet_config, artifact_path, "export")
-    if refusal:
-        raise ExportError(refusal)
+    conditioning = artifact_conditioning(artifact.manifest, artifact_path)
+    cond_spec = condition_spec(conditioning)  # the engines' manifest entry; None for an unconditional model
     requested_target = target
     target, target_reason = resolve_target(target, {n: r.act_bits for n, r in artifact.manifest.layers.items()},
                                            weight_storage, fp)
@@ -338,10 +343,13 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
         target_state = spec.calibrate(unet, m, output_statistic)
         calibration_seconds = time.perf_counter() - started
     n_quant = 0 if fp else _swap_in_export_twins(unet, artifact)
-    wrapper = _UNetForExport(unet).eval()
+    example_conditions = torch_conditions(conditioning, 2)  # {} for an unconditional model
+    wrapper = _UNetForExport(unet, tuple(example_conditions)).eval()
     output_name = output_name_for(m.prediction_type)
     c, h, w = m.image_shape
-    example = (torch.zeros(2, c, h, w), torch.full((2,), float(m.student_timesteps[0])))
+    example = (torch.zeros(2, c, h, w), torch.full((2,), float(m.student_timesteps[0])),
+               *example_conditions.values())
+    input_names = ["sample", "timestep", *example_conditions]  # the manifest's graph_inputs, in order
 
     verdict = None
     with atomic_file(out_path, error=OutputPathError) as tmp:  # moved into place only if all of this passes
@@ -350,8 +358,8 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     wrapper, example, str(tmp), dynamo=False, opset_version=min(opset, _TORCHSCRIPT_MAX_OPSET),
-                    input_names=list(INPUT_NAMES), output_names=[output_name],
-                    dynamic_axes={"sample": {0: "batch"}, "timestep": {0: "batch"}, output_name: {0: "batch"}},
+                    input_names=input_names, output_names=[output_name],
+                    dynamic_axes={name: {0: "batch"} for name in (*input_names, output_name)},
                     do_constant_folding=True,
                 )
             model = onnx.load(str(tmp))
@@ -380,6 +388,7 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
                 artifact_sha256=artifact_digest(artifact.path),
                 weight_bits={str(k): v for k, v in sorted(Counter(r.weight_bits for r in layers).items())},
                 act_bits=_act_bit_histogram(layers),
+                conditioning=cond_spec,
             )
             write_onnx_manifest(model, manifest)
             onnx.checker.check_model(model, full_check=True)
@@ -397,7 +406,7 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
                         target="qdq" if fp and spec.fp_rewrite is None else target,
                         int4_weight_layers=n_int4, calibration_seconds=calibration_seconds,
                         requested_target=requested_target, target_reason=target_reason, parity=verdict,
-                        rewrite=summary)
+                        rewrite=summary, conditioning=cond_spec)
 
 
 def _is_our_onnx(path: Path) -> bool:

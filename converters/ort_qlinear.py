@@ -96,10 +96,14 @@ def calibrate_output_ranges(student, manifest, statistic: str = "max", n: int = 
     statistic: "max" (the largest |value|) or "p99.99" (the largest per-call 99.99th percentile).
 
     Deterministic: numpy noise from `seed` (engines.sampler.initial_noise), the manifest's student
-    timesteps, the engines' DDIM step (eta 0). The student runs in float on the CPU, unchanged.
+    timesteps, the engines' DDIM step (eta 0). The student runs in float on the CPU, unchanged. A
+    conditional model's trajectories are the ones sampling runs: image i of class ``i % classes``, guided
+    at the artifact's scale, so the ranges cover both halves of a guided call.
     """
     import torch
 
+    from pqcad_deploy.conditioning import guided_eps
+    from pqcad_deploy.converters.conditions import artifact_conditioning, torch_conditions
     from pqcad_deploy.engines.ddim import DDIMSampler
     from pqcad_deploy.engines.sampler import initial_noise
 
@@ -120,12 +124,15 @@ def calibrate_output_ranges(student, manifest, statistic: str = "max", n: int = 
     sampler = DDIMSampler({**manifest.scheduler_config, "prediction_type": manifest.prediction_type})
     timesteps = list(manifest.student_timesteps)
     x = initial_noise(n, tuple(manifest.image_shape), seed)
+    conditioning = artifact_conditioning(manifest)
+    cond = torch_conditions(conditioning, n)  # {} for an unconditional model
     was_training = student.training
     student.eval()
     try:
         with torch.no_grad():
             for t, prev_t in zip(timesteps, [*timesteps[1:], -1]):
-                out = student(torch.from_numpy(x), torch.full((n,), float(t))).sample.numpy()
+                out = guided_eps(student, torch.from_numpy(x), torch.full((n,), float(t)), cond,
+                                 conditioning).numpy()
                 x = sampler.step(out, t, prev_t, x)
     finally:
         for h in hooks:

@@ -136,7 +136,7 @@ def output_parity_verdict(report: ParityReport, tolerance: float) -> ParityVerdi
 
 
 def _torch_codes(student: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
-                 rounding: dict | None = None) -> tuple[np.ndarray, dict]:
+                 rounding: dict | None = None, cond: dict[str, torch.Tensor] | None = None) -> tuple[np.ndarray, dict]:
     from pqcad_deploy.converters.ort_qlinear import rounded_conv_outputs
 
     codes: dict[str, np.ndarray] = {}
@@ -151,7 +151,7 @@ def _torch_codes(student: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
         hooks.append(layer.register_forward_pre_hook(hook))
     try:
         with torch.no_grad(), rounded_conv_outputs(student, rounding or {}, output_codes):
-            out = student(x, t).sample.numpy()
+            out = student(x, t, **(cond or {})).sample.numpy()
     finally:
         for h in hooks:
             h.remove()
@@ -164,8 +164,8 @@ _OUTPUT_SUFFIX = ":output"  # key of a layer's output codes (ort-qlinear)
 
 
 
-def _onnx_codes(model, x: np.ndarray, t: np.ndarray,
-                optimization_level: str = "disabled") -> tuple[np.ndarray, dict, list[str]]:
+def _onnx_codes(model, x: np.ndarray, t: np.ndarray, optimization_level: str = "disabled",
+                cond: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict, list[str]]:
     """Run the loaded ONNX `model` (probe outputs are appended to it in place) and read its codes."""
     import onnx
 
@@ -188,7 +188,7 @@ def _onnx_codes(model, x: np.ndarray, t: np.ndarray,
         model.graph.node.append(onnx.helper.make_node("Cast", [q_outputs[name]], [probe], to=onnx.TensorProto.INT32))
         model.graph.output.append(onnx.ValueInfoProto(name=probe))
     session = ort_session(model.SerializeToString(), optimization_level=optimization_level)
-    results = session.run(None, {"sample": x, "timestep": t})
+    results = session.run(None, {"sample": x, "timestep": t, **(cond or {})})
     out = results[0]
     codes = {name: results[1 + i].astype(np.int32) - zero_points[name] for i, name in enumerate(order)}
     return out, codes, order
@@ -200,9 +200,13 @@ def parity_report(artifact_path, onnx_path, n: int = 8, seed: int = 0,
 
     optimization_level: ONNX Runtime's graph optimization for the ONNX side ("disabled" runs the
     graph as written; "extended" runs what an engine runs, with Q/DQ fused into integer kernels).
+
+    A conditional model gets input i's condition as image i of a sampling run does (``class_labels``:
+    class ``i % classes``), on both sides.
     """
     import onnx
 
+    from pqcad_deploy.converters.conditions import artifact_conditioning, torch_conditions
     from pqcad_deploy.converters.ort_qlinear import output_rounding
 
     artifact = load_artifact(artifact_path)
@@ -212,9 +216,11 @@ def parity_report(artifact_path, onnx_path, n: int = 8, seed: int = 0,
     x = torch.randn((n, c, h, w), generator=generator)
     steps = artifact.manifest.student_timesteps
     t = torch.tensor([float(steps[int(i)]) for i in np.linspace(0, len(steps) - 1, n)])
+    cond = torch_conditions(artifact_conditioning(artifact.manifest), n)  # {} for an unconditional model
     model = onnx.load(str(onnx_path))
-    ref, t_codes = _torch_codes(student, x, t, output_rounding(model))
-    out, o_codes, order = _onnx_codes(model, x.numpy(), t.numpy(), optimization_level)
+    ref, t_codes = _torch_codes(student, x, t, output_rounding(model), cond)
+    out, o_codes, order = _onnx_codes(model, x.numpy(), t.numpy(), optimization_level,
+                                      {name: value.numpy() for name, value in cond.items()})
     diff = (out - ref).reshape(n, -1)
     norm = np.maximum(np.linalg.norm(ref.reshape(n, -1), axis=1), 1e-12)
     rel = (np.linalg.norm(diff, axis=1) / norm).tolist()

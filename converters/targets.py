@@ -104,11 +104,13 @@ def _check_tensorrt(layer_act_bits: LayerActBits, output_statistic: str) -> None
 
 
 def _calibrate_tensorrt(student, manifest, output_statistic: str):
+    from pqcad_deploy.converters.conditions import artifact_conditioning, condition_spec
     from pqcad_deploy.converters.tensorrt import TensorRTCalibration
 
     return TensorRTCalibration(scheduler_config=dict(manifest.scheduler_config),
                                prediction_type=manifest.prediction_type,
-                               timesteps=tuple(manifest.student_timesteps), image_shape=tuple(manifest.image_shape))
+                               timesteps=tuple(manifest.student_timesteps), image_shape=tuple(manifest.image_shape),
+                               conditioning=condition_spec(artifact_conditioning(manifest)))
 
 
 def _rewrite_tensorrt(model, layer_act_bits: LayerActBits, calibration: Any, context: RewriteContext):

@@ -9,7 +9,8 @@ an FP16 graph at opset 19 for this reason, and this target writes the same form 
    Q/DQ on its other input, so TensorRT can fuse Conv + Add in INT8 (its developer guide, "Q/DQ
    Layer-Placement Recommendations"). The student never rounded these tensors: their scales are
    calibrated here, amax / 127 over the graph's own DDIM trajectories (CALIBRATION_IMAGES seeded
-   noises, the artifact's student timesteps, the engines' numpy DDIM step; the maximum clips nothing).
+   noises, the artifact's student timesteps, the engines' numpy DDIM step; the maximum clips nothing;
+   a conditional model's trajectories are guided as sampling guides them, both halves measured).
    ModelOpt also quantizes the time-embedding input of each resnet's conv1 Add (22 Adds on the
    builtin UNets); this target leaves those 11 in FP16 by default, because rounding a per-channel
    constant shifts the images' mean (measured: _residual_inputs), at the cost of 11 unfused
@@ -48,6 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pqcad_deploy.converters.graph_index import consumer_map, index_graph, replace_nodes
+from pqcad_deploy.engines.conditioning import ConditioningSpec
 from pqcad_deploy.errors import ExportError
 
 __all__ = ["CALIBRATION_IMAGES", "CALIBRATION_SEED", "INT4_BLOCK_SIZES", "MIN_OPSET", "TensorRTCalibration",
@@ -83,6 +85,7 @@ class TensorRTCalibration:
     image_shape: tuple[int, int, int]
     images: int = CALIBRATION_IMAGES
     seed: int = CALIBRATION_SEED
+    conditioning: ConditioningSpec | None = None  # a conditional model's: its input, labels, guidance scale
 
 
 @dataclass
@@ -224,13 +227,21 @@ def _calibrate_amax(model, tensors: list[str], calibration: TensorRTCalibration)
     sampler = DDIMSampler({**calibration.scheduler_config, "prediction_type": calibration.prediction_type})
     steps = list(calibration.timesteps)
     x = initial_noise(calibration.images, tuple(calibration.image_shape), calibration.seed)
+    spec = calibration.conditioning
+    conditions = None if spec is None else spec.sample_conditions()  # image i: class i % classes, guided
+    if conditions is not None:
+        cond, uncond = conditions.halves(np.arange(calibration.images))
     amax = dict.fromkeys(tensors, 0.0)
     for t, prev_t in zip(steps, [*steps[1:], -1]):
-        results = session.run([out_name, *tensors],
-                              {"sample": x, "timestep": np.full((calibration.images,), float(t), np.float32)})
+        feed = {"sample": x}
+        if conditions is not None:  # [x, x] with [uncond, cond] when guiding (engines.sampler.denoise)
+            feed["sample"], feed[conditions.input.name] = conditions.guidance.model_batch(x, cond, uncond)
+        feed["timestep"] = np.full((len(feed["sample"]),), float(t), np.float32)
+        results = session.run([out_name, *tensors], feed)
         for name, value in zip(tensors, results[1:]):
             amax[name] = max(amax[name], float(np.abs(value).max()))
-        x = sampler.step(results[0], t, prev_t, x).astype(np.float32)
+        out = results[0] if conditions is None else conditions.guidance.combine(results[0])
+        x = sampler.step(out, t, prev_t, x).astype(np.float32)
     return amax
 
 

@@ -26,8 +26,6 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from ._atomic import staged_directory
 from ._lazy import ORT_HINT, lazy_import
 from .ort_session import (
@@ -49,6 +47,7 @@ from .manifest import (
     sha256_file,
     write_engine_manifest,
 )
+from .runner import zero_feed
 
 __all__ = ["OptimizationLevel", "OPTIMIZATION_LEVELS", "ORT_MODEL_FILE", "DEFAULT_OPTIMIZATION_LEVEL",
            "TRT_PROVIDER_CACHE_DIR", "build_onnxruntime_engine", "check_buildable", "tensorrt_provider_options"]
@@ -226,8 +225,7 @@ def _write_failure(out_dir: str | os.PathLike[str], tmp: Path, exc: BaseExceptio
 def _smoke_test(model_path: Path, manifest: OnnxManifest, provider: OrtProvider = "cpu",
                 tensorrt_options: TensorRTProviderOptions | None = None) -> None:
     c, h, w = manifest.image_shape
-    feed = {"sample": np.zeros((1, c, h, w), np.float32),
-            "timestep": np.full((1,), manifest.student_timesteps[0], np.float32)}
+    feed = zero_feed(manifest)  # with a conditional model's input
     try:
         session = ort_session(model_path, provider=provider, tensorrt_options=tensorrt_options)
         (out,) = session.run([manifest.output_name], feed)

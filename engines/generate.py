@@ -2,7 +2,8 @@
 
 Images are written batch by batch into ``OUT.partial/`` (a sibling of OUT) while they are made, so
 memory does not grow with ``n`` and an interrupted run keeps what is finished. ``OUT.partial/
-samples.json`` records what is being made (engine model sha256, seed, timesteps, image shape, n);
+samples.json`` records what is being made (engine model sha256, seed, timesteps, image shape, n, and for a
+conditional engine its ``conditioning``: the class labels cycled over the images and the guidance scale);
 ``resume=True`` continues such a folder when they match, regenerating and discarding the noise of
 the finished images so that image ``i`` is unchanged. When every image is there, ``grid.png`` (the
 first :data:`GRID_MAX` images) and the optional .npz are written and the folder is published as OUT
@@ -16,7 +17,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from ._atomic import (atomic_file, check_output_dir, check_output_file, ensure_writable_dir, output_lock,
                       publish_directory)
+from .conditioning import SampleConditions, sample_conditions
 from .errors import OutputError
 from .images import is_images_npz, load_png, save_grid, save_npz_from_pngs, save_pngs
 from .manifest import EngineManifest, verify_engine
@@ -41,7 +43,8 @@ SAMPLES_FORMAT = "pqcad-samples"
 SAMPLES_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
 _MATCH_KEYS = (("engine_model_sha256", "engine model (sha256)"), ("seed", "seed"), ("timesteps", "timesteps"),
-               ("image_shape", "image shape"))
+               ("image_shape", "image shape"), ("conditioning", "conditioning (class labels, guidance scale)"))
+"""What a --resume must match; ``conditioning`` is absent (None) for an unconditional engine."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class GenerateResult:
         timesteps: the DDIM timesteps run.
         seconds: wall time of generating the new images.
         model_seconds: the part of it inside the runner.
+        conditions: a conditional engine's labels and guidance (engines.conditioning), or None.
     """
 
     out_dir: Path
@@ -67,6 +71,7 @@ class GenerateResult:
     timesteps: tuple[int, ...]
     seconds: float
     model_seconds: float
+    conditions: SampleConditions | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -107,12 +112,16 @@ def read_samples_record(folder: str | os.PathLike[str]) -> dict | None:
     return data
 
 
-def _record(manifest: EngineManifest, n: int, seed: int, timesteps: tuple[int, ...], batch_size: int) -> dict:
+def _record(manifest: EngineManifest, n: int, seed: int, timesteps: tuple[int, ...], batch_size: int,
+            conditioning: dict | None = None) -> dict:
     c, h, w = manifest.onnx.image_shape
-    return {"tool": "pqcad-deploy", "format": SAMPLES_FORMAT, "version": SAMPLES_VERSION,
-            "engine_model_sha256": manifest.model_sha256, "seed": int(seed), "timesteps": [int(t) for t in timesteps],
-            "image_shape": [int(h), int(w), int(c)], "n": int(n), "batch_size": int(batch_size),
-            "images": f"{image_name(0)} .. {image_name(n - 1)}"}
+    record = {"tool": "pqcad-deploy", "format": SAMPLES_FORMAT, "version": SAMPLES_VERSION,
+              "engine_model_sha256": manifest.model_sha256, "seed": int(seed), "timesteps": [int(t) for t in timesteps],
+              "image_shape": [int(h), int(w), int(c)], "n": int(n), "batch_size": int(batch_size),
+              "images": f"{image_name(0)} .. {image_name(n - 1)}"}
+    if conditioning is not None:  # image i: class_labels[i % len(class_labels)]
+        record["conditioning"] = conditioning
+    return record
 
 
 def _write_record(folder: Path, record: dict) -> None:
@@ -152,9 +161,9 @@ def _prepare_partial(partial: Path, record: dict, *, resume: bool, overwrite: bo
         kept = _finished_count(partial, min(n, int(old.get("n", n))))
         if resume:
             for key, label in _MATCH_KEYS:
-                if old.get(key) != record[key]:
+                if old.get(key) != record.get(key):
                     raise OutputError(f"cannot --resume {partial}: its {label} is {old.get(key)!r}, this run's is "
-                                      f"{record[key]!r}; rerun with the same options, or pass --overwrite instead "
+                                      f"{record.get(key)!r}; rerun with the same options, or pass --overwrite instead "
                                       "of --resume to start over.")
             _clean_partial(partial, kept, n)
             _write_record(partial, record)
@@ -185,6 +194,8 @@ def generate_to_directory(
     resume: bool = False,
     grid: bool = True,
     on_batch: Callable[[SampledBatch], None] | None = None,
+    class_labels: Sequence[int] | None = None,
+    guidance_scale: float | None = None,
 ) -> GenerateResult:
     """Sample ``n`` images from an engine into ``out_dir`` (NNNNN.png, samples.json, grid.png) and an optional .npz.
 
@@ -192,11 +203,15 @@ def generate_to_directory(
         resume: continue ``OUT.partial`` of an interrupted run with the same engine, seed and timesteps.
         grid: write ``grid.png`` of the first :data:`GRID_MAX` images.
         on_batch: called after each batch's PNGs are written (tests use it to interrupt a run).
+        class_labels: a class-conditional engine's labels, cycled over the images (image i gets
+            ``class_labels[i % len]``); None: image i gets class ``i % num_classes``, as in PyTorch.
+        guidance_scale: a conditional engine's classifier-free guidance scale; None: its manifest's (the
+            scale the student was calibrated at). Both are refused for an unconditional engine.
 
     Raises:
         OutputError: OUT, OUT.partial or the .npz may not be written (checked before sampling), or a
             resume does not match. KeyboardInterrupt: with a message saying how many images are kept.
-        ConfigError, ManifestError, RunnerError, EngineError: bad counts, engine or samples.
+        ConfigError, ManifestError, RunnerError, EngineError: bad counts, engine, conditions or samples.
     """
     out_dir = check_output_dir(out_dir, overwrite=overwrite, kind="samples", error=OutputError)
     npz_path = None
@@ -208,7 +223,9 @@ def generate_to_directory(
     _check_counts(n, batch_size)
     manifest = verify_engine(engine_dir)
     timesteps = sampling_timesteps(manifest.onnx, steps)
-    record = _record(manifest, n, seed, timesteps, batch_size)
+    conditions = sample_conditions(manifest.onnx.conditioning, class_labels=class_labels,
+                                   guidance_scale=guidance_scale)
+    record = _record(manifest, n, seed, timesteps, batch_size, None if conditions is None else conditions.to_record())
     c, h, w = manifest.onnx.image_shape
     partial = partial_dir(out_dir)
     with output_lock(out_dir, error=OutputError):
@@ -221,7 +238,7 @@ def generate_to_directory(
             if kept < n:
                 runner = runner_for(engine_dir, manifest, threads)
                 for batch in iter_sample_batches(runner, manifest, range(kept, n), seed, steps=steps,
-                                                 batch_size=batch_size, progress=progress):
+                                                 batch_size=batch_size, progress=progress, conditions=conditions):
                     save_pngs(batch.images, partial, start_index=batch.start)
                     done = batch.start + len(batch.images)
                     model_seconds += batch.model_seconds
@@ -242,4 +259,5 @@ def generate_to_directory(
             save_npz_from_pngs(pngs, npz_path, (h, w, c))
         publish_directory(partial, out_dir, overwrite=overwrite, error=OutputError, kind="samples")
     return GenerateResult(out_dir=out_dir, npz=npz_path, manifest=manifest, n=n, reused=kept,
-                          timesteps=timesteps, seconds=seconds, model_seconds=model_seconds)
+                          timesteps=timesteps, seconds=seconds, model_seconds=model_seconds,
+                          conditions=conditions)

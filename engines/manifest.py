@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ._atomic import atomic_file
+from .conditioning import ConditioningSpec, conditioning_from_dict
 from .errors import EngineDirectoryError, ManifestError
+from .graph_inputs import GraphInput
 
 __all__ = [
     "ONNX_FORMAT",
@@ -72,6 +74,8 @@ ONNX_VERSION_IN_ENGINE: dict[int, int] = {1: 1, 2: 2, 3: 2}
 METADATA_KEY = "pqcad.manifest"
 ENGINE_MANIFEST_FILE = "engine.json"
 INPUT_NAMES: tuple[str, str] = ("sample", "timestep")
+"""The inputs every UNet ONNX of ours has; a conditional model's input follows them
+(:attr:`OnnxManifest.input_names`, engines.conditioning)."""
 
 Precision = Literal["w8a8", "w4a8", "w4a4", "fp32", "mixed"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -130,6 +134,10 @@ class OnnxManifest:
         student_timesteps: the descending timestep list the student was calibrated / distilled for.
         artifact_sha256: checksum of the compressed artifact the ONNX came from (provenance).
         weight_bits / act_bits: ``{"8": n_layers, "4": m_layers}`` histograms.
+        conditioning: a conditional model's :class:`~engines.conditioning.ConditioningSpec` (its kind, its
+            graph input after ``sample`` and ``timestep``, the default guidance scale); None for an
+            unconditional model, whose JSON then has no ``conditioning`` key at all (so manifests written
+            before conditioning existed read as unconditional, and unconditional ones are unchanged).
     """
 
     precision: Precision
@@ -141,6 +149,7 @@ class OnnxManifest:
     artifact_sha256: str
     weight_bits: dict[str, int] = field(default_factory=dict)
     act_bits: dict[str, int] = field(default_factory=dict)
+    conditioning: ConditioningSpec | None = None
     format: str = ONNX_FORMAT
     version: int = ONNX_VERSION
 
@@ -183,6 +192,8 @@ class OnnxManifest:
             raise ManifestError(f"Manifest field artifact_sha256 must be a string, got {self.artifact_sha256!r}.")
         set_("weight_bits", _bit_histogram("weight_bits", self.weight_bits))
         set_("act_bits", _bit_histogram("act_bits", self.act_bits))
+        if self.conditioning is not None and not isinstance(self.conditioning, ConditioningSpec):  # from JSON
+            set_("conditioning", conditioning_from_dict(self.conditioning))
 
     @property
     def student_steps(self) -> int:
@@ -190,9 +201,16 @@ class OnnxManifest:
         return len(self.student_timesteps)
 
     @property
-    def input_names(self) -> tuple[str, str]:
-        """The graph's inputs, the same for every ONNX we export (:data:`INPUT_NAMES`)."""
-        return INPUT_NAMES
+    def graph_inputs(self) -> tuple[GraphInput, ...]:
+        """The graph's inputs in order: ``sample`` float32 [batch, C, H, W], ``timestep`` float32 [batch],
+        then the conditioning's input, if any (e.g. ``class_labels`` int64 [batch])."""
+        base = (GraphInput("sample", "float32", self.image_shape), GraphInput("timestep", "float32"))
+        return base if self.conditioning is None else (*base, self.conditioning.input)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The graph's input names: :data:`INPUT_NAMES`, then the conditioning's input, if any."""
+        return tuple(i.name for i in self.graph_inputs)
 
     @property
     def output_name(self) -> str:
@@ -204,6 +222,10 @@ class OnnxManifest:
         d = dataclasses.asdict(self)
         for k in ("image_shape", "student_timesteps"):
             d[k] = list(d[k])
+        if self.conditioning is None:
+            del d["conditioning"]
+        else:
+            d["conditioning"] = self.conditioning.to_dict()
         return d
 
     def to_json(self) -> str:
@@ -520,12 +542,22 @@ def _static_dims(value_info: Any) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim]
 
 
+def _elem_dtype(value_info: Any) -> Any:
+    """The numpy dtype a graph input declares, or None when it declares no tensor type."""
+    from onnx import helper
+
+    t = value_info.type
+    if not t.HasField("tensor_type") or not t.tensor_type.elem_type:
+        return None
+    return helper.tensor_dtype_to_np_dtype(t.tensor_type.elem_type)
+
+
 def check_graph(model: Any, manifest: OnnxManifest, source: str, *, what: str = "its manifest") -> None:
     """Check what a manifest claims about a graph against the graph itself.
 
-    The input names, the static C/H/W of ``sample`` against ``image_shape``, the output name, and the
-    precision: a quantized precision (w8a8, w4a8, w4a4, mixed) needs Q/DQ or integer nodes
-    (:data:`QUANTIZED_OP_TYPES`), fp32 must have none. A manifest that lies would sample with the
+    The input names and dtypes (a conditional model's input included), the static C/H/W of ``sample``
+    against ``image_shape``, the output name, and the precision: a quantized precision (w8a8, w4a8,
+    w4a4, mixed) needs Q/DQ or integer nodes (:data:`QUANTIZED_OP_TYPES`), fp32 must have none. A manifest that lies would sample with the
     wrong shapes (a traceback deep in the runtime) or report a precision the engine does not have.
 
     Raises:
@@ -541,6 +573,11 @@ def check_graph(model: Any, manifest: OnnxManifest, source: str, *, what: str = 
     if manifest.output_name not in outputs:
         raise ManifestError(f"{source}: the graph's outputs are {outputs}, but {what} promises "
                             f"{manifest.output_name!r}; re-export the ONNX with pqcad-deploy export.")
+    for expected in manifest.graph_inputs:  # e.g. class_labels must be int64, as the sampler feeds it
+        declared = _elem_dtype(inputs[expected.name])
+        if declared is not None and declared != expected.np_dtype:
+            raise ManifestError(f"{source}: the graph's {expected.name!r} input is {declared}, but {what} promises "
+                                f"{expected.dtype} {expected.shape_text()}; re-export the ONNX with pqcad-deploy export.")
     dims = _static_dims(inputs["sample"])
     if dims:
         claimed = list(manifest.image_shape)

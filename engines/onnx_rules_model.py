@@ -77,23 +77,27 @@ def _trt_opset(view: GraphView, target: str) -> Iterator[Hit]:
                           "containers (--weight-storage int8).")
 
 
-def _manifest_shape(view: GraphView) -> tuple[tuple[int, int, int] | None, str | None]:
-    """(image_shape, None) from our ONNX manifest, (None, None) without one, (None, why) when unreadable."""
+def _read_manifest(view: GraphView) -> tuple[OnnxManifest | None, str | None]:
+    """(manifest, None) from our ONNX manifest, (None, None) without one, (None, why) when unreadable."""
     text = view.metadata.get(METADATA_KEY)
     if text is None:
         return None, None
     try:
-        return OnnxManifest.from_json(text, source="the ONNX manifest").image_shape, None
+        return OnnxManifest.from_json(text, source="the ONNX manifest"), None
     except ManifestError as exc:
         return None, str(exc)
 
 
 def _trt_input_profile(view: GraphView, target: str) -> Iterator[Hit]:
-    image_shape, manifest_error = _manifest_shape(view)
+    manifest, manifest_error = _read_manifest(view)
     if manifest_error:
         yield "<model>", (f"its pqcad manifest cannot be read ({manifest_error}), so the TensorRT build profile has "
                           "no image shape; re-export the ONNX with pqcad-deploy export.")
-    covered = " and ".join(INPUT_NAMES)
+    # what build-engine's profile covers: the manifest's inputs (a conditional model's included), else ours
+    expected = {i.name: i for i in manifest.graph_inputs} if manifest is not None else {}
+    names = tuple(expected) or INPUT_NAMES
+    image_shape = None if manifest is None else manifest.image_shape
+    covered = ", ".join(names[:-1]) + " and " + names[-1]
     for inp in view.inputs:
         dims = view.shape(inp.name)
         if dims is None:
@@ -102,11 +106,12 @@ def _trt_input_profile(view: GraphView, target: str) -> Iterator[Hit]:
             continue
         symbolic = [k for k, d in enumerate(dims) if d is None]
         shown = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+        spec = expected.get(inp.name)
         if any(k > 0 for k in symbolic):
             yield inp.name, (f"graph input {inp.name!r} has shape {shown} with a dynamic dimension other than the "
                              "batch (dim 0), but build-engine's TensorRT profile varies only the batch; export it "
                              "with static C, H, W.")
-        elif symbolic and inp.name not in INPUT_NAMES:
+        elif symbolic and inp.name not in names:
             yield inp.name, (f"graph input {inp.name!r} has a dynamic batch, but build-engine's TensorRT profile "
                              f"covers only {covered}; export the model with only those inputs.")
         elif inp.name == "sample" and image_shape is not None and (len(dims) != 4 or tuple(dims[1:]) != image_shape):
@@ -115,6 +120,10 @@ def _trt_input_profile(view: GraphView, target: str) -> Iterator[Hit]:
         elif inp.name == "timestep" and len(dims) != 1:
             yield inp.name, (f"graph input 'timestep' has rank {len(dims)}, but build-engine's TensorRT profile "
                              "gives it shape (batch,); export it as a 1-D tensor.")
+        elif spec is not None and (len(dims) != 1 + len(spec.dims) or tuple(dims[1:]) != spec.dims):
+            # a conditional model's input (sample and timestep are checked above)
+            yield inp.name, (f"graph input {inp.name!r} has shape {shown}, but its manifest gives it "
+                             f"{spec.shape_text()} and the TensorRT profile is built from it; re-export the ONNX.")
 
 
 RULES: tuple[Rule, ...] = (

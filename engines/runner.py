@@ -17,7 +17,7 @@ import numpy as np
 from .errors import RunnerError
 from .manifest import OnnxManifest
 
-__all__ = ["Runner"]
+__all__ = ["Runner", "zero_feed"]
 
 
 class Runner(ABC):
@@ -74,24 +74,32 @@ class Runner(ABC):
             self.is_active = False
 
     def check_feed(self, feed: dict[str, np.ndarray]) -> None:
-        """Check names, dtypes (float32) and shapes ``sample [B, C, H, W]``, ``timestep [B]``.
+        """Check names, dtypes and shapes against the manifest's graph inputs: ``sample`` float32
+        ``[B, C, H, W]``, ``timestep`` float32 ``[B]``, and a conditional model's input (``class_labels``
+        int64 ``[B]``), every one with the batch of ``sample``.
 
         Raises:
             RunnerError: naming the input, what it got and what is expected.
         """
-        expected = set(self.manifest.input_names)
+        inputs = self.manifest.graph_inputs
+        expected = {i.name for i in inputs}
         if set(feed) != expected:
             raise RunnerError(f"Runner {self.name} expects inputs {sorted(expected)}, got {sorted(feed)}.")
-        for name, arr in feed.items():
-            if not isinstance(arr, np.ndarray) or arr.dtype != np.float32:
+        for spec in inputs:
+            arr = feed[spec.name]
+            if not isinstance(arr, np.ndarray) or arr.dtype != spec.np_dtype:
                 got = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
-                raise RunnerError(f"Input {name!r} must be a float32 numpy array, got {got}.")
-        sample, timestep = feed["sample"], feed["timestep"]
+                raise RunnerError(f"Input {spec.name!r} must be a {spec.dtype} numpy array, got {got}.")
+        sample = feed["sample"]
         c, h, w = self.manifest.image_shape
         if sample.ndim != 4 or tuple(sample.shape[1:]) != (c, h, w) or sample.shape[0] < 1:
             raise RunnerError(f"Input 'sample' must have shape [batch, {c}, {h}, {w}], got {list(sample.shape)}.")
-        if timestep.ndim != 1 or timestep.shape[0] != sample.shape[0]:
-            raise RunnerError(f"Input 'timestep' must have shape [{sample.shape[0]}] (one per sample), got {list(timestep.shape)}.")
+        batch = sample.shape[0]
+        for spec in inputs[1:]:
+            arr = feed[spec.name]
+            if tuple(arr.shape) != spec.shape(batch):
+                raise RunnerError(f"Input {spec.name!r} must have shape {spec.shape_text(batch)} (one per sample), "
+                                  f"got {list(arr.shape)}.")
 
     def __enter__(self) -> Runner:
         self.activate()
@@ -112,3 +120,11 @@ class Runner(ABC):
     @abstractmethod
     def deactivate_impl(self) -> None:
         """Release the session and its memory."""
+
+
+def zero_feed(manifest: OnnxManifest, batch: int = 1) -> dict[str, np.ndarray]:
+    """A feed of ``batch`` rows for a build's smoke test: zero noise, the student's first timestep, and
+    zeros for a conditional model's input (label 0, a class of every class-conditional model)."""
+    feed = {i.name: np.zeros(i.shape(batch), i.np_dtype) for i in manifest.graph_inputs}
+    feed["timestep"] = np.full((batch,), manifest.student_timesteps[0], np.float32)
+    return feed

@@ -6,11 +6,18 @@ Backend-agnostic: it drives any :class:`~engines.runner.Runner`. The initial noi
 numbers (a tested property of numpy's float32 normals), so memory does not grow with ``n`` and image
 ``i`` is the same for any ``n``.
 
+Conditional engines (engines.conditioning): each model call also feeds the batch's conditions
+(``class_labels``: image i's class), and with guidance (scale > 1) runs on the doubled batch
+[unconditional, conditional] and combines the halves as diffusers does (engines.guidance.Guidance),
+inside the same loop. Image i's condition depends on i alone, so it too is the same for any batch size
+and for a resumed run.
+
 Batch size: ONNX Runtime's CPU kernels sum in another order at some batch shapes (measured on the
 builtin W8A8 engine, 64 images: batch 7 changed 1 image by up to 6 levels against batch 16, batch 1
 changed 53; batches 8, 16, 24, 40, 48, 64 gave identical images). Every model call is therefore
 padded with zero images to a multiple of :data:`MODEL_BATCH_MULTIPLE`; with that, every batch size
-gave byte-identical images (1 and 2 threads), at the cost of the padded slots.
+gave byte-identical images (1 and 2 threads), at the cost of the padded slots. A guided call pads
+each half to that multiple, so the doubled batch is one too.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .conditioning import SampleConditions
 from .ddim import DDIMConfig, DDIMSampler, ddim_timesteps
 from .errors import ConfigError, EngineError
 from .images import nchw_to_nhwc, to_uint8
@@ -29,7 +37,7 @@ from .manifest import EngineManifest, OnnxManifest
 from .runner import Runner
 
 __all__ = ["MODEL_BATCH_MULTIPLE", "NoiseStream", "SampleResult", "SampledBatch", "denoise", "initial_noise",
-           "iter_sample_batches", "sampling_timesteps", "sample_images"]
+           "iter_sample_batches", "sample_conditions_for", "sampling_timesteps", "sample_images"]
 
 MODEL_BATCH_MULTIPLE = 8
 """Every model call runs a multiple of this many images (zero images pad the rest), so the batch
@@ -95,6 +103,26 @@ def sampling_timesteps(manifest: OnnxManifest, steps: int | None = None) -> tupl
     return tuple(int(t) for t in ddim_timesteps(_ddim_config(manifest), steps))
 
 
+def sample_conditions_for(manifest: OnnxManifest, conditions: SampleConditions | None) -> SampleConditions | None:
+    """``conditions``, or a conditional manifest's defaults when None (image i gets class ``i % classes`` at
+    the manifest's guidance scale); None for an unconditional manifest.
+
+    Raises:
+        ConfigError: conditions for an unconditional model, or for another input than the model's.
+    """
+    spec = manifest.conditioning
+    if spec is None:
+        if conditions is not None:
+            raise ConfigError("this model is unconditional, so it takes no conditions; pass conditions=None.")
+        return None
+    if conditions is None:
+        return spec.sample_conditions()
+    if conditions.input != spec.input:
+        raise ConfigError(f"the conditions feed {conditions.input.name!r}, but this {spec.kind}-conditional model's "
+                          f"input is {spec.input.name!r}.")
+    return conditions
+
+
 def _ddim_config(manifest: OnnxManifest) -> DDIMConfig:
     return DDIMConfig.from_dict({**manifest.scheduler_config, "prediction_type": manifest.prediction_type})
 
@@ -124,6 +152,7 @@ def iter_sample_batches(
     steps: int | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    conditions: SampleConditions | None = None,
 ) -> Iterator[SampledBatch]:
     """Generate the images ``indices`` (``range(start, n)``) batch by batch (uint8 ``[k, H, W, C]``),
     holding one batch.
@@ -131,7 +160,8 @@ def iter_sample_batches(
     The noise of the images before ``indices.start`` is drawn and discarded, so every image equals the
     one a single :func:`sample_images` call of ``n`` images makes (a resumed `sample` continues at
     the first missing image). The runner is activated here if it is not active yet, and released
-    when the generator finishes or is closed.
+    when the generator finishes or is closed. ``conditions``: a conditional engine's (None: its defaults,
+    :func:`sample_conditions_for`).
 
     Raises:
         ConfigError: ``indices`` not a ``range(start, n)`` with ``0 <= start <= n`` and ``n > 0``, or
@@ -144,6 +174,7 @@ def iter_sample_batches(
     start, n = indices.start, indices.stop
     _check_counts(n, batch_size, start)
     timesteps = sampling_timesteps(onnx, steps)
+    conditions = sample_conditions_for(onnx, conditions)
     noise = NoiseStream(onnx.image_shape, seed)
     noise.skip(start)
 
@@ -159,7 +190,7 @@ def iter_sample_batches(
             for b0 in range(start, n, batch_size):
                 x = noise.draw(min(batch_size, n - b0))
                 x, model_seconds = denoise(runner, onnx, x, timesteps, batch_size=batch_size, progress=False,
-                                           bar=bar)
+                                           bar=bar, conditions=conditions, first_index=b0)
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(img_per_s=f"{(b0 + len(x) - start) / elapsed:.2f}" if elapsed > 0 else "inf")
                 yield SampledBatch(b0, nchw_to_nhwc(to_uint8(x)), model_seconds)
@@ -176,6 +207,7 @@ def sample_images(
     steps: int | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    conditions: SampleConditions | None = None,
 ) -> SampleResult:
     """Generate ``n`` images with DDIM (eta 0), all in memory (see :func:`iter_sample_batches` to stream).
 
@@ -189,6 +221,8 @@ def sample_images(
         batch_size: images per model call; does not change the images (calls are padded to a
             multiple of :data:`MODEL_BATCH_MULTIPLE`).
         progress: show a tqdm bar over batches x steps on stderr.
+        conditions: a conditional engine's labels and guidance (None: its defaults, image i of class
+            ``i % classes`` at the manifest's guidance scale, :func:`sample_conditions_for`).
 
     Returns:
         A :class:`SampleResult` with uint8 ``[n, H, W, C]`` images and timings.
@@ -205,7 +239,7 @@ def sample_images(
     model_seconds = 0.0
     start = time.perf_counter()
     for batch in iter_sample_batches(runner, manifest, range(n), seed, steps=steps, batch_size=batch_size,
-                                     progress=progress):
+                                     progress=progress, conditions=conditions):
         images[batch.start:batch.start + len(batch.images)] = batch.images
         model_seconds += batch.model_seconds
     seconds = time.perf_counter() - start
@@ -221,6 +255,8 @@ def denoise(
     progress: bool = True,
     started: float | None = None,
     bar=None,
+    conditions: SampleConditions | None = None,
+    first_index: int = 0,
 ) -> tuple[np.ndarray, float]:
     """Run DDIM (eta 0) from the noise ``x_all`` over ``timesteps``; returns (x_0, seconds in the runner).
 
@@ -230,7 +266,13 @@ def denoise(
     overwritten with the result. Each model call is padded with zero images to a multiple of
     :data:`MODEL_BATCH_MULTIPLE` (the padding is discarded), so the result does not depend on the
     batch size. ``bar``: an open tqdm bar to advance instead of a new one.
+
+    A conditional model's calls also feed the conditions of images ``first_index + i`` (``x_all[i]`` is
+    image ``first_index + i`` of the run; ``conditions`` None: the manifest's defaults,
+    :func:`sample_conditions_for`), guided as :class:`~engines.guidance.Guidance` does: at scale > 1 each
+    call runs ``[x, x]`` with ``[uncond, cond]`` and the halves are combined before the DDIM step.
     """
+    conditions = sample_conditions_for(manifest, conditions)
     sampler = DDIMSampler(_ddim_config(manifest))
     pairs = list(zip(timesteps, [*timesteps[1:], -1]))
     out_name = manifest.output_name
@@ -255,12 +297,20 @@ def denoise(
                 k = x.shape[0]
                 rows = -(-k // MODEL_BATCH_MULTIPLE) * MODEL_BATCH_MULTIPLE
                 padded = np.zeros((rows, *x.shape[1:]), dtype=np.float32) if rows != k else None
+                if conditions is not None:  # the padding rows get the conditions of the images after these
+                    cond, uncond = conditions.halves(np.arange(first_index + b0, first_index + b0 + rows))
                 for t, prev_t in pairs:
                     if padded is not None:
                         padded[:k] = x
-                    feed = {"sample": x if padded is None else padded,
-                            "timestep": np.full((rows,), t, dtype=np.float32)}
-                    out = runner.infer(feed)[out_name][:k]
+                    model_x = x if padded is None else padded
+                    if conditions is None:
+                        feed = {"sample": model_x, "timestep": np.full((rows,), t, dtype=np.float32)}
+                        out = runner.infer(feed)[out_name][:k]
+                    else:
+                        model_x, model_cond = conditions.guidance.model_batch(model_x, cond, uncond)
+                        feed = {"sample": model_x, "timestep": np.full((len(model_x),), t, dtype=np.float32),
+                                conditions.input.name: model_cond}
+                        out = conditions.guidance.combine(runner.infer(feed)[out_name])[:k]
                     model_seconds += runner.last_inference_time or 0.0
                     x = sampler.step(out, t, prev_t, x)
                     bar.update(1)

@@ -31,6 +31,7 @@ from .build import check_buildable
 from .cuda_runtime import current_gpu, import_cudart
 from .errors import BackendUnavailableError, BuildError, EngineError
 from .manifest import EngineManifest, OnnxManifest, TensorRTBuildInfo, sha256_file, write_engine_manifest
+from .runner import zero_feed
 from .tensorrt_options import LAYER_REPORT_FILE, TRT_MODEL_FILE, TensorRTBuildOptions, trtexec_command
 from .tensorrt_report import summarize_layer_information
 
@@ -126,7 +127,7 @@ def build_plan(trt: ModuleType, builder: Any, network: Any, manifest: OnnxManife
     # CreateConfig sets the same by default (backend/trt/config.py).
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     profile = builder.create_optimization_profile()
-    for name, (low, opt, high) in options.profile_shapes(manifest.image_shape).items():
+    for name, (low, opt, high) in options.profile_shapes(manifest.image_shape, manifest.conditioning).items():
         profile.set_shape(name, low, opt, high)
     config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
@@ -151,8 +152,7 @@ def smoke_test_plan(plan_path: Path, manifest: OnnxManifest, built: TensorRTBuil
     from .tensorrt_runner import TensorRTRunner  # here: tensorrt_runner imports this module
 
     c, h, w = manifest.image_shape
-    feed = {"sample": np.zeros((1, c, h, w), np.float32),
-            "timestep": np.full((1,), manifest.student_timesteps[0], np.float32)}
+    feed = zero_feed(manifest)  # with a conditional model's input
     try:
         with TensorRTRunner(plan_path, manifest, built=built) as runner:
             out = runner.infer(feed)[manifest.output_name] if run else None
@@ -198,7 +198,8 @@ def build_tensorrt_engine(
         int8, fp16: precision flags for a weakly typed build (ignored when ``strongly_typed``).
         strongly_typed: build a strongly typed network (types from the Q/DQ graph); False needs TensorRT 10.
         workspace_gb: builder workspace memory pool limit in GiB.
-        opt_batch, max_batch: the batch sizes of the optimization profile (minimum 1).
+        opt_batch, max_batch: the batch sizes of the optimization profile in images per call (minimum 1;
+            doubled for a model that guides: TensorRTBuildOptions.profile_shapes).
         overwrite: replace an existing non-empty ``out_dir``.
         smoke_test: run the plan once on a batch of one through the runner (it is loaded either way,
             for the layer report).

@@ -26,7 +26,9 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from .conditioning import ConditioningSpec
 from .errors import BuildError
+from .graph_inputs import GraphInput
 from .manifest import OnnxManifest
 
 __all__ = ["TRT_MODEL_FILE", "LAYER_REPORT_FILE", "WEAK_TYPING_FLAGS", "TensorRTBuildOptions", "trtexec_command"]
@@ -48,7 +50,8 @@ class TensorRTBuildOptions:
         strongly_typed: types from the Q/DQ graph (default); False needs TensorRT 10.
         int8, fp16: the precision flags of a weakly typed build (ignored when strongly typed).
         workspace_gb: the builder's workspace memory pool limit in GiB.
-        opt_batch, max_batch: the optimization profile's batch sizes (its minimum is 1).
+        opt_batch, max_batch: the optimization profile's batch sizes in images per call (its minimum is 1;
+            doubled in the profile for a model that guides, :meth:`profile_shapes`).
 
     Raises:
         BuildError: batch sizes outside ``1 <= opt_batch <= max_batch`` or a workspace <= 0.
@@ -73,12 +76,22 @@ class TensorRTBuildOptions:
         """The workspace pool limit in bytes (what ``set_memory_pool_limit`` takes)."""
         return int(self.workspace_gb * (1 << 30))
 
-    def profile_shapes(self, image_shape: tuple[int, int, int]) -> dict[str, tuple[Shape, Shape, Shape]]:
-        """``{input: (min, opt, max)}`` for our two inputs: batch 1 / opt_batch / max_batch."""
-        c, h, w = image_shape
-        batches = (1, self.opt_batch, self.max_batch)
-        return {"sample": tuple((b, c, h, w) for b in batches),  # type: ignore[return-value]
-                "timestep": tuple((b,) for b in batches)}
+    def profile_shapes(self, image_shape: tuple[int, int, int],
+                       conditioning: ConditioningSpec | None = None) -> dict[str, tuple[Shape, Shape, Shape]]:
+        """``{input: (min, opt, max)}`` for every graph input, all with one batch range.
+
+        The range is 1 / opt_batch / max_batch images per call. A conditional model that can guide (it
+        has an unconditional branch) runs each call on the unconditional and conditional copies of the
+        batch, [uncond, cond] (engines.guidance), so its model batch is twice the images: opt and max
+        are doubled, for ``sample``, ``timestep`` and the conditioning input alike (TensorRT needs a
+        profile entry for every dynamic input, and they share the batch axis).
+        """
+        per_call = 2 if conditioning is not None and conditioning.can_guide else 1
+        batches = (1, self.opt_batch * per_call, self.max_batch * per_call)
+        inputs = [GraphInput("sample", "float32", image_shape), GraphInput("timestep", "float32")]
+        if conditioning is not None:
+            inputs.append(conditioning.input)
+        return {i.name: tuple(i.shape(b) for b in batches) for i in inputs}  # type: ignore[misc]
 
     def builder_flags(self, available: Collection[str], tensorrt_version: str) -> tuple[str, ...]:
         """The ``BuilderFlag`` names to set: none when strongly typed, else the requested INT8 / FP16.
@@ -119,7 +132,7 @@ def trtexec_command(onnx_path: str | os.PathLike[str], engine_dir: str | os.Path
         manifest: the ONNX's manifest (its image shape sets the profile's shapes).
         options: the build options.
     """
-    profile = options.profile_shapes(manifest.image_shape)
+    profile = options.profile_shapes(manifest.image_shape, manifest.conditioning)
     precision = ["--stronglyTyped"] if options.strongly_typed else [
         f"--{flag.lower()}" for flag in options.builder_flags(WEAK_TYPING_FLAGS, "10")]
     mib, rest = divmod(options.workspace_bytes, 1 << 20)

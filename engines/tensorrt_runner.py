@@ -125,8 +125,9 @@ class TensorRTRunner(Runner):
         s["context"] = context = engine.create_execution_context()
         # get_tensor_profile_shape(name, profile) -> (min, opt, max) (common_runtime.py allocate_buffers)
         s["max_batch"] = max_batch = int(engine.get_tensor_profile_shape("sample", 0)[2][0])
-        image = math.prod(self.manifest.image_shape)
-        per_sample = {"sample": image, "timestep": 1, out: image}
+        # elements per batch row of every tensor: sample, timestep, a conditional model's input, the output
+        per_sample = {i.name: i.per_sample for i in self.manifest.graph_inputs}
+        per_sample[out] = math.prod(self.manifest.image_shape)
         s["dtypes"] = dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
         s["stream"] = cuda_call(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate()")
         s["device"], s["host"] = {}, {}
@@ -143,8 +144,9 @@ class TensorRTRunner(Runner):
         cudart, context, stream = s["cudart"], s["context"], s["stream"]
         batch = feed["sample"].shape[0]
         if batch > s["max_batch"]:
-            raise RunnerError(f"Batch {batch} exceeds the engine's maximum batch {s['max_batch']}; lower --batch-size "
-                              "or rebuild with a larger max_batch.")
+            twice = " (guidance runs each image twice per call)" if self.manifest.conditioning is not None else ""
+            raise RunnerError(f"Batch {batch} exceeds the engine's maximum batch {s['max_batch']}; lower --batch-size"
+                              f"{twice} or rebuild with a larger max_batch.")
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name, arr in feed.items():
             host = s["host"][name]
