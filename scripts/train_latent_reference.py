@@ -131,6 +131,8 @@ def parse_args(argv=None):
     p.add_argument("--unet-warmup", type=int, default=500, help="linear warmup steps, then cosine decay to 0")
     p.add_argument("--kl-weight", type=float, default=1e-6,
                    help="KL weight relative to the per-image SUM of |x - x_rec| (LDM's convention)")
+    p.add_argument("--normalize-latents", action=argparse.BooleanOptionalAction, default=True,
+                   help="fold per-channel latent normalisation into the VAE's 1x1 convs (fold_latent_normalization_)")
     p.add_argument("--label-dropout", type=float, default=0.1, help="probability that a label becomes null")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decay (not on the class table)")
     p.add_argument("--grad-clip", type=float, default=1.0)
@@ -440,6 +442,31 @@ def latent_statistics(mean, std, seed) -> dict:
             "posterior_std_mean": std[0].mean().item()}
 
 
+@torch.no_grad()
+def fold_latent_normalization_(vae, channel_mean: torch.Tensor, channel_std: torch.Tensor) -> None:
+    """Make the VAE's latents zero-mean, unit-std per channel, exactly, inside its own 1x1 convs.
+
+    Why: GPU round 1 of issue 17 (docs/RESULTS.md section 25) trained on SD-style latents scaled by one
+    global factor; their channel means were -1.07 .. +1.01 against channel stds of 0.33 .. 0.78, and the UNet's
+    samples pulled every channel mean towards 0 (0.88 -> 0.66, -1.07 -> -0.60, 1.01 -> 0.68 at 20 steps), which
+    decodes to a cyan cast (mean red 88 against the data's 124). Normalising per channel is what SDXL-style
+    ``latents_mean / latents_std`` do, but StableDiffusionPipeline (and our engines) apply only
+    ``scaling_factor``; folding the affine map into ``quant_conv`` (the posterior's mean and log-variance) and
+    ``post_quant_conv`` keeps the decode rule unchanged: z' = (z - m) / s, so mean' = (mean - m) / s,
+    logvar' = logvar - 2 log s, and post_quant_conv(z) = post_quant_conv'(z') with W' = W diag(s),
+    b' = b + W m.
+    """
+    c = channel_mean.numel()
+    m, s = channel_mean.to(vae.quant_conv.weight), channel_std.to(vae.quant_conv.weight)
+    qw, qb = vae.quant_conv.weight, vae.quant_conv.bias  # [2c, 2c', 1, 1]: mean rows first, then logvar rows
+    qw[:c] /= s[:, None, None, None]
+    qb[:c] = (qb[:c] - m) / s
+    qb[c:] -= 2.0 * torch.log(s)
+    pw, pb = vae.post_quant_conv.weight, vae.post_quant_conv.bias  # [c_out, c, 1, 1]
+    pb += pw[:, :, 0, 0] @ m
+    pw *= s[None, :, None, None]
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> uint8 as train_reference's grids do (round, clamp)."""
     return ((x.clamp(-1, 1) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -667,6 +694,13 @@ def main(argv=None):
     # ---- shipped VAE: fp16-rounded weights, scaling factor, PSNR, latent moments ----
     ts = time.time()
     vae = vae.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
+    normalization = None
+    if args.normalize_latents:
+        raw = latent_statistics(*encode_moments(vae, images), seeds["scaling_factor"])
+        fold_latent_normalization_(vae, torch.tensor(raw["channel_mean"]), torch.tensor(raw["channel_std"]))
+        normalization = {"folded_channel_mean": raw["channel_mean"], "folded_channel_std": raw["channel_std"]}
+        log(f"latent normalisation folded into quant_conv / post_quant_conv: channel means "
+            f"{[round(v, 3) for v in raw['channel_mean']]}, stds {[round(v, 3) for v in raw['channel_std']]}")
     round_to_fp16_(vae)
     moments = encode_moments(vae, images)
     lat = latent_statistics(*moments, seeds["scaling_factor"])  # over every image the UNet trains on
@@ -750,7 +784,7 @@ def main(argv=None):
         "vae": {**phase_log(vae_res, vae_sec, vae_timings, vae_cl, VAE_CONFIG, vae_params, args.vae_lr,
                             args.vae_warmup),
                 "loss": f"mean |x - x_rec| + kl_weight * KL / {3 * 32 * 32} (KL summed per image), x in [-1, 1]",
-                "kl_weight": args.kl_weight, "held_out_psnr": psnr, "latents": lat,
+                "kl_weight": args.kl_weight, "held_out_psnr": psnr, "latents": lat, "normalization": normalization,
                 "post_training_s": vae_post_s, "weights": "fp16-rounded before the scaling factor, PSNR and "
                                                           "the UNet's latents were computed (= the shipped VAE)"},
         "unet": {**phase_log(unet_res, unet_sec, unet_timings, unet_cl, UNET_CONFIG, unet_params, args.unet_lr,
