@@ -555,10 +555,11 @@ def test_layer_list_that_does_not_match_the_unet(art_copy):
 
 
 def test_unsupported_unet_class(art_copy):
-    _edit_manifest(art_copy, unet_class="UNet2DConditionModel")
+    _edit_manifest(art_copy, unet_class="UNet3DConditionModel")
     art = load_artifact(art_copy)
     for build in (art.build_student, art.build_teacher):
-        with pytest.raises(ArtifactError, match="holds a UNet2DConditionModel; only UNet2DModel"):
+        with pytest.raises(ArtifactError, match="holds a UNet3DConditionModel; pqcad-deploy artifacts hold a "
+                                                "UNet2DModel or a UNet2DConditionModel"):
             build()
 
 

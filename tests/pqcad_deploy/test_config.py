@@ -124,7 +124,7 @@ def test_config_to_dict_compress():
         "layer_loss": False, "act_scale_check": True,
         "precision_policy": "all", "keep_float": [], "bias_correction": False,
         "bias_correction_data": "calibration", "split_concat": "none", "smoothquant_alpha": None, "rounds": 1, "guard": "auto", "guidance_scale": 1.0,
-        "null_class": None,
+        "null_class": None, "prompt_file": None,
         # the effective calibration is recorded even when it came from the preset
         "calibration": {"num_trajectories": 4, "timesteps_kept": 8, "batch_size": 4,
                         "timestep_sampling": "normal", "timestep_mean": 0.4, "timestep_std": 0.3,
