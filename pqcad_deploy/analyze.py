@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from pqcad_deploy.conditioning import UNCONDITIONAL, Conditioning, guided_eps, select_rows
 from pqcad_deploy.errors import ArtifactError, ConfigError, OutputPathError
 from pqcad_deploy.eval.sqnr import sqnr_db_from_powers
 
@@ -66,12 +67,15 @@ def _with_shift(d: torch.Tensor, ref: float) -> dict:
     return {**_rel(_sq(d), ref), "eps_mean_shift": _channel_shift(d)}
 
 
-def _eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return unet(x, t.to(x.dtype)).sample
+def _eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
+         conditioning: Conditioning) -> torch.Tensor:
+    """The (guided) noise prediction the sampler uses (pqcad_deploy.conditioning.guided_eps)."""
+    return guided_eps(unet, x, t.to(x.dtype), cond, conditioning)
 
 
-def _sample(unet, noise, timesteps, coeffs, batch_size, device, desc, progress):
-    """DDIM (eta 0) from `noise` over `timesteps`; returns (final x, visited x_t as [T, N, ...] on the CPU)."""
+def _sample(unet, noise, timesteps, coeffs, batch_size, device, desc, progress, cond, conditioning):
+    """DDIM (eta 0) from `noise` over `timesteps` with sample i conditioned on row i of `cond`; returns
+    (final x, visited x_t as [T, N, ...] on the CPU)."""
     from pqcad_deploy.distill.grid import PAST_ZERO
     from pqcad_deploy.distill.target import ddim_step
 
@@ -83,7 +87,7 @@ def _sample(unet, noise, timesteps, coeffs, batch_size, device, desc, progress):
             steps.append(x.cpu())
             tt = torch.full((len(x),), int(t), dtype=torch.int64, device=device)
             nxt = torch.full_like(tt, timesteps[i + 1] if i + 1 < len(timesteps) else PAST_ZERO)
-            eps = _eps(unet, x, tt)
+            eps = _eps(unet, x, tt, select_rows(cond, slice(start, start + batch_size)), conditioning)
             x = ddim_step(x.double(), eps.double(), *coeffs.alpha_sigma(tt), *coeffs.alpha_sigma(nxt),
                           coeffs.clip_range).to(noise.dtype)
         finals.append(x.cpu())
@@ -91,9 +95,11 @@ def _sample(unet, noise, timesteps, coeffs, batch_size, device, desc, progress):
     return torch.cat(finals), torch.cat(visited, dim=1)
 
 
-def _eps_all(unet, xs, ts, batch_size, device) -> torch.Tensor:
-    """eps of `unet` at every point (xs [P, ...], ts [P]), float64 on the CPU, in fixed batches."""
-    out = [_eps(unet, xs[s:s + batch_size].to(device), ts[s:s + batch_size].to(device)).double().cpu()
+def _eps_all(unet, xs, ts, batch_size, device, cond, conditioning) -> torch.Tensor:
+    """eps of `unet` at every point (xs [P, ...], ts [P], the conditions `cond` [P, ...]), float64 on the CPU,
+    in fixed batches."""
+    out = [_eps(unet, xs[s:s + batch_size].to(device), ts[s:s + batch_size].to(device),
+                select_rows(cond, slice(s, s + batch_size)), conditioning).double().cpu()
            for s in range(0, len(xs), batch_size)]
     return torch.cat(out)
 
@@ -110,14 +116,16 @@ def _channel_means_255(x: torch.Tensor) -> list[float]:
 @torch.no_grad()
 def measure(teacher: torch.nn.Module, student: torch.nn.Module, manifest, n: int = 16, seed: int = 0,
             batch_size: int = 16, device: str = "cpu", progress: bool = False,
-            sensitivity_steps: int | None = None) -> dict:
+            sensitivity_steps: int | None = None, conditioning: Conditioning = UNCONDITIONAL) -> dict:
     """Every measurement of the module docstring for `student` against `teacher` (see analysis.json).
 
     Per-layer sensitivity costs two passes over all points per layer; `sensitivity_steps` limits it
     (and the all-weights / all-activations totals) to that many of the student's timesteps, evenly
     spaced from the first to the last (None: all).
 
-    `teacher` is modified during the run (one layer at a time) and restored before returning.
+    `teacher` is modified during the run (one layer at a time) and restored before returning. A conditional
+    artifact is measured as it samples: image i with its condition (class i % classes), guided at the
+    artifact's scale.
 
     Raises:
         ConfigError: a prediction type other than epsilon.
@@ -138,14 +146,18 @@ def measure(teacher: torch.nn.Module, student: torch.nn.Module, manifest, n: int
     teacher_timesteps = ddim_timesteps(manifest.scheduler_config, manifest.teacher_steps)
     noise = torch.randn((n, *manifest.image_shape), generator=torch.Generator("cpu").manual_seed(seed))
 
-    final_student, visited = _sample(student, noise, timesteps, coeffs, batch_size, device, "student DDIM", progress)
-    final_fp, _ = _sample(teacher, noise, teacher_timesteps, coeffs, batch_size, device, "teacher DDIM", progress)
+    cond = conditioning.draw(torch.arange(n))
+    final_student, visited = _sample(student, noise, timesteps, coeffs, batch_size, device, "student DDIM", progress,
+                                     cond, conditioning)
+    final_fp, _ = _sample(teacher, noise, teacher_timesteps, coeffs, batch_size, device, "teacher DDIM", progress,
+                          cond, conditioning)
     T = len(timesteps)
     xs = visited.reshape(T * n, *visited.shape[2:])
     ts = torch.tensor(timesteps, dtype=torch.int64).repeat_interleave(n)
+    point_cond = select_rows(cond, torch.arange(T * n) % n)  # point p is sample p % n at timestep p // n
 
-    eps_fp = _eps_all(teacher, xs, ts, batch_size, device)
-    eps_st = _eps_all(student, xs, ts, batch_size, device)
+    eps_fp = _eps_all(teacher, xs, ts, batch_size, device, point_cond, conditioning)
+    eps_st = _eps_all(student, xs, ts, batch_size, device, point_cond, conditioning)
     ref = _sq(eps_fp)
 
     # 1. error by timestep
@@ -167,9 +179,9 @@ def measure(teacher: torch.nn.Module, student: torch.nn.Module, manifest, n: int
         picks = sorted({round(i * (T - 1) / max(sensitivity_steps - 1, 1)) for i in range(sensitivity_steps)})
         sens_t = [timesteps[i] for i in picks]
     keep = torch.isin(ts, torch.tensor(sens_t, dtype=torch.int64))
-    s_xs, s_ts = xs[keep], ts[keep]
+    s_xs, s_ts, s_cond = xs[keep], ts[keep], select_rows(point_cond, keep)
     # the reference in the same batches as the perturbed passes, so an unchanged model gives exactly 0
-    s_fp = eps_fp if len(sens_t) == T else _eps_all(teacher, s_xs, s_ts, batch_size, device)
+    s_fp = eps_fp if len(sens_t) == T else _eps_all(teacher, s_xs, s_ts, batch_size, device, s_cond, conditioning)
     s_ref = _sq(s_fp)
     t_modules = dict(teacher.named_modules())
     q_layers = quant_layers(student)
@@ -184,7 +196,7 @@ def measure(teacher: torch.nn.Module, student: torch.nn.Module, manifest, n: int
         try:
             for nm in names:
                 t_modules[nm].weight.copy_(q_layers[nm].quantized_weight())
-            return _eps_all(teacher, s_xs, s_ts, batch_size, device) - s_fp
+            return _eps_all(teacher, s_xs, s_ts, batch_size, device, s_cond, conditioning) - s_fp
         finally:
             for nm, w in saved.items():
                 t_modules[nm].weight.copy_(w)
@@ -200,7 +212,7 @@ def measure(teacher: torch.nn.Module, student: torch.nn.Module, manifest, n: int
                     return (fake_quantize_activation(args[0], scale, bits), *args[1:])
 
                 handles.append(t_modules[nm].register_forward_pre_hook(hook))
-            return _eps_all(teacher, s_xs, s_ts, batch_size, device) - s_fp
+            return _eps_all(teacher, s_xs, s_ts, batch_size, device, s_cond, conditioning) - s_fp
         finally:
             for h in handles:
                 h.remove()
@@ -256,7 +268,7 @@ def analyze_artifact(artifact: str | Path, out: str | Path, *, n: int = 8, seed:
     from pqcad_deploy.engines._atomic import staged_directory
     from pqcad_deploy.artifact import artifact_digest, load_artifact
     from pqcad_deploy.choices import DEVICES, check_choice
-    from pqcad_deploy.conditioning import conditional_artifact_refusal
+    from pqcad_deploy.conditioning import conditioning_of
 
     for name, value in (("n", n), ("batch_size", batch_size), ("sensitivity_steps", sensitivity_steps)):
         if (value is not None or name != "sensitivity_steps") and (not isinstance(value, int) or value < 1):
@@ -266,12 +278,17 @@ def analyze_artifact(artifact: str | Path, out: str | Path, *, n: int = 8, seed:
         raise ConfigError("--device cuda was given but no CUDA GPU is visible to PyTorch; use --device cpu.")
     started = time.perf_counter()
     art = load_artifact(artifact)
-    refusal = conditional_artifact_refusal(art.manifest.unet_config, artifact, "analyze")
-    if refusal:
-        raise ConfigError(refusal)
+    if art.manifest.unet_class != "UNet2DModel":
+        raise ConfigError(f"{artifact} holds a latent {art.manifest.unet_class}; analyze measures pixel-space artifacts "
+                          "only so far (issue 17: its image measures would be latent channels): compress, export, "
+                          "build-engine and sample take it.")
+    options = art.manifest.options
+    conditioning = conditioning_of(art.manifest.unet_config, options.get("guidance_scale", 1.0),
+                                   options.get("null_class"))
     with staged_directory(out, overwrite=overwrite, error=OutputPathError, kind=ANALYSIS_KIND) as tmp:
         data = measure(art.build_teacher(like_student=True), art.build_student(), art.manifest, n=n, seed=seed,
-                       batch_size=batch_size, device=device, progress=progress, sensitivity_steps=sensitivity_steps)
+                       batch_size=batch_size, device=device, progress=progress, sensitivity_steps=sensitivity_steps,
+                       conditioning=conditioning)
         data.update(artifact=str(Path(artifact)), artifact_digest=artifact_digest(Path(artifact)),
                     method=art.manifest.method, device=device, batch_size=batch_size,
                     seconds=round(time.perf_counter() - started, 3))

@@ -32,7 +32,7 @@ from pqcad_deploy.errors import ConfigError
 
 __all__ = ["ClassConditioning", "Conditioning", "EmbeddingConditioning", "UNCONDITIONAL", "CONDITIONING_BUILDERS",
            "conditioning_for", "read_prompt_file", "class_labels_for", "conditioning_of",
-           "conditional_artifact_refusal", "conditions_on", "dry_run_conditions", "guided_eps", "select_rows", "concat_rows"]
+           "conditions_on", "dry_run_conditions", "guided_eps", "select_rows", "concat_rows"]
 
 
 @dataclass(frozen=True)
@@ -268,18 +268,6 @@ def dry_run_conditions(unet_config, n: int, device: torch.device | str) -> dict[
     if unet_config.get("num_class_embeds") is None:
         return {}
     return {"class_labels": torch.zeros((n,), dtype=torch.long, device=device)}
-
-
-def conditional_artifact_refusal(unet_config: dict, artifact: object, verb: str) -> str | None:
-    """The one line refusing `verb` on a conditional artifact (a verb that does not take them yet), else None.
-
-    Only analyze calls it now: compress, export, build-engine and sample take class-conditional models.
-    """
-    if unet_config.get("num_class_embeds") is None:
-        return None
-    return (f"{artifact} is a class-conditional artifact, and {verb} does not take conditional artifacts yet "
-            "(issue 17; its measurements run the student without class labels); compress, export, build-engine "
-            "and sample do.")
 
 
 def conditions_on(cond: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:

@@ -119,7 +119,7 @@ def test_guided_calibration_keeps_both_halves_of_every_guided_step(loaded) -> No
 
 def test_compress_quantizes_a_class_conditional_model_with_guidance(class_dir, tmp_path) -> None:
     """The CLI, end to end: the guided calibration and the options are in the artifact, the student runs
-    with class labels, and the verb not wired yet (analyze) says so in one line."""
+    with class labels, and analyze measures it as it samples (guided, image i of class i % 10)."""
     from pqcad_deploy.artifact import load_artifact
 
     art = tmp_path / "art"
@@ -137,12 +137,18 @@ def test_compress_quantizes_a_class_conditional_model_with_guidance(class_dir, t
     with torch.no_grad():
         eps = student(torch.zeros(2, 3, 32, 32), torch.full((2,), 10), class_labels=torch.tensor([1, 10])).sample
     assert eps.shape == (2, 3, 32, 32)
-    out = run_cli("analyze", art, "--out", tmp_path / "analysis")  # export: converters/test_export_class_conditional.py
-    assert out.code == 1 and out.err == (
-        f"error: {art} is a class-conditional artifact, and analyze does not take conditional artifacts yet (issue "
-        "17; its measurements run the student without class labels); compress, export, build-engine and sample "
-        "do.\n"), out.err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    out = run_cli("analyze", art, "--out", tmp_path / "analysis", "-n", "2", "--sensitivity-steps", "1", "--quiet")
+    assert out.code == 0, out.err
+    analysis = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    assert 0 < analysis["overall"]["rel_mse"] < 0.05  # 8-bit minmax on guided pairs of both halves
+    from pqcad_deploy.analyze import measure
+
+    artifact = load_artifact(art)
+    unguided = measure(artifact.build_teacher(like_student=True), artifact.build_student(), artifact.manifest, n=2,
+                       sensitivity_steps=1, conditioning=ClassConditioning(NUM_CLASSES, NULL_CLASS, 1.0))
+    # the guidance scale reaches the measurement: the same points measured unguided give another error
+    assert unguided["overall"]["rel_mse"] != pytest.approx(analysis["overall"]["rel_mse"], rel=1e-3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["analysis", "art"]
 
 
 # ----------------------------------------------------------------------------- CAD with conditions
