@@ -270,6 +270,8 @@ def compress(model, out, method, weight_bits, act_bits, teacher_steps, preset, d
 # (tests/test_cli.py checks that they stay equal); the others come from torch-free engines modules.
 _EXPORT_TARGETS: tuple[str, ...] = ("onnxruntime", "qdq", "ort-x86", "ort-qlinear", "tensorrt")
 _WEIGHT_STORAGES: tuple[str, ...] = ("auto", "int4", "int8")
+_VAE_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16")
+"""converters.export_parts.VAE_PRECISION_CHOICES, written out for the same reason."""
 from pqcad_deploy.engines.manifest import BACKENDS as _BACKENDS  # noqa: E402  (torch-free, a few ms)
 from pqcad_deploy.engines.manifest import ORT_PROVIDERS as _ORT_PROVIDERS  # noqa: E402
 
@@ -315,13 +317,25 @@ and 'all' (layouts specific to the building CPU)."""
 @click.option("--parity-gate/--no-parity-gate", default=True, show_default=True,
               help="A failed parity check writes nothing and exits 1. --no-parity-gate: write the ONNX anyway "
                    "and print a warning.")
+@click.option("--pipeline", default=None, type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="Latent artifacts: the diffusers pipeline folder the artifact was compressed from (default: the "
+                   "folder it records). Its VAE decoder, and its text encoder + tokenizer (Stable Diffusion) or "
+                   "class table (class-embedding pipelines), are written into NAME.parts/ beside the ONNX, listed "
+                   "in its manifest with their checksums; build-engine carries them into the engine.")
+@click.option("--vae-precision", default="auto", show_default=True, type=click.Choice(_VAE_PRECISIONS),
+              help="Latent artifacts: the VAE decoder ONNX's precision. auto: fp16 for --target tensorrt (TensorRT "
+                   "runs a strongly typed graph in its own types), fp32 otherwise (exact, and faster on ONNX "
+                   "Runtime's CPU, which has few FP16 kernels).")
 @_overwrite_option
-def export(artifact, onnx_path, fp, opset, target, weight_storage, parity, parity_gate, overwrite) -> None:
-    """Write an artifact as QDQ ONNX, with the learned codes and scales as they are."""
+def export(artifact, onnx_path, fp, opset, target, weight_storage, parity, parity_gate, pipeline, vae_precision,
+           overwrite) -> None:
+    """Write an artifact as QDQ ONNX, with the learned codes and scales as they are (a latent artifact's VAE
+    decoder and conditioning parts beside it)."""
     from pqcad_deploy.converters.export_onnx import export_onnx
 
     result = export_onnx(artifact, onnx_path, fp=fp, opset=opset, overwrite=overwrite, target=target,
-                         weight_storage=weight_storage, parity=parity, parity_gate=parity_gate)
+                         weight_storage=weight_storage, parity=parity, parity_gate=parity_gate, pipeline=pipeline,
+                         vae_precision=vae_precision)
     extra = "" if result.target == "qdq" else f", target {result.target}"
     extra += f", {result.int4_weight_layers} with INT4 weights" if result.int4_weight_layers else ""
     extra += f", {result.conditioning.describe()}" if result.conditioning is not None else ""
@@ -334,11 +348,17 @@ def export(artifact, onnx_path, fp, opset, target, weight_storage, parity, parit
     if result.requested_target != result.target and not fp:
         tensorrt = "" if result.target == "tensorrt" else "; for --backend tensorrt export with --target tensorrt"
         click.echo(f"target {result.requested_target}: {result.target} ({result.target_reason}{tensorrt})")
+    if result.parts is not None:
+        click.echo(f"parts: {result.parts.describe()}")
     if result.parity is not None:
         click.echo(f"parity vs PyTorch: {result.parity}")
-        if not result.parity.passed:
-            click.echo(f"warning: {result.path} failed the parity check and was written because of "
-                       "--no-parity-gate; do not deploy it without finding out why.", err=True)
+    for part in () if result.parts is None else result.parts.parity:
+        click.echo(f"parity of the {part.kind} vs PyTorch: {part}")
+    failed = [v for v in (result.parity, *(() if result.parts is None else result.parts.parity))
+              if v is not None and not v.passed]
+    if failed:
+        click.echo(f"warning: {result.path} failed the parity check and was written because of "
+                   "--no-parity-gate; do not deploy it without finding out why.", err=True)
 
 
 @cli.command("build-engine", epilog=_EPILOG)
@@ -382,8 +402,11 @@ def build_engine(ctx, onnx_path, backend, out, optimization_level, provider, ove
                      provider=provider if onnxruntime else None)
     where = f" on {manifest.ort_provider}" if manifest.ort_provider not in (None, "cpu") else ""
     conditioned = "" if manifest.onnx.conditioning is None else f", {manifest.onnx.conditioning.describe()}"
+    roles = list(dict.fromkeys(p.role for p in manifest.onnx.parts))
+    carried = f", parts: {', '.join(roles)}" if roles else ""
     click.echo(f"wrote {out} ({manifest.backend}{where}, {manifest.onnx.precision}, "
-               f"{manifest.onnx.student_steps} sampling steps{conditioned}, {time.perf_counter() - started:.1f} s)")
+               f"{manifest.onnx.student_steps} sampling steps{conditioned}{carried}, "
+               f"{time.perf_counter() - started:.1f} s)")
     if manifest.tensorrt is not None:  # where the plan runs, what runs in INT8, and how to build it by hand
         from pqcad_deploy.engines.tensorrt_options import LAYER_REPORT_FILE
         from pqcad_deploy.engines.tensorrt_report import read_layer_report
@@ -444,9 +467,15 @@ def check(ctx, onnx_path, target, as_json) -> None:
               help="Continue an interrupted run from OUT.partial/ (same engine, seed, steps and conditioning): "
                    "finished images are kept and the result equals an uninterrupted run's.")
 @click.option("--class", "class_labels", default=None, metavar="LABELS",
-              help="Class-conditional engines: comma-separated class labels (e.g. 3 or 0,4,7) cycled over the "
-                   "images (image i gets the (i mod count)-th). Default: image i gets class i mod "
+              help="Class-conditional and class-embedding engines: comma-separated class labels (e.g. 3 or 0,4,7) "
+                   "cycled over the images (image i gets the (i mod count)-th). Default: image i gets class i mod "
                    "num_classes, as PyTorch sampling (and FID) does. Recorded in samples.json.")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="Text-conditional engines (Stable Diffusion): a prompt; repeat it for several, cycled over the "
+                   "images (image i gets the (i mod count)-th). Each distinct prompt is encoded once by the "
+                   "engine's text encoder (and the empty prompt, for guidance). Recorded in samples.json.")
+@click.option("--prompt-file", default=None, type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="Text-conditional engines: prompts, one per line (blank lines skipped), cycled like --prompt.")
 @click.option("--guidance-scale", default=None, type=float, metavar="W",
               help="Conditional engines: classifier-free guidance scale, eps_u + W (eps_c - eps_u); 1 turns it off "
                    "(one model call per step instead of two); above 1 needs the model's null class. Default: "
@@ -454,20 +483,26 @@ def check(ctx, onnx_path, target, as_json) -> None:
                    "samples.json.")
 @_overwrite_option
 @_quiet_option
-def sample(engine, num_images, seed, out, steps, npz, batch_size, threads, grid, resume, class_labels,
-           guidance_scale, overwrite, quiet) -> None:
+def sample(engine, num_images, seed, out, steps, npz, batch_size, threads, grid, resume, class_labels, prompts,
+           prompt_file, guidance_scale, overwrite, quiet) -> None:
     """Generate images with DDIM (eta 0) on an engine; numpy only, no torch.
 
-    Images are written batch by batch into OUT.partial/; after Ctrl-C or a crash, rerun the same
-    command with --resume to continue (--overwrite discards it instead).
+    A latent engine samples latents and decodes them through its VAE decoder; a text-conditional one needs
+    --prompt or --prompt-file. Images are written batch by batch into OUT.partial/; after Ctrl-C or a crash,
+    rerun the same command with --resume to continue (--overwrite discards it instead).
     """
+    from pqcad_deploy.engines.conditioning import read_prompt_file
     from pqcad_deploy.engines.generate import generate_to_directory
 
+    if prompts and prompt_file is not None:
+        raise click.BadParameter("give the prompts with --prompt or with --prompt-file, not both.",
+                                 param_hint="--prompt-file")
     labels = None if class_labels is None else _label_list(class_labels)
+    prompt_list = read_prompt_file(prompt_file) if prompt_file is not None else (tuple(prompts) or None)
     done = generate_to_directory(engine, out, num_images, seed=seed, steps=steps, npz=npz,
                                  batch_size=batch_size, overwrite=overwrite, threads=threads,
                                  progress=not quiet, resume=resume, grid=grid, class_labels=labels,
-                                 guidance_scale=guidance_scale)
+                                 guidance_scale=guidance_scale, prompts=prompt_list)
     reused = f", {done.reused} kept from the interrupted run" if done.reused else ""
     conditioned = "" if done.conditions is None else f", {done.conditions.describe()}"
     click.echo(f"wrote {done.n} images to {done.out_dir} ({len(done.timesteps)} DDIM steps{conditioned}, "

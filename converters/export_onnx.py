@@ -8,6 +8,10 @@ that engines read, checked with `onnx.checker.check_model(full_check=True)`, opt
 parity gate (converters.parity.parity_verdict, on the temporary file) and only then moved into place.
 The bytes depend only on the artifact and the options (no timestamps; the ort-qlinear calibration is
 seeded), so the same artifact exported twice gives the same file.
+
+A latent artifact (a pipeline's cross-attention UNet) takes ``encoder_hidden_states`` as its third input
+and gets its other parts (VAE decoder, text encoder + tokenizer or class table) written beside it in
+``NAME.parts/`` by the same call, listed in its manifest and published with it (converters.export_parts).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from torch import nn
 
 from pqcad_deploy.converters.conditions import artifact_conditioning, condition_spec, torch_conditions
+from pqcad_deploy.converters.export_parts import WrittenParts, plan_parts, staged_parts
 from pqcad_deploy.converters.naming import qdq_names
 from pqcad_deploy.converters.parity import ParityVerdict
 from pqcad_deploy.converters.qdq import to_export_layer
@@ -68,6 +73,7 @@ class ExportResult:
     parity: ParityVerdict | None = None  # None when parity was not checked
     rewrite: object = None  # the target rewrite's summary (converters.tensorrt.TensorRTRewrite), if any
     conditioning: object = None  # a conditional model's engines.conditioning.ConditioningSpec (its graph input)
+    parts: WrittenParts | None = None  # a latent model's NAME.parts/ (converters.export_parts), with its parity
 
 
 class ParityGateError(ExportError):
@@ -293,7 +299,8 @@ def _set_opset(model, opset: int) -> None:
 def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = False,
                 opset: int | None = None, overwrite: bool = False, target: str = "qdq",
                 weight_storage: str = "auto", output_statistic: str = "max", parity: bool = False,
-                parity_gate: bool = True, parity_samples: int = 4) -> ExportResult:
+                parity_gate: bool = True, parity_samples: int = 4, pipeline: Path | str | None = None,
+                vae_precision: str = "auto") -> ExportResult:
     """Write the artifact's student (or, with fp=True, its FP teacher) as our ONNX at `out_path`.
 
     target: "qdq" (int8 symmetric Q/DQ on every quantized layer, float32), "tensorrt" (converters.tensorrt:
@@ -307,7 +314,12 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
     parity: compare the written graph with the PyTorch fake-quant model on `parity_samples` seeded
         inputs before it is moved into place (converters.parity; not for fp). The verdict is in the
         result. parity_gate: a failed verdict raises ParityGateError and nothing is written;
-        without the gate the ONNX is written anyway.
+        without the gate the ONNX is written anyway. A latent model's VAE decoder and text encoder are
+        checked too (converters.export_parts.PART_PARITY), also for fp, under the same gate.
+    pipeline: a latent artifact's pipeline folder (default: the one it records having been compressed
+        from); its VAE decoder, and text encoder + tokenizer or class table, go into ``NAME.parts/``.
+    vae_precision: the VAE decoder's, converters.export_parts.VAE_PRECISION_CHOICES ("auto": fp16 for the
+        tensorrt target, fp32 otherwise).
     """
     import onnx
 
@@ -323,7 +335,7 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
     if weight_storage not in WEIGHT_STORAGES:
         raise ExportError(f"--weight-storage must be one of {', '.join(WEIGHT_STORAGES)}; got {weight_storage!r}.")
     artifact = load_artifact(artifact_path)
-    conditioning = artifact_conditioning(artifact.manifest, artifact_path)
+    conditioning = artifact_conditioning(artifact.manifest, artifact_path, report=artifact.report, pipeline=pipeline)
     cond_spec = condition_spec(conditioning)  # the engines' manifest entry; None for an unconditional model
     requested_target = target
     target, target_reason = resolve_target(target, {n: r.act_bits for n, r in artifact.manifest.layers.items()},
@@ -336,11 +348,13 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
         spec.check(layer_act_bits, output_statistic)
     storage = _weight_storage(weight_storage, target, opset, fp)
     _check_opset(opset, artifact, fp, target)
+    parts_plan = plan_parts(m, cond_spec, target, vae_precision=vae_precision, pipeline=pipeline,
+                            artifact=artifact_path, onnx_path=out_path, overwrite=overwrite)  # None: a pixel model
     unet = artifact.build_teacher() if fp else artifact.build_student()
     calibration_seconds, target_state = 0.0, None
     if spec.calibrate is not None and not fp:
         started = time.perf_counter()
-        target_state = spec.calibrate(unet, m, output_statistic)
+        target_state = spec.calibrate(unet, m, output_statistic, conditioning)
         calibration_seconds = time.perf_counter() - started
     n_quant = 0 if fp else _swap_in_export_twins(unet, artifact)
     example_conditions = torch_conditions(conditioning, 2)  # {} for an unconditional model
@@ -352,7 +366,9 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
     input_names = ["sample", "timestep", *example_conditions]  # the manifest's graph_inputs, in order
 
     verdict = None
-    with atomic_file(out_path, error=OutputPathError) as tmp:  # moved into place only if all of this passes
+    # both moved into place only if all of this passes: the parts folder first, then the ONNX
+    with atomic_file(out_path, error=OutputPathError) as tmp, \
+            staged_parts(out_path, parts_plan, overwrite=overwrite, parity=parity) as parts:
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
@@ -389,16 +405,22 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
                 weight_bits={str(k): v for k, v in sorted(Counter(r.weight_bits for r in layers).items())},
                 act_bits=_act_bit_histogram(layers),
                 conditioning=cond_spec,
+                parts=() if parts is None else parts.files,
+                decoded_image_shape=None if parts is None else parts.decoded_image_shape,
             )
             write_onnx_manifest(model, manifest)
             onnx.checker.check_model(model, full_check=True)
             onnx.save(model, str(tmp))
             if parity and not fp:
-                verdict = _check_parity(artifact.path, tmp, target, parity_samples)
+                verdict = _check_parity(artifact.path, tmp, target, parity_samples, conditioning)
                 if not verdict.passed and parity_gate:
                     raise ParityGateError(f"parity vs PyTorch failed: {verdict.reason}; {out_path} was not written "
                                           "(an export bug, or an artifact that does not compute finite values; "
                                           "--no-parity-gate writes it anyway).")
+            failed = [p for p in (() if parts is None else parts.parity) if not p.passed]
+            if failed and parity_gate:
+                raise ParityGateError(f"parity of the {failed[0].kind} vs PyTorch failed: {failed[0]}; {out_path} and "
+                                      "its parts were not written (--no-parity-gate writes them anyway).")
         except onnx.checker.ValidationError as exc:
             raise ExportError(f"the exported graph failed onnx.checker: {str(exc).splitlines()[0]}") from None
     return ExportResult(path=out_path, precision=manifest.precision, opset=opset,
@@ -406,7 +428,7 @@ def export_onnx(artifact_path: Path | str, out_path: Path | str, *, fp: bool = F
                         target="qdq" if fp and spec.fp_rewrite is None else target,
                         int4_weight_layers=n_int4, calibration_seconds=calibration_seconds,
                         requested_target=requested_target, target_reason=target_reason, parity=verdict,
-                        rewrite=summary, conditioning=cond_spec)
+                        rewrite=summary, conditioning=cond_spec, parts=parts)
 
 
 def _is_our_onnx(path: Path) -> bool:
@@ -420,13 +442,14 @@ def _is_our_onnx(path: Path) -> bool:
     return True
 
 
-def _check_parity(artifact_path: Path, onnx_path: Path, target: str, n: int) -> ParityVerdict:
+def _check_parity(artifact_path: Path, onnx_path: Path, target: str, n: int, conditioning) -> ParityVerdict:
     """The parity verdict of the graph at `onnx_path`: as written for qdq, as ONNX Runtime optimizes
-    it (what an engine runs) for the ONNX Runtime targets."""
+    it (what an engine runs) for the ONNX Runtime targets; conditioned as the export was."""
     from pqcad_deploy.converters.parity import output_parity_verdict, parity_report, parity_verdict
 
     spec = export_target(target)
-    report = parity_report(artifact_path, onnx_path, n=n, optimization_level=spec.parity_level)
+    report = parity_report(artifact_path, onnx_path, n=n, optimization_level=spec.parity_level,
+                           conditioning=conditioning)
     if spec.parity_output_tolerance is not None:
         return output_parity_verdict(report, spec.parity_output_tolerance)
     return parity_verdict(report)

@@ -90,7 +90,7 @@ def _rounded_convs(student) -> dict:
 
 
 def calibrate_output_ranges(student, manifest, statistic: str = "max", n: int = CALIBRATION_IMAGES,
-                            seed: int = CALIBRATION_SEED) -> dict[str, float]:
+                            seed: int = CALIBRATION_SEED, conditioning=None) -> dict[str, float]:
     """Run the fake-quant student over its own DDIM trajectories; {layer: range of |output|} per rounded Conv.
 
     statistic: "max" (the largest |value|) or "p99.99" (the largest per-call 99.99th percentile).
@@ -124,7 +124,8 @@ def calibrate_output_ranges(student, manifest, statistic: str = "max", n: int = 
     sampler = DDIMSampler({**manifest.scheduler_config, "prediction_type": manifest.prediction_type})
     timesteps = list(manifest.student_timesteps)
     x = initial_noise(n, tuple(manifest.image_shape), seed)
-    conditioning = artifact_conditioning(manifest)
+    if conditioning is None:  # the artifact's (export passes the one it already has: a latent one loads parts)
+        conditioning = artifact_conditioning(manifest)
     cond = torch_conditions(conditioning, n)  # {} for an unconditional model
     was_training = student.training
     student.eval()

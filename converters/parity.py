@@ -195,14 +195,16 @@ def _onnx_codes(model, x: np.ndarray, t: np.ndarray, optimization_level: str = "
 
 
 def parity_report(artifact_path, onnx_path, n: int = 8, seed: int = 0,
-                  optimization_level: str = "disabled") -> ParityReport:
+                  optimization_level: str = "disabled", conditioning=None) -> ParityReport:
     """Run both models on `n` seeded inputs at timesteps spread over the schedule.
 
     optimization_level: ONNX Runtime's graph optimization for the ONNX side ("disabled" runs the
     graph as written; "extended" runs what an engine runs, with Q/DQ fused into integer kernels).
 
     A conditional model gets input i's condition as image i of a sampling run does (``class_labels``:
-    class ``i % classes``), on both sides.
+    class ``i % classes``; ``encoder_hidden_states``: row ``i % rows`` of the artifact's embeddings), on both
+    sides. ``conditioning``: the artifact's PyTorch conditioning, when the caller has it already (None:
+    converters.conditions.artifact_conditioning, which reads a latent artifact's pipeline folder).
     """
     import onnx
 
@@ -216,7 +218,9 @@ def parity_report(artifact_path, onnx_path, n: int = 8, seed: int = 0,
     x = torch.randn((n, c, h, w), generator=generator)
     steps = artifact.manifest.student_timesteps
     t = torch.tensor([float(steps[int(i)]) for i in np.linspace(0, len(steps) - 1, n)])
-    cond = torch_conditions(artifact_conditioning(artifact.manifest), n)  # {} for an unconditional model
+    if conditioning is None:
+        conditioning = artifact_conditioning(artifact.manifest, artifact_path, report=artifact.report)
+    cond = torch_conditions(conditioning, n)  # {} for an unconditional model
     model = onnx.load(str(onnx_path))
     ref, t_codes = _torch_codes(student, x, t, output_rounding(model), cond)
     out, o_codes, order = _onnx_codes(model, x.numpy(), t.numpy(), optimization_level,

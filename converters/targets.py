@@ -48,7 +48,8 @@ class ExportTarget:
         default_opset, min_opset: the opset --opset defaults to, and the lowest it accepts.
         check: refuses an artifact the target cannot express: check(layer_act_bits, output_statistic).
         calibrate: measures what the rewrite needs on the fake-quant student before it is traced:
-            calibrate(student, artifact_manifest, output_statistic) -> state.
+            calibrate(student, artifact_manifest, output_statistic, conditioning) -> state, where conditioning
+            is the artifact's PyTorch conditioning (converters.conditions.artifact_conditioning).
         rewrite: rewrites the tidied graph in place: rewrite(model, layer_act_bits, state, context)
             -> a summary (or None).
         fp_rewrite: rewrites the tidied graph of an --fp export in place: fp_rewrite(model).
@@ -57,7 +58,7 @@ class ExportTarget:
     int4_refusal: str | None
     parity_level: str
     check: Callable[[LayerActBits, str], None] | None = None
-    calibrate: Callable[[Any, Any, str], Any] | None = None
+    calibrate: Callable[[Any, Any, str, Any], Any] | None = None
     rewrite: Callable[[Any, LayerActBits, Any, RewriteContext], Any] | None = None
     fp_rewrite: Callable[[Any], Any] | None = None
     parity_output_tolerance: float | None = None
@@ -84,10 +85,10 @@ def _check_ort_qlinear(layer_act_bits: LayerActBits, output_statistic: str) -> N
     check_output_statistic(output_statistic)
 
 
-def _calibrate_ort_qlinear(student, manifest, output_statistic: str) -> dict[str, float]:
+def _calibrate_ort_qlinear(student, manifest, output_statistic: str, conditioning) -> dict[str, float]:
     from pqcad_deploy.converters.ort_qlinear import calibrate_output_ranges, output_scales
 
-    return output_scales(calibrate_output_ranges(student, manifest, output_statistic))
+    return output_scales(calibrate_output_ranges(student, manifest, output_statistic, conditioning=conditioning))
 
 
 def _rewrite_ort_qlinear(model, layer_act_bits: LayerActBits, conv_output_scales: dict[str, float],
@@ -103,14 +104,14 @@ def _check_tensorrt(layer_act_bits: LayerActBits, output_statistic: str) -> None
     check_tensorrt(layer_act_bits)
 
 
-def _calibrate_tensorrt(student, manifest, output_statistic: str):
-    from pqcad_deploy.converters.conditions import artifact_conditioning, condition_spec
+def _calibrate_tensorrt(student, manifest, output_statistic: str, conditioning):
+    from pqcad_deploy.converters.conditions import engine_conditions
     from pqcad_deploy.converters.tensorrt import TensorRTCalibration
 
     return TensorRTCalibration(scheduler_config=dict(manifest.scheduler_config),
                                prediction_type=manifest.prediction_type,
                                timesteps=tuple(manifest.student_timesteps), image_shape=tuple(manifest.image_shape),
-                               conditioning=condition_spec(artifact_conditioning(manifest)))
+                               conditions=engine_conditions(conditioning))
 
 
 def _rewrite_tensorrt(model, layer_act_bits: LayerActBits, calibration: Any, context: RewriteContext):

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pqcad_deploy.converters.graph_index import consumer_map, index_graph, replace_nodes
-from pqcad_deploy.engines.conditioning import ConditioningSpec
+from pqcad_deploy.engines.conditioning import SampleConditions
 from pqcad_deploy.errors import ExportError
 
 __all__ = ["CALIBRATION_IMAGES", "CALIBRATION_SEED", "INT4_BLOCK_SIZES", "MIN_OPSET", "TensorRTCalibration",
@@ -85,7 +85,7 @@ class TensorRTCalibration:
     image_shape: tuple[int, int, int]
     images: int = CALIBRATION_IMAGES
     seed: int = CALIBRATION_SEED
-    conditioning: ConditioningSpec | None = None  # a conditional model's: its input, labels, guidance scale
+    conditions: SampleConditions | None = None  # a conditional model's: image i's condition, the guidance
 
 
 @dataclass
@@ -227,8 +227,7 @@ def _calibrate_amax(model, tensors: list[str], calibration: TensorRTCalibration)
     sampler = DDIMSampler({**calibration.scheduler_config, "prediction_type": calibration.prediction_type})
     steps = list(calibration.timesteps)
     x = initial_noise(calibration.images, tuple(calibration.image_shape), calibration.seed)
-    spec = calibration.conditioning
-    conditions = None if spec is None else spec.sample_conditions()  # image i: class i % classes, guided
+    conditions = calibration.conditions  # image i: class i % classes (or row i % rows of the embeddings), guided
     if conditions is not None:
         cond, uncond = conditions.halves(np.arange(calibration.images))
     amax = dict.fromkeys(tensors, 0.0)
@@ -547,19 +546,22 @@ def to_float16(model) -> int:
                                                           name=f"{name}/to_fp16"))
                     node.input[k] = boundary[name]
         new_nodes.append(node)
-    # graph inputs and outputs stay FP32
-    sample_half = "sample/fp16"
+    # graph inputs and outputs stay FP32: one Cast per float input the FP16 part reads (sample, and a latent
+    # model's encoder_hidden_states; the timestep feeds the FP32 region)
+    halves = {i.name: f"{i.name}/fp16" for i in graph.input
+              if i.name != "timestep" and i.name not in inits and i.type.tensor_type.elem_type == TensorProto.FLOAT}
     for node in new_nodes:
         if id(node) not in region:
-            node.input[:] = [sample_half if i == "sample" else i for i in node.input]
-    cast_in = helper.make_node("Cast", ["sample"], [sample_half], to=TensorProto.FLOAT16, name="sample/to_fp16")
+            node.input[:] = [halves.get(i, i) for i in node.input]
+    casts_in = [helper.make_node("Cast", [name], [half], to=TensorProto.FLOAT16, name=f"{name}/to_fp16")
+                for name, half in halves.items()]
     tail = []
     for out in graph.output:
         half = f"{out.name}/fp16"
         for node in new_nodes:
             node.output[:] = [half if o == out.name else o for o in node.output]
         tail.append(helper.make_node("Cast", [half], [out.name], to=TensorProto.FLOAT, name=f"{out.name}/to_fp32"))
-    replace_nodes(graph, [cast_in, *new_nodes, *tail], set())
+    replace_nodes(graph, [*casts_in, *new_nodes, *tail], set())
     del graph.value_info[:]
     model.CopyFrom(onnx.shape_inference.infer_shapes(model, strict_mode=True))
     del model.graph.value_info[:]

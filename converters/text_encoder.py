@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pqcad_deploy.engines.parts import TEXT_ENCODER_IO
 from pqcad_deploy.converters.pipeline_parts import (PART_OPSET, PartParity, export_part, part_parity,
                                                     read_part_metadata, set_value_shape)
 from pqcad_deploy.errors import ExportError
@@ -31,8 +32,7 @@ __all__ = ["ENCODER_HIDDEN_STATES_OUTPUT", "INPUT_IDS_INPUT", "TEXT_ENCODER_KIND
 
 TEXT_ENCODER_KIND = "text_encoder"
 """The part's `kind` in the ONNX metadata (converters.pipeline_parts.PART_METADATA_KEY)."""
-INPUT_IDS_INPUT = "input_ids"
-ENCODER_HIDDEN_STATES_OUTPUT = "encoder_hidden_states"
+INPUT_IDS_INPUT, ENCODER_HIDDEN_STATES_OUTPUT = TEXT_ENCODER_IO  # the names the engines feed and read
 TEXT_ENCODER_PARITY_TOLERANCE = 1e-5
 """Relative L2 of the ONNX hidden states against transformers' on the same ids. Measured on the
 SD-1.5-shaped test pipeline (tests/_pipelines.py, seeds 0-9, batch 3): at most 2.8e-7. The tolerance

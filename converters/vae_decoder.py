@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pqcad_deploy.engines.parts import VAE_DECODER_IO
 from pqcad_deploy.converters.pipeline_parts import (PART_OPSET, PartParity, export_part, part_parity,
                                                     read_part_metadata, rename_tensor)
 from pqcad_deploy.errors import ExportError
@@ -37,8 +38,7 @@ __all__ = ["LATENTS_INPUT", "IMAGES_OUTPUT", "VAE_DECODER_KIND", "VAE_DECODER_PR
 
 VAE_DECODER_KIND = "vae_decoder"
 """The part's `kind` in the ONNX metadata (converters.pipeline_parts.PART_METADATA_KEY)."""
-LATENTS_INPUT = "latents"
-IMAGES_OUTPUT = "images"
+LATENTS_INPUT, IMAGES_OUTPUT = VAE_DECODER_IO  # the names the engines feed and read
 VaeDecoderPrecision = Literal["fp32", "fp16"]
 VAE_DECODER_PRECISIONS: tuple[str, ...] = get_args(VaeDecoderPrecision)
 VAE_PARITY_TOLERANCES: dict[str, float] = {"fp32": 1e-5, "fp16": 1e-2}

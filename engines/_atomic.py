@@ -52,7 +52,8 @@ __all__ = [
 
 MARKER_FILE = ".pqcad-deploy.json"
 """Written into every directory the tool publishes: ``{"tool", "kind", "files"}``."""
-OUTPUT_KINDS: tuple[str, ...] = ("artifact", "engine", "samples", "analysis")
+OUTPUT_KINDS: tuple[str, ...] = ("artifact", "engine", "samples", "analysis", "parts")
+"""parts: a latent export's ``NAME.parts/`` beside ``NAME.onnx`` (engines.parts)."""
 _TOOL = "pqcad-deploy"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 

@@ -16,6 +16,10 @@ provider compiles its part of the graph into TensorRT engines; they are cached i
 the provider's own, and it rebuilds what does not match (another GPU, TensorRT or ONNX Runtime
 version, a batch size outside the shapes it was built for) and writes it there when it can.
 
+A latent model's parts (engines.parts: the VAE decoder, the text encoder and tokenizer or the class
+table, listed with their checksums in the ONNX manifest) are checked and copied into the engine
+directory (engines.latent_parts.carry_parts), and engine.json lists them there.
+
 The directory is assembled in a temporary sibling and renamed into place at the end, so a failed
 build never leaves a valid-looking engine.
 """
@@ -45,8 +49,10 @@ from .manifest import (
     check_graph_file,
     read_onnx_manifest,
     sha256_file,
+    verify_parts,
     write_engine_manifest,
 )
+from .latent_parts import carry_parts
 from .runner import zero_feed
 
 __all__ = ["OptimizationLevel", "OPTIMIZATION_LEVELS", "ORT_MODEL_FILE", "DEFAULT_OPTIMIZATION_LEVEL",
@@ -77,14 +83,18 @@ def check_buildable(onnx_path: str | os.PathLike[str]) -> OnnxManifest:
     long build or at the first ``sample``.
 
     The manifest is also checked against the graph it describes (input/output names, the sample's
-    C/H/W, fp32 vs quantized nodes): a manifest claiming w4a4 on a float graph is refused here.
+    C/H/W, fp32 vs quantized nodes): a manifest claiming w4a4 on a float graph is refused here; and a
+    latent model's parts must be beside it as export wrote them.
 
     Raises:
         ManifestError: not our ONNX, an invalid manifest, or one that disagrees with its graph.
+        EngineDirectoryError: a part the manifest lists is missing or was modified.
         BuildError: the scheduler config is one the numpy sampler refuses.
     """
     manifest = read_onnx_manifest(onnx_path)
     check_graph_file(onnx_path, manifest)
+    verify_parts(Path(onnx_path).parent, manifest.parts,
+                 remedy=f"export {Path(onnx_path).name} again (its parts folder must travel with it)")
     try:
         DDIMConfig.from_dict(manifest.scheduler_config)
     except ConfigError as exc:
@@ -145,6 +155,7 @@ def build_onnxruntime_engine(
             _copy_exported(onnx_path, model_path, out_dir, tmp)
         if provider == "tensorrt":  # the provider's engine cache lives in the engine (module doc)
             (tmp / TRT_PROVIDER_CACHE_DIR).mkdir()
+        carried = carry_parts(onnx_path, manifest, tmp)  # a latent model's VAE decoder, text encoder, ...
         if smoke_test:
             trt_options = tensorrt_provider_options(manifest, tmp) if provider == "tensorrt" else None
             try:
@@ -158,7 +169,7 @@ def build_onnxruntime_engine(
             model_file=ORT_MODEL_FILE,
             model_sha256=sha256_file(model_path),
             source_onnx_sha256=sha256_file(onnx_path),
-            onnx=manifest,
+            onnx=carried,
             ort_provider=provider,
         )
         write_engine_manifest(tmp, engine)

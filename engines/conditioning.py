@@ -14,140 +14,47 @@ Kinds:
   int64 [batch]. Image i gets class ``i % num_classes`` unless the user names labels (cycled over the
   images): the PyTorch stage's rule (pqcad_deploy.conditioning.class_labels_for), so the same seeds give
   the same images there and here. The unconditional half of guidance is the model's null class.
-- to come: prompt or class embeddings fed as ``encoder_hidden_states`` float32 [batch, tokens, width]
-  (the cross-attention kind): one more :class:`ConditioningSpec` subclass with its
-  :class:`SampleConditions`, and one registry entry.
+- ``embedding`` (engines.embedding_conditioning): a cross-attention UNet2DConditionModel (the Stable
+  Diffusion code path), input ``encoder_hidden_states`` float32 [batch, tokens, width]. Its rows come
+  from the engine's parts (engines.parts): for ``source`` "prompts" the CLIP text encoder ONNX on the
+  tokenised prompts (image i gets prompt ``i % count``; no default: the user names the prompts), the
+  empty prompt's embedding being the unconditional half; for ``source`` "class_embeddings" a lookup in
+  the class table (image i gets class ``i % num_classes`` unless the user names labels), its null row
+  the unconditional half. The PyTorch stage's rules (pqcad_deploy.conditioning.EmbeddingConditioning), so
+  the same seeds give the same images there and here.
 
-The manifest entry (``conditioning`` in the ONNX manifest and in engine.json) is the spec's
-:meth:`~ConditioningSpec.to_dict`, e.g. ``{"kind": "class", "num_classes": 10, "null_class": 10,
-"guidance_scale": 2.0}``: ``guidance_scale`` is the scale the student was calibrated / distilled at,
-and ``sample``'s default. An unconditional model has no entry.
+What the kinds share (the :class:`ConditioningSpec` and :class:`SampleConditions` templates, the label and
+guidance checks) is engines.conditioning_base. The manifest entry (``conditioning`` in the ONNX manifest
+and in engine.json) is the spec's :meth:`~ConditioningSpec.to_dict`, e.g. ``{"kind": "class", "num_classes": 10, "null_class": 10,
+"guidance_scale": 2.0}`` or ``{"kind": "embedding", "source": "prompts", "tokens": 77, "width": 768,
+"guidance_scale": 7.5, "has_null": true, "num_classes": null}``: ``guidance_scale`` is the scale the
+student was calibrated / distilled at, and ``sample``'s default. An unconditional model has no entry.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from .conditioning_base import (ConditioningSpec, EmbeddingSource, SampleConditions, _class_labels, _guidance,
+                                _label, _labels_text, _real)
+from .embedding_conditioning import EMBEDDING_SOURCES, EmbeddingConditioningSpec, EmbeddingSampleConditions
 from .errors import ConfigError, ManifestError
 from .graph_inputs import GraphInput
 from .guidance import Guidance
 
-__all__ = ["CONDITIONING_KINDS", "SAMPLE_OPTION_FLAGS", "ClassConditioningSpec", "ClassSampleConditions",
-           "ConditioningSpec", "SampleConditions", "conditioning_from_dict", "sample_conditions"]
+__all__ = ["CONDITIONING_KINDS", "EMBEDDING_SOURCES", "SAMPLE_OPTION_FLAGS", "ClassConditioningSpec",
+           "ClassSampleConditions", "ConditioningSpec", "EmbeddingConditioningSpec", "EmbeddingSampleConditions",
+           "EmbeddingSource", "SampleConditions", "conditioning_from_dict", "read_prompt_file", "sample_conditions"]
 
-SAMPLE_OPTION_FLAGS: dict[str, str] = {"class_labels": "--class", "guidance_scale": "--guidance-scale"}
+SAMPLE_OPTION_FLAGS: dict[str, str] = {"class_labels": "--class", "prompts": "--prompt",
+                                       "guidance_scale": "--guidance-scale"}
 """The keyword arguments of :func:`sample_conditions` and the ``sample`` flags that set them (messages)."""
-
-
-def _real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _label(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-class SampleConditions(ABC):
-    """What one sampling run feeds besides the noise: image i's condition, the unconditional one, the guidance.
-
-    Attributes:
-        input: the graph input the conditions go to.
-        guidance: the scale of this run (1: one conditional call per step, no doubled batch).
-    """
-
-    input: GraphInput
-    guidance: Guidance
-
-    @abstractmethod
-    def conditions(self, indices: np.ndarray) -> np.ndarray:
-        """The conditions of the images with these indices (image i of a seeded run), batch first."""
-
-    @abstractmethod
-    def null(self, n: int) -> np.ndarray:
-        """The unconditional conditions of ``n`` images (the other half of a guided batch)."""
-
-    @abstractmethod
-    def to_record(self) -> dict[str, Any]:
-        """What ``sample`` writes into samples.json (and compares on --resume)."""
-
-    @abstractmethod
-    def describe(self) -> str:
-        """A few words for ``sample``'s summary line, e.g. ``class i mod 10, guidance scale 2``."""
-
-    def halves(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(cond, uncond)`` of images ``indices``, what :meth:`Guidance.model_batch` takes each step;
-        ``uncond`` is None at scale 1 (the model then runs on the conditional batch alone)."""
-        return self.conditions(indices), self.null(len(indices)) if self.guidance.enabled else None
-
-
-class ConditioningSpec(ABC):
-    """A manifest's ``conditioning`` entry: the kind, its graph input, its default guidance scale.
-
-    Subclasses are frozen dataclasses registered in :data:`CONDITIONING_KINDS` under :attr:`kind`.
-    """
-
-    kind: ClassVar[str]
-    sample_options: ClassVar[tuple[str, ...]]
-    """The :func:`sample_conditions` keywords this kind takes (the others are refused, naming their flag)."""
-    guidance_scale: float
-
-    @property
-    @abstractmethod
-    def input(self) -> GraphInput:
-        """The graph input this kind adds after ``sample`` and ``timestep``."""
-
-    @property
-    @abstractmethod
-    def can_guide(self) -> bool:
-        """Whether the model has an unconditional branch, so sampling may double its batch to guide."""
-
-    @abstractmethod
-    def sample_conditions(self, **choices: Any) -> SampleConditions:
-        """The conditions of a sampling run with the user's choices (None: this manifest's defaults).
-
-        Raises:
-            ConfigError: a choice outside what the model takes.
-        """
-
-    @abstractmethod
-    def describe(self) -> str:
-        """A few words for export's and build-engine's summary lines."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """The manifest entry: ``{"kind": ..., <the dataclass fields>}``."""
-        return {"kind": self.kind, **dataclasses.asdict(self)}  # type: ignore[call-overload]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ConditioningSpec:
-        """Build from a manifest entry (without ``kind``), refusing unknown and missing keys.
-
-        Raises:
-            ManifestError: one sentence (the manifest reader adds which file).
-        """
-        fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown, missing = sorted(set(data) - fields), sorted(fields - set(data))
-        if unknown or missing:
-            what = f"has unknown keys {unknown}" if unknown else f"lacks keys {missing}"
-            raise ManifestError(f"the manifest's {cls.kind} conditioning {what}; it was written by a different "
-                                "pqcad-deploy version: re-export the ONNX.")
-        return cls(**data)
-
-
-def _guidance(scale: float, can_guide: bool, what: str) -> Guidance:
-    if not _real(scale) or not math.isfinite(scale) or scale < 1.0:
-        raise ConfigError(f"--guidance-scale must be a finite number >= 1 (1 turns guidance off); got {scale!r}.")
-    if scale > 1.0 and not can_guide:
-        raise ConfigError(f"--guidance-scale {scale:g} needs the model's null class (the unconditional half of "
-                          f"guidance), and {what} has none (it was compressed without --null-class): use "
-                          "--guidance-scale 1.")
-    return Guidance(float(scale))
 
 
 @dataclass(frozen=True)
@@ -198,30 +105,19 @@ class ClassConditioningSpec(ConditioningSpec):
         null = "no null class" if self.null_class is None else f"null class {self.null_class}"
         return f"class-conditional: {self.num_classes} classes, {null}, guidance scale {self.guidance_scale:g}"
 
-    def sample_conditions(self, class_labels: Sequence[int] | None = None,
+    def sample_conditions(self, parts: EmbeddingSource | None = None, class_labels: Sequence[int] | None = None,
                           guidance_scale: float | None = None) -> ClassSampleConditions:
         """Labels cycled over the images (None: image i gets ``i % num_classes``) at ``guidance_scale``
-        (None: the manifest's).
+        (None: the manifest's). ``parts`` is not read (the labels are the graph's input).
 
         Raises:
             ConfigError: an empty list, a label outside 0 .. num_classes - 1 (the null class included), a
                 scale below 1, or a scale above 1 without a null class.
         """
-        last = self.num_classes - 1
-        if class_labels is None:
-            labels = tuple(range(self.num_classes))
-        else:
-            labels = tuple(class_labels)
-            if not labels:
-                raise ConfigError(f"--class needs at least one label (0 .. {last}).")
-            bad = [v for v in labels if not _label(v) or not 0 <= v <= last]
-            if bad:
-                null = (f"; {self.null_class} is the null class, which guidance uses itself"
-                        if self.null_class in bad else "")
-                raise ConfigError(f"--class labels must be classes of this model, 0 .. {last}; got {bad[0]!r}{null}.")
-            labels = tuple(int(v) for v in labels)
+        labels = _class_labels(class_labels, self.num_classes, self.null_class)
         guidance = _guidance(self.guidance_scale if guidance_scale is None else guidance_scale, self.can_guide,
-                             "this class-conditional engine")
+                             "the model's null class (the unconditional half of guidance), and this "
+                             "class-conditional engine has none (it was compressed without --null-class)")
         return ClassSampleConditions(self, labels, guidance)
 
 
@@ -247,13 +143,11 @@ class ClassSampleConditions(SampleConditions):
                 "guidance_scale": self.guidance.scale, "null_class": self.spec.null_class}
 
     def describe(self) -> str:
-        labels = self.labels.tolist()
-        which = (f"class i mod {self.spec.num_classes}" if labels == list(range(self.spec.num_classes))
-                 else f"class {labels[0]}" if len(labels) == 1 else f"classes {','.join(map(str, labels))} cycled")
-        return f"{which}, guidance scale {self.guidance.scale:g}"
+        return f"{_labels_text(self.labels.tolist(), self.spec.num_classes)}, guidance scale {self.guidance.scale:g}"
 
 
-CONDITIONING_KINDS: dict[str, type[ConditioningSpec]] = {"class": ClassConditioningSpec}
+CONDITIONING_KINDS: dict[str, type[ConditioningSpec]] = {"class": ClassConditioningSpec,
+                                                         "embedding": EmbeddingConditioningSpec}
 """kind -> its spec class; the manifest's ``conditioning.kind`` must be one of these."""
 
 
@@ -273,10 +167,12 @@ def conditioning_from_dict(data: object) -> ConditioningSpec:
     return CONDITIONING_KINDS[kind].from_dict({k: v for k, v in data.items() if k != "kind"})
 
 
-def sample_conditions(spec: ConditioningSpec | None, **choices: Any) -> SampleConditions | None:
+def sample_conditions(spec: ConditioningSpec | None, parts: EmbeddingSource | None = None,
+                      **choices: Any) -> SampleConditions | None:
     """A sampling run's conditions for an engine's spec and the user's choices (those left None are defaults).
 
-    Returns None for an unconditional engine (nothing to feed).
+    ``parts``: the engine's parts (engines.latent_parts.EngineParts), which an ``embedding`` kind reads its
+    rows from. Returns None for an unconditional engine (nothing to feed).
 
     Raises:
         ConfigError: a choice given for an unconditional engine, or one this kind does not take (one
@@ -295,6 +191,23 @@ def sample_conditions(spec: ConditioningSpec | None, **choices: Any) -> SampleCo
         return None
     refused = [k for k in given if k not in spec.sample_options]
     if refused:
-        raise ConfigError(f"{SAMPLE_OPTION_FLAGS[refused[0]]} does not apply to a {spec.kind}-conditional engine; "
-                          "drop it.")
-    return spec.sample_conditions(**given)
+        raise ConfigError(spec.option_refusal(SAMPLE_OPTION_FLAGS[refused[0]]))
+    return spec.sample_conditions(parts, **given)
+
+
+def read_prompt_file(path: str | Path) -> tuple[str, ...]:
+    """``sample --prompt-file``: one prompt per line, blank lines and surrounding spaces dropped (the rule of
+    compress's --prompt-file, pqcad_deploy.conditioning.read_prompt_file, without torch).
+
+    Raises:
+        ConfigError: a file that cannot be read as UTF-8 text, or holds no prompt.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the prompt file {path}: {exc}; pass a UTF-8 text file with one prompt "
+                          "per line.") from None
+    prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not prompts:
+        raise ConfigError(f"the prompt file {path} holds no prompt; write one prompt per line.")
+    return prompts

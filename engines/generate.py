@@ -3,12 +3,17 @@
 Images are written batch by batch into ``OUT.partial/`` (a sibling of OUT) while they are made, so
 memory does not grow with ``n`` and an interrupted run keeps what is finished. ``OUT.partial/
 samples.json`` records what is being made (engine model sha256, seed, timesteps, image shape, n, and for a
-conditional engine its ``conditioning``: the class labels cycled over the images and the guidance scale);
+conditional engine its ``conditioning``: the class labels or prompts cycled over the images and the guidance
+scale);
 ``resume=True`` continues such a folder when they match, regenerating and discarding the noise of
 the finished images so that image ``i`` is unchanged. When every image is there, ``grid.png`` (the
 first :data:`GRID_MAX` images) and the optional .npz are written and the folder is published as OUT
 with :func:`engines._atomic.publish_directory`, so OUT only ever appears complete. ``output_lock(OUT)``
 is held for the whole run.
+
+A latent engine (engines.latent_parts) reads its conditions from its parts (the class table, or the text
+encoder on the prompts, once before sampling) and decodes each finished batch of latents through its
+VAE decoder part; the PNGs have the decoded image shape.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ._atomic import (atomic_file, check_output_dir, check_output_file, ensure_w
 from .conditioning import SampleConditions, sample_conditions
 from .errors import OutputError
 from .images import is_images_npz, load_png, save_grid, save_npz_from_pngs, save_pngs
+from .latent_parts import EngineParts
 from .manifest import EngineManifest, verify_engine
 from .runner import Runner
 from .sampler import SampledBatch, _check_counts, iter_sample_batches, sampling_timesteps
@@ -43,7 +49,8 @@ SAMPLES_FORMAT = "pqcad-samples"
 SAMPLES_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
 _MATCH_KEYS = (("engine_model_sha256", "engine model (sha256)"), ("seed", "seed"), ("timesteps", "timesteps"),
-               ("image_shape", "image shape"), ("conditioning", "conditioning (class labels, guidance scale)"))
+               ("image_shape", "image shape"),
+               ("conditioning", "conditioning (class labels or prompts, guidance scale)"))
 """What a --resume must match; ``conditioning`` is absent (None) for an unconditional engine."""
 
 
@@ -114,12 +121,12 @@ def read_samples_record(folder: str | os.PathLike[str]) -> dict | None:
 
 def _record(manifest: EngineManifest, n: int, seed: int, timesteps: tuple[int, ...], batch_size: int,
             conditioning: dict | None = None) -> dict:
-    c, h, w = manifest.onnx.image_shape
+    c, h, w = manifest.onnx.output_image_shape
     record = {"tool": "pqcad-deploy", "format": SAMPLES_FORMAT, "version": SAMPLES_VERSION,
               "engine_model_sha256": manifest.model_sha256, "seed": int(seed), "timesteps": [int(t) for t in timesteps],
               "image_shape": [int(h), int(w), int(c)], "n": int(n), "batch_size": int(batch_size),
               "images": f"{image_name(0)} .. {image_name(n - 1)}"}
-    if conditioning is not None:  # image i: class_labels[i % len(class_labels)]
+    if conditioning is not None:  # image i: class_labels[i % len(class_labels)] (or prompts[i % len(prompts)])
         record["conditioning"] = conditioning
     return record
 
@@ -196,6 +203,7 @@ def generate_to_directory(
     on_batch: Callable[[SampledBatch], None] | None = None,
     class_labels: Sequence[int] | None = None,
     guidance_scale: float | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> GenerateResult:
     """Sample ``n`` images from an engine into ``out_dir`` (NNNNN.png, samples.json, grid.png) and an optional .npz.
 
@@ -207,6 +215,8 @@ def generate_to_directory(
             ``class_labels[i % len]``); None: image i gets class ``i % num_classes``, as in PyTorch.
         guidance_scale: a conditional engine's classifier-free guidance scale; None: its manifest's (the
             scale the student was calibrated at). Both are refused for an unconditional engine.
+        prompts: a text-conditional engine's prompts, cycled over the images (image i gets
+            ``prompts[i % len]``); required there, refused elsewhere.
 
     Raises:
         OutputError: OUT, OUT.partial or the .npz may not be written (checked before sampling), or a
@@ -223,10 +233,11 @@ def generate_to_directory(
     _check_counts(n, batch_size)
     manifest = verify_engine(engine_dir)
     timesteps = sampling_timesteps(manifest.onnx, steps)
-    conditions = sample_conditions(manifest.onnx.conditioning, class_labels=class_labels,
-                                   guidance_scale=guidance_scale)
+    parts = EngineParts(engine_dir, manifest, threads)
+    conditions = sample_conditions(manifest.onnx.conditioning, parts=parts, class_labels=class_labels,
+                                   prompts=prompts, guidance_scale=guidance_scale)
     record = _record(manifest, n, seed, timesteps, batch_size, None if conditions is None else conditions.to_record())
-    c, h, w = manifest.onnx.image_shape
+    c, h, w = manifest.onnx.output_image_shape
     partial = partial_dir(out_dir)
     with output_lock(out_dir, error=OutputError):
         ensure_writable_dir(partial.parent, "image output")
@@ -238,7 +249,8 @@ def generate_to_directory(
             if kept < n:
                 runner = runner_for(engine_dir, manifest, threads)
                 for batch in iter_sample_batches(runner, manifest, range(kept, n), seed, steps=steps,
-                                                 batch_size=batch_size, progress=progress, conditions=conditions):
+                                                 batch_size=batch_size, progress=progress, conditions=conditions,
+                                                 decode=parts.decoder()):
                     save_pngs(batch.images, partial, start_index=batch.start)
                     done = batch.start + len(batch.images)
                     model_seconds += batch.model_seconds

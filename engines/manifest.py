@@ -22,6 +22,7 @@ from ._atomic import atomic_file
 from .conditioning import ConditioningSpec, conditioning_from_dict
 from .errors import EngineDirectoryError, ManifestError
 from .graph_inputs import GraphInput
+from .parts import PART_ROLES, PartFile, parts_from_json
 
 __all__ = [
     "ONNX_FORMAT",
@@ -52,6 +53,7 @@ __all__ = [
     "read_engine_manifest",
     "write_engine_manifest",
     "verify_engine",
+    "verify_parts",
     "QUANTIZED_OP_TYPES",
     "check_graph",
     "check_graph_file",
@@ -138,6 +140,11 @@ class OnnxManifest:
             graph input after ``sample`` and ``timestep``, the default guidance scale); None for an
             unconditional model, whose JSON then has no ``conditioning`` key at all (so manifests written
             before conditioning existed read as unconditional, and unconditional ones are unchanged).
+        parts: the files a latent model needs beside its UNet (engines.parts: the VAE decoder, and the text
+            encoder + tokenizer or the class table its conditioning reads), relative to the ONNX's folder
+            (in engine.json: to the engine directory), each with its sha256. Empty (no key) for a pixel model.
+        decoded_image_shape: ``(C, H, W)`` of the images the VAE decoder part makes from latents of
+            ``image_shape``; None (no key) for a pixel model, whose samples are the images.
     """
 
     precision: Precision
@@ -150,6 +157,8 @@ class OnnxManifest:
     weight_bits: dict[str, int] = field(default_factory=dict)
     act_bits: dict[str, int] = field(default_factory=dict)
     conditioning: ConditioningSpec | None = None
+    parts: tuple[PartFile, ...] = ()
+    decoded_image_shape: tuple[int, int, int] | None = None
     format: str = ONNX_FORMAT
     version: int = ONNX_VERSION
 
@@ -194,11 +203,48 @@ class OnnxManifest:
         set_("act_bits", _bit_histogram("act_bits", self.act_bits))
         if self.conditioning is not None and not isinstance(self.conditioning, ConditioningSpec):  # from JSON
             set_("conditioning", conditioning_from_dict(self.conditioning))
+        set_("parts", parts_from_json(self.parts))
+        if self.decoded_image_shape is not None:
+            decoded = tuple(self.decoded_image_shape) if isinstance(self.decoded_image_shape, (list, tuple)) else ()
+            if len(decoded) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in decoded):
+                raise ManifestError(f"Manifest field decoded_image_shape must be three positive integers [C, H, W] "
+                                    f"or absent, got {self.decoded_image_shape!r}.")
+            set_("decoded_image_shape", decoded)
+        self._check_parts()
+
+    def _check_parts(self) -> None:
+        """The parts listed are exactly those the model needs: the VAE decoder with a decoded image shape,
+        and what the conditioning reads (its ``required_parts``), each role with its required files."""
+        needed = (("vae_decoder",) if self.decoded_image_shape is not None else ()) + (
+            self.conditioning.required_parts if self.conditioning is not None else ())
+        listed = {p.role for p in self.parts}
+        missing, extra = [r for r in needed if r not in listed], sorted(listed - set(needed))
+        if missing:
+            why = "decoded_image_shape" if missing[0] == "vae_decoder" else f"its {self.conditioning.kind} conditioning"
+            raise ManifestError(f"Manifest field parts lacks {PART_ROLES[missing[0]].what} ({missing[0]}), which "
+                                f"{why} needs; re-export the ONNX.")
+        if extra:
+            raise ManifestError(f"Manifest field parts lists a {extra[0]} part this model does not use; re-export "
+                                "the ONNX.")
+        names = {p.name for p in self.parts}
+        for role in sorted(listed):
+            absent = [n for n in PART_ROLES[role].required if n not in names]
+            if absent:
+                raise ManifestError(f"Manifest field parts lacks {absent[0]} of the {role}; re-export the ONNX.")
 
     @property
     def student_steps(self) -> int:
         """The student's sampling steps: one per entry of ``student_timesteps``."""
         return len(self.student_timesteps)
+
+    @property
+    def output_image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images sampling writes: the decoded shape of a latent model, else image_shape."""
+        return self.image_shape if self.decoded_image_shape is None else self.decoded_image_shape
+
+    def part(self, name: str) -> PartFile | None:
+        """The listed file whose role name is ``name`` (engines.parts, e.g. ``vae_decoder.onnx``), or None."""
+        return next((p for p in self.parts if p.name == name), None)
 
     @property
     def graph_inputs(self) -> tuple[GraphInput, ...]:
@@ -226,6 +272,14 @@ class OnnxManifest:
             del d["conditioning"]
         else:
             d["conditioning"] = self.conditioning.to_dict()
+        if self.parts:  # a pixel model's manifest has neither key (as before parts existed)
+            d["parts"] = [p.to_dict() for p in self.parts]
+        else:
+            del d["parts"]
+        if self.decoded_image_shape is None:
+            del d["decoded_image_shape"]
+        else:
+            d["decoded_image_shape"] = list(self.decoded_image_shape)
         return d
 
     def to_json(self) -> str:
@@ -616,7 +670,8 @@ def verify_engine(engine_dir: str | os.PathLike[str]) -> EngineManifest:
 
     The model's checksum is checked first, then (ONNX Runtime engines) what engine.json claims
     about it (:func:`check_graph`): engine.json itself is not checksummed, so an edited image_shape
-    or precision is caught here instead of as a shape error inside the runtime.
+    or precision is caught here instead of as a shape error inside the runtime. Then every part a
+    latent engine lists (engines.parts), against its checksum.
 
     Raises:
         EngineDirectoryError: missing directory, engine.json or model file, or a checksum mismatch.
@@ -634,5 +689,22 @@ def verify_engine(engine_dir: str | os.PathLike[str]) -> EngineManifest:
         )
     if manifest.backend == "onnxruntime":  # a TensorRT plan is not a graph we can read here
         check_graph_file(model, manifest.onnx, what=ENGINE_MANIFEST_FILE)
+    verify_parts(engine_dir, manifest.onnx.parts, remedy="rebuild it with pqcad-deploy build-engine")
     return manifest
+
+
+def verify_parts(folder: str | os.PathLike[str], parts: tuple[PartFile, ...], *, remedy: str) -> None:
+    """Check that every listed part is in ``folder`` with its recorded sha256 (engines.parts).
+
+    Raises:
+        EngineDirectoryError: a part is missing or differs, with ``remedy`` (what to do) in the message.
+    """
+    for part in parts:
+        path = Path(folder) / part.file
+        if not path.is_file():
+            raise EngineDirectoryError(f"{path} ({PART_ROLES[part.role].what}) is missing; {remedy}.")
+        actual = sha256_file(path)
+        if actual != part.sha256:
+            raise EngineDirectoryError(f"{path} does not match its recorded checksum (sha256 {actual[:12]}... != "
+                                       f"{part.sha256[:12]}...); it was modified or copied incompletely: {remedy}.")
 

@@ -18,13 +18,17 @@ changed 53; batches 8, 16, 24, 40, 48, 64 gave identical images). Every model ca
 padded with zero images to a multiple of :data:`MODEL_BATCH_MULTIPLE`; with that, every batch size
 gave byte-identical images (1 and 2 threads), at the cost of the padded slots. A guided call pads
 each half to that multiple, so the doubled batch is one too.
+
+Latent engines (a manifest with ``decoded_image_shape``): the loop runs in latent space and each finished
+batch goes through the VAE decoder part (``decode``: engines.latent_parts.VaeDecoder), padded the same
+way, before it becomes uint8 images; the images then have the decoded shape, not ``image_shape``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,13 +40,15 @@ from .images import nchw_to_nhwc, to_uint8
 from .manifest import EngineManifest, OnnxManifest
 from .runner import Runner
 
-__all__ = ["MODEL_BATCH_MULTIPLE", "NoiseStream", "SampleResult", "SampledBatch", "denoise", "initial_noise",
-           "iter_sample_batches", "sample_conditions_for", "sampling_timesteps", "sample_images"]
+__all__ = ["MODEL_BATCH_MULTIPLE", "Decode", "NoiseStream", "SampleResult", "SampledBatch", "decode_latents", "denoise",
+           "initial_noise", "iter_sample_batches", "sample_conditions_for", "sampling_timesteps", "sample_images"]
 
 MODEL_BATCH_MULTIPLE = 8
 """Every model call runs a multiple of this many images (zero images pad the rest), so the batch
 size never changes the images (see the module docstring)."""
 _SKIP_CHUNK = 256
+Decode = Callable[[np.ndarray], np.ndarray]
+"""A latent engine's final latents [n, C, h, w] -> images [n, *decoded_image_shape] in [-1, 1]."""
 
 
 @dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous
@@ -123,6 +129,25 @@ def sample_conditions_for(manifest: OnnxManifest, conditions: SampleConditions |
     return conditions
 
 
+def _check_decode(manifest: OnnxManifest, decode: Decode | None) -> None:
+    if manifest.decoded_image_shape is not None and decode is None:
+        raise ConfigError("this engine's model is latent: its samples are latents, which its VAE decoder part turns "
+                          "into images; pass decode=EngineParts(engine_dir, manifest).decoder() "
+                          "(engines.latent_parts), as pqcad-deploy sample does.")
+    if manifest.decoded_image_shape is None and decode is not None:
+        raise ConfigError("this engine's model samples images, not latents; pass decode=None.")
+
+
+def decode_latents(decode: Decode, latents: np.ndarray) -> np.ndarray:
+    """``decode(latents)``, the call padded with zero latents to a multiple of :data:`MODEL_BATCH_MULTIPLE`
+    (as every model call: the batch size must not change the images)."""
+    k = len(latents)
+    rows = -(-k // MODEL_BATCH_MULTIPLE) * MODEL_BATCH_MULTIPLE
+    if rows != k:
+        latents = np.concatenate([latents, np.zeros((rows - k, *latents.shape[1:]), dtype=latents.dtype)])
+    return decode(latents)[:k]
+
+
 def _ddim_config(manifest: OnnxManifest) -> DDIMConfig:
     return DDIMConfig.from_dict({**manifest.scheduler_config, "prediction_type": manifest.prediction_type})
 
@@ -153,6 +178,7 @@ def iter_sample_batches(
     batch_size: int = 16,
     progress: bool = True,
     conditions: SampleConditions | None = None,
+    decode: Decode | None = None,
 ) -> Iterator[SampledBatch]:
     """Generate the images ``indices`` (``range(start, n)``) batch by batch (uint8 ``[k, H, W, C]``),
     holding one batch.
@@ -161,7 +187,8 @@ def iter_sample_batches(
     one a single :func:`sample_images` call of ``n`` images makes (a resumed `sample` continues at
     the first missing image). The runner is activated here if it is not active yet, and released
     when the generator finishes or is closed. ``conditions``: a conditional engine's (None: its defaults,
-    :func:`sample_conditions_for`).
+    :func:`sample_conditions_for`). ``decode``: a latent engine's VAE decoder (required there, refused
+    elsewhere), applied to each finished batch.
 
     Raises:
         ConfigError: ``indices`` not a ``range(start, n)`` with ``0 <= start <= n`` and ``n > 0``, or
@@ -175,6 +202,7 @@ def iter_sample_batches(
     _check_counts(n, batch_size, start)
     timesteps = sampling_timesteps(onnx, steps)
     conditions = sample_conditions_for(onnx, conditions)
+    _check_decode(onnx, decode)
     noise = NoiseStream(onnx.image_shape, seed)
     noise.skip(start)
 
@@ -191,9 +219,10 @@ def iter_sample_batches(
                 x = noise.draw(min(batch_size, n - b0))
                 x, model_seconds = denoise(runner, onnx, x, timesteps, batch_size=batch_size, progress=False,
                                            bar=bar, conditions=conditions, first_index=b0)
+                images = x if decode is None else decode_latents(decode, x)
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(img_per_s=f"{(b0 + len(x) - start) / elapsed:.2f}" if elapsed > 0 else "inf")
-                yield SampledBatch(b0, nchw_to_nhwc(to_uint8(x)), model_seconds)
+                yield SampledBatch(b0, nchw_to_nhwc(to_uint8(images)), model_seconds)
     finally:
         if started_here:
             runner.deactivate()
@@ -208,6 +237,7 @@ def sample_images(
     batch_size: int = 16,
     progress: bool = True,
     conditions: SampleConditions | None = None,
+    decode: Decode | None = None,
 ) -> SampleResult:
     """Generate ``n`` images with DDIM (eta 0), all in memory (see :func:`iter_sample_batches` to stream).
 
@@ -223,9 +253,11 @@ def sample_images(
         progress: show a tqdm bar over batches x steps on stderr.
         conditions: a conditional engine's labels and guidance (None: its defaults, image i of class
             ``i % classes`` at the manifest's guidance scale, :func:`sample_conditions_for`).
+        decode: a latent engine's VAE decoder (engines.latent_parts.EngineParts.decoder); None otherwise.
 
     Returns:
-        A :class:`SampleResult` with uint8 ``[n, H, W, C]`` images and timings.
+        A :class:`SampleResult` with uint8 ``[n, H, W, C]`` images (the decoded shape for a latent engine)
+        and timings.
 
     Raises:
         ConfigError: ``n``, ``batch_size`` or ``steps`` out of range, or an unsupported scheduler config.
@@ -234,12 +266,12 @@ def sample_images(
     onnx = manifest.onnx if isinstance(manifest, EngineManifest) else manifest
     _check_counts(n, batch_size)
     timesteps = sampling_timesteps(onnx, steps)
-    c, h, w = onnx.image_shape
+    c, h, w = onnx.output_image_shape
     images = np.empty((int(n), h, w, c), dtype=np.uint8)
     model_seconds = 0.0
     start = time.perf_counter()
     for batch in iter_sample_batches(runner, manifest, range(n), seed, steps=steps, batch_size=batch_size,
-                                     progress=progress, conditions=conditions):
+                                     progress=progress, conditions=conditions, decode=decode):
         images[batch.start:batch.start + len(batch.images)] = batch.images
         model_seconds += batch.model_seconds
     seconds = time.perf_counter() - start

@@ -30,6 +30,7 @@ from ._lazy import TRT_HINT, lazy_import
 from .build import check_buildable
 from .cuda_runtime import current_gpu, import_cudart
 from .errors import BackendUnavailableError, BuildError, EngineError
+from .latent_parts import carry_parts
 from .manifest import EngineManifest, OnnxManifest, TensorRTBuildInfo, sha256_file, write_engine_manifest
 from .runner import zero_feed
 from .tensorrt_options import LAYER_REPORT_FILE, TRT_MODEL_FILE, TensorRTBuildOptions, trtexec_command
@@ -234,12 +235,13 @@ def build_tensorrt_engine(
         layers = smoke_test_plan(tmp / TRT_MODEL_FILE, manifest, built, run=smoke_test)
         with atomic_file(tmp / LAYER_REPORT_FILE) as report_tmp:
             report_tmp.write_text(layers, encoding="utf-8")
+        carried = carry_parts(onnx_path, manifest, tmp)  # a latent model's parts run on ONNX Runtime (latent_parts)
         engine = EngineManifest(
             backend="tensorrt",
             model_file=TRT_MODEL_FILE,
             model_sha256=sha256_file(tmp / TRT_MODEL_FILE),
             source_onnx_sha256=sha256_file(onnx_path),
-            onnx=manifest,
+            onnx=carried,
             tensorrt=built,
         )
         write_engine_manifest(tmp, engine)

@@ -244,18 +244,19 @@ def conditioning_for(loaded, guidance_scale: float = 1.0, null_class: int | None
 def read_prompt_file(path: str | Path) -> tuple[str, ...]:
     """The prompts of a prompt file: one per line, blank lines and surrounding spaces dropped.
 
+    The rule is the engines' (``sample --prompt-file`` reads the same files without torch); here its error
+    is the PyTorch stage's.
+
     Raises:
         ConfigError: a file that cannot be read as UTF-8 text, or holds no prompt.
     """
+    from pqcad_deploy.engines.conditioning import read_prompt_file as read_prompts
+    from pqcad_deploy.engines.errors import ConfigError as EngineConfigError
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the prompt file {path}: {exc}; pass a UTF-8 text file with one prompt "
-                          "per line.") from None
-    prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
-    if not prompts:
-        raise ConfigError(f"the prompt file {path} holds no prompt; write one prompt per line.")
-    return prompts
+        return read_prompts(path)
+    except EngineConfigError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def dry_run_conditions(unet_config, n: int, device: torch.device | str) -> dict[str, torch.Tensor]:

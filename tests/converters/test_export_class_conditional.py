@@ -165,12 +165,3 @@ def test_export_build_engine_and_sample_from_the_cli(class_artifact, exports, tm
         assert (tmp_path / "a" / f"{i:05d}.png").read_bytes() == (tmp_path / "b" / f"{i:05d}.png").read_bytes()
     wrong = run_cli("sample", tmp_path / "engine", "-n", "3", "--class", "11", "-o", tmp_path / "c")
     assert (wrong.code, wrong.err) == (1, "error: --class labels must be classes of this model, 0 .. 9; got 11.\n")
-
-
-def test_analyze_still_refuses_class_conditional_artifacts_in_its_own_line(class_artifact, tmp_path) -> None:
-    result = run_cli("analyze", class_artifact, "--out", tmp_path / "analysis")
-    assert (result.code, result.err) == (1, (
-        f"error: {class_artifact} is a class-conditional artifact, and analyze does not take conditional artifacts "
-        "yet (issue 17; its measurements run the student without class labels); compress, export, build-engine and "
-        "sample do.\n"))
-    assert not (tmp_path / "analysis").exists()

@@ -117,7 +117,7 @@ def test_engine_json_carries_the_conditioning(class_engine) -> None:
 
 @pytest.mark.parametrize("entry, message", [
     ({**CLASS_ENTRY, "kind": "prompt"}, "the manifest's conditioning kind 'prompt' is not one this runtime reads "
-                                        "(class); upgrade pqcad-deploy or re-export the ONNX."),
+                                        "(class, embedding); upgrade pqcad-deploy or re-export the ONNX."),
     ({**CLASS_ENTRY, "labels": [1]}, "the manifest's class conditioning has unknown keys ['labels']; it was written "
                                      "by a different pqcad-deploy version: re-export the ONNX."),
     ({k: v for k, v in CLASS_ENTRY.items() if k != "null_class"},
@@ -321,7 +321,8 @@ def test_resume_needs_the_same_conditions(class_engine, tmp_path: Path) -> None:
 
     with pytest.raises(KeyboardInterrupt):
         generate_to_directory(engine, out, 6, batch_size=2, progress=False, class_labels=[1, 2], on_batch=stop)
-    with pytest.raises(OutputError, match=r"its conditioning \(class labels, guidance scale\) is \{'class_labels': "
+    with pytest.raises(OutputError, match=r"its conditioning \(class labels or prompts, guidance scale\) is "
+                                          r"\{'class_labels': "
                                           r"\[1, 2\], .*this run's is \{.*'class_labels': \[1\],"):
         generate_to_directory(engine, out, 6, batch_size=2, progress=False, class_labels=[1], resume=True)
     done = generate_to_directory(engine, out, 6, batch_size=3, progress=False, class_labels=[1, 2], resume=True)
