@@ -110,8 +110,9 @@ def source_pipeline(manifest, artifact: object = "the artifact", pipeline: Path 
     """The pipeline folder a cross-attention artifact was compressed from, checked to be that one.
 
     ``pipeline`` (export's ``--pipeline``) or the artifact's ``provenance.source_model``; its
-    ``unet/`` weights must have the sha256 the provenance records (``source_weights_sha256``), so the
-    VAE, text encoder or class table written beside the UNet belong to it.
+    ``unet/`` weights and the files of its VAE, text encoder, tokenizer or class table must have the sha256
+    the provenance records (``source_weights_sha256``, ``source_parts_sha256``), so the parts written beside
+    the UNet are the ones it was compressed with.
 
     Raises:
         ExportError: the folder is not there, or its UNet weights differ from the artifact's record.
@@ -127,10 +128,13 @@ def source_pipeline(manifest, artifact: object = "the artifact", pipeline: Path 
         raise ExportError(f"{artifact} is a latent model, and export writes {what} beside the UNet, from "
                           f"{where}: {source} is not a folder here; pass --pipeline DIR (the pipeline folder the "
                           "artifact was compressed from).")
-    for name, recorded in sorted((manifest.provenance.get("source_weights_sha256") or {}).items()):
-        path = root / "unet" / name
+    unet_files = sorted((f"unet/{name}", sha) for name, sha in
+                        (manifest.provenance.get("source_weights_sha256") or {}).items())
+    part_files = sorted((manifest.provenance.get("source_parts_sha256") or {}).items())  # absent in older artifacts
+    for name, recorded in unet_files + part_files:  # the UNet first: a different model is named by it
+        path = root / name
         if not path.is_file() or _cached_sha256(str(path), path.stat().st_mtime_ns) != recorded:
-            raise ExportError(f"{root} is not the pipeline {artifact} was compressed from: its unet/{name} "
+            raise ExportError(f"{root} is not the pipeline {artifact} was compressed from: its {name} "
                               f"{'is missing' if not path.is_file() else 'differs'} (the artifact records sha256 "
                               f"{recorded[:12]}...); pass --pipeline with the pipeline folder it was compressed from.")
     return root
@@ -138,7 +142,7 @@ def source_pipeline(manifest, artifact: object = "the artifact", pipeline: Path 
 
 @functools.lru_cache(maxsize=8)
 def _cached_sha256(path: str, mtime_ns: int) -> str:
-    """sha256 of a UNet weights file (gigabytes in SD), once per file version per process."""
+    """sha256 of a pipeline file (gigabytes for SD's UNet), once per file version per process."""
     from pqcad_deploy.provenance import file_sha256
 
     return file_sha256(Path(path))

@@ -266,7 +266,7 @@ def _compress(config: CompressConfig, out: Path, overwrite: bool, progress: bool
         student_timesteps=timesteps,
         layers=layers,
         calibration=calibration.description,
-        provenance=provenance(config.seed, loaded.source, loaded.unet_dir),
+        provenance=provenance(config.seed, loaded.source, loaded.unet_dir, loaded.root),
     )
     save_artifact(out, manifest, student_state_from_model(student), teacher_state, report, overwrite=overwrite)
     checkpoint.remove()

@@ -65,6 +65,8 @@ class LoadedModel:
     vae: "object | None" = None
     class_table: "object | None" = None
     text_encoder: "object | None" = None
+    root: Path | None = None
+    """The pipeline folder of a latent model (its parts' files are hashed into the artifact's provenance)."""
 
     @property
     def decode(self):
@@ -270,8 +272,9 @@ def _load_local(model: str) -> LoadedModel:
     unet = unet.eval()
     check_model(unet, f"the embedded model {model!r}" if is_builtin(model) else f"model {model!r}",
                 str(unet_dir / "config.json"))
+    parts = _latent_parts(kind, root)
     return LoadedModel(unet=unet, scheduler_config=config, source=source, unet_dir=unet_dir, kind=kind,
-                       **_latent_parts(kind, root))
+                       root=root if parts else None, **parts)
 
 
 def _load_hub(model: str) -> LoadedModel:

@@ -35,14 +35,32 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def provenance(seed: int, source: str, unet_dir: Path | None) -> dict:
+PIPELINE_PART_FOLDERS = ("vae", "text_encoder", "tokenizer", "class_embeddings")
+"""A latent pipeline's folders beside unet/ whose files export writes into the engine (or reads conditions from)."""
+
+
+def provenance(seed: int, source: str, unet_dir: Path | None, pipeline_dir: Path | None = None) -> dict:
+    """Where an artifact came from: the seed, the model, and the sha256 of the files it was made from.
+
+    For a latent pipeline (`pipeline_dir`), every file of its VAE, text encoder, tokenizer and class-table
+    folders is hashed too (``source_parts_sha256``, by path relative to the pipeline folder): export writes
+    those parts beside the UNet from the folder the artifact names, and checks they are the ones it was
+    compressed with.
+    """
     weights = {}
     if unet_dir is not None:
         for path in sorted(Path(unet_dir).glob("diffusion_pytorch_model*")):
             weights[path.name] = file_sha256(path)
-    return {
+    record = {
         "seed": seed,
         "source_model": source,
         "source_weights_sha256": weights,
         "versions": package_versions(),
     }
+    if pipeline_dir is not None:
+        root = Path(pipeline_dir)
+        record["source_parts_sha256"] = {
+            path.relative_to(root).as_posix(): file_sha256(path)
+            for folder in PIPELINE_PART_FOLDERS if (root / folder).is_dir()
+            for path in sorted((root / folder).rglob("*")) if path.is_file()}
+    return record

@@ -262,6 +262,19 @@ def test_export_finds_the_pipeline_or_refuses_in_one_line(artifacts, class_laten
         f"{manifest['provenance']['source_weights_sha256']['diffusion_pytorch_model.safetensors'][:12]}...); pass "
         "--pipeline with the pipeline folder it was compressed from.\n"))
     assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "a.parts").exists()
+    # the same UNet beside another class table: refused by the table's hash, which compress recorded
+    retabled = shutil.copytree(class_latent_dir, tmp_path / "retabled")
+    table = retabled / "class_embeddings" / "embeddings.safetensors"
+    recorded = manifest["provenance"]["source_parts_sha256"]["class_embeddings/embeddings.safetensors"]
+    table.write_bytes(table.read_bytes()[:-4] + b"\x00\x00\x80\x3f")
+    result = run_cli("export", moved, "--onnx", tmp_path / "a.onnx", "--fp", "--pipeline", retabled)
+    assert (result.code, result.err) == (1, (
+        f"error: {retabled} is not the pipeline {moved} was compressed from: its "
+        f"class_embeddings/embeddings.safetensors differs (the artifact records sha256 {recorded[:12]}...); pass "
+        "--pipeline with the pipeline folder it was compressed from.\n"))
+    assert sorted(manifest["provenance"]["source_parts_sha256"]) == [
+        "class_embeddings/config.json", "class_embeddings/embeddings.safetensors", "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors"]
     result = run_cli("export", moved, "--onnx", tmp_path / "a.onnx", "--fp", "--pipeline", class_latent_dir,
                      "--vae-precision", "fp16")
     assert result.code == 0, result.err
