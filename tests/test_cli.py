@@ -142,22 +142,54 @@ class Pipeline:
     outputs: dict[str, str]  # command -> stdout
 
 
+def fast_preset_at_test_size():
+    """The fast preset with every loop cut to a test's size, for the builtin pipeline below.
+
+    The tests read what the commands write (files, manifests, summaries, a sample that looks like
+    Fashion-MNIST), not how well the method does, so every stage still runs, only shorter: PQ
+    reconstruction (10 + 4 Adam iterations per block instead of 60 + 20) on 8 calibration pairs instead
+    of 32, and CAD (10 iterations on 16 pairs, held-out loss and checkpoint every 5, instead of 100 on
+    64 pairs) with its guard and the activation-scale check as the preset has them. Measured on the
+    2-core machine: compress 106 s -> 29 s; the six sampled images keep std 70 (each >= 47), median 2,
+    mean 55, against the > 10, < 64 and 5..160 that test_sampled_images_look_like_the_trained_model asks.
+    """
+    import dataclasses
+
+    from pqcad_deploy.presets import PRESETS, CalibrationConfig
+
+    fast = PRESETS["fast"]
+    return dataclasses.replace(
+        fast,
+        calibration=CalibrationConfig(num_trajectories=2, timesteps_kept=4, batch_size=2),
+        reconstruction=dataclasses.replace(fast.reconstruction, iters=10, act_iters=4),
+        dc=dataclasses.replace(fast.dc, size=16),
+        heldout=dataclasses.replace(fast.heldout, size=8),
+        distill=dataclasses.replace(fast.distill, iters=10, heldout_every=5),
+        distill_checkpoint_every=5,
+    )
+
+
 @pytest.fixture(scope="module")
 def builtin(tmp_path_factory) -> Pipeline:
     """compress -> export -> build-engine -> sample on the embedded model, once per module: README's main
-    job, at the defaults (export's onnxruntime target resolves to ort-qlinear at W8A8)."""
+    job, at the defaults (export's onnxruntime target resolves to ort-qlinear at W8A8), with the fast
+    preset's loops at a test's size (fast_preset_at_test_size)."""
+    from pqcad_deploy.presets import PRESETS
+
     root = tmp_path_factory.mktemp("builtin")
     art, model, engine, images, npz = root / "A", root / "M.onnx", root / "E", root / "O", root / "O.npz"
     outputs = {}
-    for name, args in [
-        ("compress", ["compress", *DEFAULT_METHOD_FAST, "--out", art]),
-        ("export", ["export", art, "--onnx", model]),
-        ("build-engine", ["build-engine", model, "-o", engine]),
-        ("sample", ["sample", engine, "-n", 6, "--seed", 0, "-o", images, "--npz", npz, "--quiet"]),
-    ]:
-        result = run_main(*args)
-        assert result.code == 0, f"{name} failed: {result.err}"
-        outputs[name] = result.out
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(PRESETS, "fast", fast_preset_at_test_size())
+        for name, args in [
+            ("compress", ["compress", *DEFAULT_METHOD_FAST, "--out", art]),
+            ("export", ["export", art, "--onnx", model]),
+            ("build-engine", ["build-engine", model, "-o", engine]),
+            ("sample", ["sample", engine, "-n", 6, "--seed", 0, "-o", images, "--npz", npz, "--quiet"]),
+        ]:
+            result = run_main(*args)
+            assert result.code == 0, f"{name} failed: {result.err}"
+            outputs[name] = result.out
     return Pipeline(root, art, model, engine, images, npz, outputs)
 
 
@@ -241,6 +273,11 @@ def test_compress_writes_the_artifact(builtin: Pipeline) -> None:
     assert " dB before distillation, " in summary
     report = json.loads((builtin.artifact / "report.json").read_text())
     assert report["act_scale_check"]["kept"] in ("learned", "initial") and report["distillation"]["losses"]
+    # the report records the settings compress ran with: the fixture's test-size fast preset
+    from pqcad_deploy.presets import preset_to_dict
+
+    assert report["preset_settings"] == json.loads(json.dumps(preset_to_dict(fast_preset_at_test_size())))
+    assert len(report["distillation"]["losses"]) == 10
     guard = report["distillation"]["guard"]
     assert guard["kept"] in ("distilled", "undistilled") and guard["reference_steps"] == 10
     assert f"guard kept the {guard['kept']} student: PSNR vs FP-10 {guard['psnr_distilled_db']:.2f} dB" in summary
