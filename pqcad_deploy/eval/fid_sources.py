@@ -252,13 +252,22 @@ def images_from_source(source: str | os.PathLike[str], n: int | None = None, ste
         from pqcad_deploy.engines.generate import open_runner
         from pqcad_deploy.engines.sampler import sample_images
 
+        from pqcad_deploy.engines.conditioning import sample_conditions
+        from pqcad_deploy.engines.latent_parts import EngineParts
+
         runner, manifest = open_runner(source)
+        parts = EngineParts(source, manifest)  # a latent engine's VAE decoder and class table or text encoder
+        # the engine's defaults (image i of class i % classes, the calibrated guidance scale); a text engine
+        # has no default prompts and is refused in one line
+        conditions = sample_conditions(manifest.onnx.conditioning, parts=parts)
         with runner:
             result = sample_images(runner, manifest, n, seed, steps=steps, batch_size=batch_size,
-                                   progress=progress)
+                                   progress=progress, conditions=conditions, decode=parts.decoder())
         images, used_steps = result.images, len(result.timesteps)
     else:
         from pqcad_deploy.eval.pipeline_sampling import generate_images
+
+        from pqcad_deploy.conditioning import conditioning_for, conditioning_of
 
         if kind == "artifact":
             from pqcad_deploy.artifact import load_artifact
@@ -267,14 +276,25 @@ def images_from_source(source: str | os.PathLike[str], n: int | None = None, ste
             unet = artifact.build_teacher() if fp else artifact.build_student()
             scheduler_config = artifact.manifest.scheduler_config
             used_steps = artifact.manifest.student_steps if steps is None else int(steps)
+            if artifact.manifest.unet_class != "UNet2DModel":
+                raise FidSourceError(f"{source} is a latent artifact; score it through its engine (export, "
+                                     "build-engine, then eval fid ENGINE), which carries its VAE decoder.")
+            options = artifact.manifest.options  # sampled as it was calibrated: class i % classes, its guidance
+            conditioning = conditioning_of(artifact.manifest.unet_config, options.get("guidance_scale", 1.0),
+                                           options.get("null_class"))
+            decode = None
         else:
             from pqcad_deploy.models import load_model
 
             loaded = load_model(str(source))
-            unet, scheduler_config = loaded.unet, loaded.scheduler_config
+            unet, scheduler_config = loaded.unet.to(device), loaded.scheduler_config
             used_steps = DEFAULT_MODEL_STEPS if steps is None else int(steps)
+            if loaded.kind == "text-conditional-latent":
+                raise FidSourceError(f"{source} is a text-conditional pipeline: FID needs prompts; sample its engine "
+                                     "with --prompt-file, then eval fid the image folder.")
+            conditioning, decode = conditioning_for(loaded), loaded.to(device).decode  # class i % classes, unguided
         images = generate_images(unet, scheduler_config, n, used_steps, seed=seed, batch_size=batch_size,
-                                 device=device, progress=progress).images
+                                 device=device, progress=progress, conditioning=conditioning, decode=decode).images
     return images, SourceInfo(kind, str(source), len(images), used_steps, int(seed),
                               bool(fp) if kind == "artifact" else None, time.perf_counter() - started)
 

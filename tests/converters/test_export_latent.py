@@ -230,6 +230,18 @@ def test_export_build_engine_and_sample_from_the_cli(artifacts, exports, tmp_pat
         assert f"prompt i mod 2, guidance scale {SD_SCALE:g}" in sampled.out
     for i in range(3):
         assert (tmp_path / "a" / f"{i:05d}.png").read_bytes() == (tmp_path / "b" / f"{i:05d}.png").read_bytes()
+    # eval fid's engine source: a text engine has no default prompts (one line); a class-embedding engine samples
+    # its defaults and decodes through its VAE part, the images `sample` writes
+    from pqcad_deploy.engines.errors import EngineError
+    from pqcad_deploy.eval.fid_sources import images_from_source
+
+    with pytest.raises(EngineError, match="prompt"):
+        images_from_source(tmp_path / "engine", n=2, progress=False)
+    assert run_cli("build-engine", exports["class", "fp"].path, "-o", tmp_path / "class_engine").code == 0
+    assert run_cli("sample", tmp_path / "class_engine", "-n", "2", "-o", tmp_path / "c", "--quiet",
+                   "--npz", tmp_path / "c.npz").code == 0
+    scored, _ = images_from_source(tmp_path / "class_engine", n=2, progress=False)
+    assert scored.shape == (2, 16, 16, 3) and np.array_equal(scored, np.load(tmp_path / "c.npz")["images"])
     record = json.loads((tmp_path / "a" / "samples.json").read_text())
     assert record["conditioning"]["prompts"] == ["the cat", "a red car"] and record["image_shape"] == [64, 64, 3]
     # --overwrite replaces the ONNX and its parts folder, which export wrote; not a folder holding anything else

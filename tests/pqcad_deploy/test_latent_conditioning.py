@@ -161,3 +161,24 @@ def test_compress_refuses_a_prompt_file_for_a_pixel_model_in_one_line(prompt_fil
     assert result.code != 0 and not (tmp_path / "art").exists()
     assert result.err.strip() == ("error: --prompt-file applies to text-conditional pipelines (Stable Diffusion); "
                                   "this model takes no prompts: drop it.")
+
+
+def test_eval_sources_sample_conditional_models_as_they_were_calibrated(class_conditional_dir, class_latent_dir,
+                                                                         sd_pipeline_dir, tmp_path) -> None:
+    """eval fid's generated sources: a class-conditional model folder samples class i % classes (unguided), a
+    class-embedding pipeline decodes through its VAE (the images generate_images gives), a text pipeline is
+    refused in one line (FID needs prompts)."""
+    from pqcad_deploy.eval.fid_sources import FidSourceError, images_from_source
+    from pqcad_deploy.eval.pipeline_sampling import generate_images
+    from pqcad_deploy.models import load_model
+
+    images, info = images_from_source(class_latent_dir, n=3, steps=2, progress=False)
+    loaded = load_model(str(class_latent_dir))
+    expected = generate_images(loaded.unet, loaded.scheduler_config, 3, 2, progress=False,
+                               conditioning=conditioning_for(loaded), decode=loaded.decode).images
+    assert images.shape == (3, 16, 16, 3) and np.array_equal(images, expected) and info.steps == 2
+    pixel, _ = images_from_source(class_conditional_dir, n=2, steps=2, progress=False)
+    assert pixel.shape == (2, 32, 32, 3)
+    with pytest.raises(FidSourceError, match="is a text-conditional pipeline: FID needs prompts; sample its engine "
+                                             "with --prompt-file"):
+        images_from_source(sd_pipeline_dir, n=2, steps=2, progress=False)
