@@ -8,7 +8,7 @@ float32 [batch, tokens, width]. Where its rows come from is the manifest entry's
   The unconditional half of guidance is the empty prompt's embedding, embedded alone, as
   StableDiffusionPipeline.encode_prompt does.
 - "class_embeddings": rows of the class table part (a learned [classes + null row, tokens, width] table,
-  builtin:cifar10-latent's layout); image i gets class ``i % num_classes`` unless the user names labels,
+  scripts/train_latent_reference.py's layout); image i gets class ``i % num_classes`` unless the user names labels,
   and the null row is the unconditional half.
 
 These are the PyTorch stage's rules (pqcad_deploy.conditioning.EmbeddingConditioning), so the same seeds

@@ -15,7 +15,7 @@ attention mask only where the encoder's config asks for one (``use_attention_mas
 not); the unconditional half of guidance is the empty prompt ``""`` embedded the same way. For the
 decode: ``vae.decode(latents / vae.config.scaling_factor).sample`` in [-1, 1].
 
-The class table (``class_embeddings/`` of builtin:cifar10-latent, scripts/train_latent_reference.py):
+The class table (``class_embeddings/``, as scripts/train_latent_reference.py writes it):
 ``config.json`` (num_classes, null_class, tokens, width, class_names) and ``embeddings.safetensors``
 with one float32 tensor ``embeddings`` [rows, tokens, width]: row c is class c's
 ``encoder_hidden_states``, the null row the unconditional half of guidance. A class-conditional model

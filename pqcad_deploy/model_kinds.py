@@ -31,7 +31,7 @@ SUPPORTED_TODAY = ("pqcad-deploy compresses unconditional and class-conditional 
                    "UNet2DModel models (a folder with config.json, weights and scheduler_config.json, or 'builtin'), "
                    "and latent UNet2DConditionModel pipelines conditioned through cross-attention: Stable Diffusion "
                    "1.x / 2.x folders (unet/, vae/, text_encoder/, tokenizer/, scheduler/) and class-embedding "
-                   "pipelines (unet/, vae/, class_embeddings/, scheduler/; builtin:cifar10-latent)")
+                   "pipelines (unet/, vae/, class_embeddings/, scheduler/, as scripts/train_latent_reference.py writes them)")
 """The second half of every refusal: what the tool does take today."""
 
 

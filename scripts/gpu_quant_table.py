@@ -17,7 +17,7 @@ weights are still travelling in pieces (docs/RESULTS.md section 15):
   ``OUT/results.json`` with the FP rows' channel means beside each row's.
 
 A row is ``model:method:weight_bits:act_bits[:flag...]`` with model ``fmnist``, ``cifar10`` or ``latent``
-(issue 17's class-conditional latent model: ``$PQCAD_LATENT_MODEL``, default builtin:cifar10-latent),
+(issue 17's class-conditional latent model: ``$PQCAD_LATENT_MODEL``, default builtin:cifar10-latent once it ships),
 method ``fp`` (the FP model itself; bits ignored) / ``minmax`` / ``brecq`` / ``pqcad``, and flags
 ``all`` / ``safe`` (``--precision-policy all`` / ``tensorrt-safe``), ``bc`` / ``nobc``
 (``--bias-correction`` / ``--no-bias-correction``); unflagged options take compress's defaults, which
@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = {"fmnist": "builtin:fashion-mnist", "cifar10": "builtin:cifar10",
           # issue 17's class-conditional latent model: the shipped builtin, or the folder a GPU round has just trained
-          "latent": os.environ.get("PQCAD_LATENT_MODEL", "builtin:cifar10-latent")}
+          "latent": os.environ.get("PQCAD_LATENT_MODEL", "builtin:cifar10-latent")}  # not shipped yet: set the env
 REFERENCES = {"fmnist": ROOT / "pqcad_deploy/eval/data/fashion_mnist_train_fid_stats.npz",
               "cifar10": ROOT / "pqcad_deploy/eval/data/cifar10_train_fid_stats.npz",
               "latent": ROOT / "pqcad_deploy/eval/data/cifar10_train_fid_stats.npz"}

@@ -153,7 +153,7 @@ CLASS_LATENT_VAE_CONFIG: dict = dict(
 
 
 def make_class_latent_pipeline_dir(path: Path, seed: int = 0) -> Path:
-    """Save a class-embedding latent pipeline (random weights): the layout of builtin:cifar10-latent.
+    """Save a class-embedding latent pipeline (random weights): the layout scripts/train_latent_reference.py writes.
 
     unet/ (UNet2DConditionModel, cross-attention), vae/ (AutoencoderKL, 2x downsampling: 16 px images
     from 8x8 latents), scheduler/ (SD's DDIM settings) and class_embeddings/ (config.json +

@@ -1,5 +1,5 @@
 """Latent pipelines conditioned through cross-attention in the PyTorch stage (issue 17): the SD-1.5-shaped
-text pipeline and the class-embedding pipeline (builtin:cifar10-latent's layout), against diffusers'
+text pipeline and the class-embedding pipeline (scripts/train_latent_reference.py's layout), against diffusers'
 StableDiffusionPipeline on the same noise, and compress end to end with one error line per bad option."""
 
 from __future__ import annotations

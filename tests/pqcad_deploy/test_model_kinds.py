@@ -31,7 +31,7 @@ TODAY = ("pqcad-deploy compresses unconditional and class-conditional (num_class
          "models (a folder with config.json, weights and scheduler_config.json, or 'builtin'), and latent "
          "UNet2DConditionModel pipelines conditioned through cross-attention: Stable Diffusion 1.x / 2.x folders "
          "(unet/, vae/, text_encoder/, tokenizer/, scheduler/) and class-embedding pipelines (unet/, vae/, "
-         "class_embeddings/, scheduler/; builtin:cifar10-latent).")
+         "class_embeddings/, scheduler/, as scripts/train_latent_reference.py writes them).")
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ CASES: dict[str, tuple[Callable[..., Path], str]] = {
 
 
 def _with_class_table(d: Path) -> Path:
-    """The layout of builtin:cifar10-latent (JSON only: detection reads no weights)."""
+    """The layout scripts/train_latent_reference.py writes (JSON only: detection reads no weights)."""
     (d / "class_embeddings").mkdir()
     (d / "class_embeddings" / "config.json").write_text(json.dumps({"_class_name": "ClassEmbeddingTable"}))
     return d
