@@ -182,3 +182,43 @@ def test_eval_sources_sample_conditional_models_as_they_were_calibrated(class_co
     with pytest.raises(FidSourceError, match="is a text-conditional pipeline: FID needs prompts; sample its engine "
                                              "with --prompt-file"):
         images_from_source(sd_pipeline_dir, n=2, steps=2, progress=False)
+
+
+def test_a_v_prediction_pipeline_samples_as_diffusers_and_goes_through_every_verb(sd_pipeline_dir, prompt_file,
+                                                                                    tmp_path) -> None:
+    """SD 2.x predicts v: the conditional sampler follows StableDiffusionPipeline there too (within 1 level),
+    and compress -> export (parity) -> build-engine -> sample runs on it."""
+    import shutil
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from pqcad_deploy.eval.pipeline_sampling import generate_images
+    from pqcad_deploy.models import load_model
+
+    folder = shutil.copytree(sd_pipeline_dir, tmp_path / "sd_v")
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "prediction_type": "v_prediction"}))
+    loaded = load_model(str(folder))
+    assert loaded.scheduler_config["prediction_type"] == "v_prediction"
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(loaded.scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.cat([torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(i)) for i in range(3)])
+    ours = generate_images(loaded.unet, loaded.scheduler_config, 3, 4, progress=False,
+                           conditioning=conditioning_for(loaded, 3.0, prompts=PROMPTS), decode=loaded.decode).images
+    theirs = pipe(list(PROMPTS), num_inference_steps=4, guidance_scale=3.0, latents=noise, eta=0.0,
+                  output_type="np").images
+    assert np.abs(ours.astype(int) - np.round(np.clip(theirs, 0, 1) * 255).astype(int)).max() <= 1
+    art, onnx_path = tmp_path / "art", tmp_path / "v.onnx"
+    steps = (("compress", "--model", folder, "--out", art, "--preset", "fast", "--teacher-steps", "4", "--method",
+              "minmax", "--no-distill", "--guidance-scale", "3", "--prompt-file", prompt_file, "--quiet"),
+             ("export", art, "--onnx", onnx_path, "--target", "qdq"),
+             ("build-engine", onnx_path, "-o", tmp_path / "engine"),
+             ("sample", tmp_path / "engine", "-n", "2", "--prompt", "the cat", "-o", tmp_path / "images", "--quiet"))
+    outputs = {}
+    for args in steps:
+        result = run_cli(*args)
+        assert result.code == 0, (args[0], result.err)
+        outputs[args[0]] = result.out
+    assert "parity vs PyTorch: pass" in outputs["export"]
+    assert sorted(p.name for p in (tmp_path / "images").glob("0000*.png")) == ["00000.png", "00001.png"]
