@@ -29,7 +29,7 @@ them), ``r=R`` (``--rounds``), and the distillation settings ``it=`` iterations,
 ``ema=`` decay, ``wu=`` warm-up iterations, ``cos`` (cosine decay), ``rdd=`` weight, ``clip=`` gradient
 norm, ``fresh`` (fresh C_DC pairs), ``mix=`` (their noise-injection share), ``dcn=`` (C_DC size),
 ``traj=`` (pool trajectories), ``gs=W`` (issue 17: ``--guidance-scale W`` of a conditional model;
-an ``fp`` row samples with it), ``guard=fid`` (compress's ``--guard fid``: the make process waits for
+an ``fp`` row samples with it), ``kf=P1+P2`` (``--keep-float P1 --keep-float P2``), ``guard=fid`` (compress's ``--guard fid``: the make process waits for
 ``$PQCAD_FID_WEIGHTS`` to exist before the first guard, since the weights arrive in pieces), e.g. ``cifar10:pqcad:8:8:cad:steps=20:fresh:ema=0.999:cos:it=4000``.
 
     python -m scripts.gpu_quant_table make --rows fmnist:pqcad:8:8,... --cache /tmp/q13
@@ -86,6 +86,8 @@ def parse_row(row: str) -> tuple[str, str, int, int, dict]:
             options["guard"] = value
         elif key == "gs" and value:
             options["guidance_scale"] = float(value)
+        elif key == "kf" and value:  # --keep-float patterns joined by '+', e.g. kf=*attn2.to_k+*attn2.to_v
+            options["keep_float"] = tuple(value.split("+"))
         elif key in OPTION_FLAGS and value:
             options[OPTION_FLAGS[key]] = float(value) if OPTION_FLAGS[key] in FLOAT_OPTIONS else value
         elif flag in ("all", "safe"):
