@@ -31,16 +31,8 @@ from pqcad_deploy.engines.conditioning import (ConditioningSpec, EmbeddingCondit
                                                conditioning_from_dict)
 from pqcad_deploy.errors import ConfigError, ExportError
 
-__all__ = ["LATENT_PIPELINE_KINDS", "artifact_conditioning", "condition_spec", "engine_conditions", "source_pipeline",
+__all__ = ["artifact_conditioning", "condition_spec", "engine_conditions", "source_pipeline",
            "torch_conditions"]
-
-LATENT_PIPELINE_KINDS: dict[str, tuple[str, ...]] = {
-    "class-embedding-latent": ("class_table",),
-    "text-conditional-latent": ("text_encoder",),
-}
-"""The latent model kinds export takes (pqcad_deploy.model_kinds) -> the LoadedModel parts their
-conditioning reads (pqcad_deploy.latent_parts loads them)."""
-
 
 def _is_cross_attention(manifest) -> bool:
     return manifest.unet_config.get("cross_attention_dim") is not None
@@ -90,16 +82,16 @@ def _calibration_prompts(manifest, report: dict | None, artifact: object) -> tup
 def _pipeline_conditioning(root: str, guidance_scale: float, null_class: int | None,
                            prompts: tuple[str, ...] | None) -> Conditioning:
     """conditioning_for on a latent pipeline's parts (cached: export, its calibration and parity share it)."""
-    from pqcad_deploy import latent_parts
     from pqcad_deploy.model_kinds import detect_model_kind
+    from pqcad_deploy.models import LATENT_PARTS, load_latent_parts
 
     kind = detect_model_kind(Path(root)).name
-    if kind not in LATENT_PIPELINE_KINDS:
+    if kind not in LATENT_PARTS:
         raise ExportError(f"{root} is a {kind} model folder, not a latent pipeline with cross-attention "
-                          f"conditioning ({', '.join(LATENT_PIPELINE_KINDS)}); pass --pipeline with the pipeline "
+                          f"conditioning ({', '.join(LATENT_PARTS)}); pass --pipeline with the pipeline "
                           "the artifact was compressed from.")
-    loaders = {"class_table": latent_parts.load_class_table, "text_encoder": latent_parts.load_text_encoder}
-    loaded = SimpleNamespace(kind=kind, **{part: loaders[part](root) for part in LATENT_PIPELINE_KINDS[kind]})
+    # the parts its conditioning reads (export writes the VAE decoder from the folder itself)
+    loaded = SimpleNamespace(kind=kind, **load_latent_parts(kind, Path(root), without=("vae",)))
     try:
         return conditioning_for(loaded, guidance_scale, null_class, prompts)
     except ConfigError as exc:

@@ -88,12 +88,26 @@ class Guidance:
                 shaped ``uncond`` when guiding.
         """
         x = np.asarray(x)
+        return self.model_inputs(x), self.model_conditions(x.shape[0], cond, uncond)
+
+    def model_inputs(self, x: np.ndarray) -> np.ndarray:
+        """The model's input for one step: ``[x, x]`` when guiding, ``x`` at scale 1."""
+        x = np.asarray(x)
+        return np.concatenate([x, x]) if self.enabled else x
+
+    def model_conditions(self, n: int, cond: np.ndarray, uncond: np.ndarray | None) -> np.ndarray:
+        """The conditions fed with :meth:`model_inputs` of a batch of ``n``: ``[uncond, cond]`` when guiding,
+        ``cond`` at scale 1. They do not change from step to step, so a sampler builds them once per batch.
+
+        Raises:
+            ConfigError: as :meth:`model_batch`.
+        """
         cond = np.asarray(cond)
-        if cond.ndim == 0 or cond.shape[0] != x.shape[0]:
+        if cond.ndim == 0 or cond.shape[0] != n:
             raise ConfigError(f"the conditions must have one row per sample: got shape {cond.shape} for "
-                              f"{x.shape[0]} samples.")
+                              f"{n} samples.")
         if not self.enabled:
-            return x, cond
+            return cond
         if uncond is None:
             raise ConfigError(f"guidance scale {self.scale} needs unconditional conditions (the negative prompt "
                               "embeddings or the null class); pass them, or use scale 1.0.")
@@ -101,7 +115,7 @@ class Guidance:
         if uncond.shape != cond.shape or uncond.dtype != cond.dtype:
             raise ConfigError(f"the unconditional conditions must match the conditional ones: got "
                               f"{uncond.shape} {uncond.dtype} against {cond.shape} {cond.dtype}.")
-        return np.concatenate([x, x]), np.concatenate([uncond, cond])
+        return np.concatenate([uncond, cond])
 
     def combine(self, output: np.ndarray) -> np.ndarray:
         """Return the guided prediction from the model's output on :meth:`model_batch`'s input.

@@ -331,6 +331,7 @@ def denoise(
                 padded = np.zeros((rows, *x.shape[1:]), dtype=np.float32) if rows != k else None
                 if conditions is not None:  # the padding rows get the conditions of the images after these
                     cond, uncond = conditions.halves(np.arange(first_index + b0, first_index + b0 + rows))
+                    model_cond = conditions.guidance.model_conditions(rows, cond, uncond)  # the same every step
                 for t, prev_t in pairs:
                     if padded is not None:
                         padded[:k] = x
@@ -339,7 +340,7 @@ def denoise(
                         feed = {"sample": model_x, "timestep": np.full((rows,), t, dtype=np.float32)}
                         out = runner.infer(feed)[out_name][:k]
                     else:
-                        model_x, model_cond = conditions.guidance.model_batch(model_x, cond, uncond)
+                        model_x = conditions.guidance.model_inputs(model_x)
                         feed = {"sample": model_x, "timestep": np.full((len(model_x),), t, dtype=np.float32),
                                 conditions.input.name: model_cond}
                         out = conditions.guidance.combine(runner.infer(feed)[out_name])[:k]

@@ -228,18 +228,21 @@ def check_model(unet, where: str, config_path: str | None = None) -> None:
 _UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
 
-def _latent_parts(kind: str, root: Path) -> dict:
-    """The parts beside the UNet a model kind needs (latent_parts), loaded from the pipeline folder."""
+LATENT_PARTS: dict[str, tuple[str, ...]] = {
+    "class-embedding-latent": ("vae", "class_table"),
+    "text-conditional-latent": ("vae", "text_encoder"),
+}
+"""The LoadedModel parts beside the UNet each latent model kind has (pqcad_deploy.model_kinds names the kinds)."""
+
+
+def load_latent_parts(kind: str, root: Path, without: tuple[str, ...] = ()) -> dict:
+    """A latent pipeline's parts (pqcad_deploy.latent_parts loads them) by LoadedModel field, but those in
+    `without`; {} for a pixel-space kind."""
     from pqcad_deploy import latent_parts
 
-    parts: dict = {}
-    if kind in ("class-embedding-latent", "text-conditional-latent"):
-        parts["vae"] = latent_parts.load_vae(root)[0]
-    if kind == "class-embedding-latent":
-        parts["class_table"] = latent_parts.load_class_table(root)
-    if kind == "text-conditional-latent":
-        parts["text_encoder"] = latent_parts.load_text_encoder(root)
-    return parts
+    loaders = {"vae": lambda folder: latent_parts.load_vae(folder)[0], "class_table": latent_parts.load_class_table,
+               "text_encoder": latent_parts.load_text_encoder}
+    return {part: loaders[part](root) for part in LATENT_PARTS.get(kind, ()) if part not in without}
 
 
 def _load_local(model: str) -> LoadedModel:
@@ -272,7 +275,7 @@ def _load_local(model: str) -> LoadedModel:
     unet = unet.eval()
     check_model(unet, f"the embedded model {model!r}" if is_builtin(model) else f"model {model!r}",
                 str(unet_dir / "config.json"))
-    parts = _latent_parts(kind, root)
+    parts = load_latent_parts(kind, root)
     return LoadedModel(unet=unet, scheduler_config=config, source=source, unet_dir=unet_dir, kind=kind,
                        root=root if parts else None, **parts)
 

@@ -9,6 +9,9 @@ One definition for the import-boundary tests and their subprocesses (which put t
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 RUNTIME_PACKAGES: tuple[str, ...] = ("pqcad_deploy.engines", "pqcad_deploy.cli")
 THIRD_PARTY_STAGE: tuple[str, ...] = ("torch", "diffusers")
 OPTIONAL_BACKENDS: tuple[str, ...] = ("tensorrt", "onnxruntime", "cuda")
@@ -25,3 +28,16 @@ def is_pytorch_stage(name: str) -> bool:
     if name == "pqcad_deploy" or not _under(name, "pqcad_deploy"):
         return False
     return not any(_under(name, package) for package in RUNTIME_PACKAGES)
+
+
+def block_imports(blocked: Callable[[str], bool]) -> None:
+    """Make every later import of a module `blocked` names fail, as if it were not installed (the
+    subprocesses of the boundary tests call this before importing the runtime)."""
+
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if blocked(name):
+                raise ImportError(f"blocked by the import-boundary test: {name}")
+            return None
+
+    sys.meta_path.insert(0, Block())

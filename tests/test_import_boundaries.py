@@ -31,18 +31,12 @@ SCRIPT = r"""
 import importlib, io, json, pkgutil, sys, contextlib
 
 sys.path.insert(0, "tests")
-from _boundaries import OPTIONAL_BACKENDS, is_pytorch_stage
+from _boundaries import OPTIONAL_BACKENDS, block_imports, is_pytorch_stage
 
 def blocked(name):
     return is_pytorch_stage(name) or name.split(".")[0] in OPTIONAL_BACKENDS
 
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if blocked(name):
-            raise ImportError(f"blocked by the import-boundary test: {name}")
-        return None
-
-sys.meta_path.insert(0, Block())
+block_imports(blocked)
 from pqcad_deploy import engines
 modules = sorted(m.name for m in pkgutil.walk_packages(engines.__path__, "pqcad_deploy.engines."))
 for name in modules:

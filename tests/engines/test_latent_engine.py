@@ -410,18 +410,12 @@ def test_the_checker_takes_encoder_hidden_states_of_the_manifests_shape(latent_e
 SAMPLE_WITHOUT_TORCH = r"""
 import json, sys
 sys.path.insert(0, "tests")
-from _boundaries import is_pytorch_stage
+from _boundaries import block_imports, is_pytorch_stage
 
 def blocked(name):
     return is_pytorch_stage(name) or name.split(".")[0] in ("transformers", "diffusers", "torch")
 
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if blocked(name):
-            raise ImportError(f"blocked by the import-boundary test: {name}")
-        return None
-
-sys.meta_path.insert(0, Block())
+block_imports(blocked)
 from pqcad_deploy import cli
 try:
     cli.main(sys.argv[1:])
