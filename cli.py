@@ -93,8 +93,9 @@ def _guard_scores(guard: dict) -> str:
 @click.option("--model", default="builtin", show_default=True,
               help="A local diffusers UNet2DModel directory (config.json + weights + scheduler_config.json, "
                    "or a pipeline folder with unet/ and scheduler/), a hub id where a hub is reachable, "
-                   "'builtin' for the embedded Fashion-MNIST model, or 'builtin:cifar10' for the embedded "
-                   "colour CIFAR-10 model.")
+                   "'builtin' for the embedded Fashion-MNIST model, 'builtin:cifar10' for the embedded "
+                   "colour CIFAR-10 model, or 'builtin:cifar10-latent' for the embedded class-conditional latent "
+                   "pipeline (CIFAR-10's classes: --guidance-scale 3).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Artifact directory to write (created atomically).")
 @click.option("--method", default="pqcad", show_default=True, type=_StageChoice("METHODS"),

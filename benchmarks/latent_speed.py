@@ -11,7 +11,9 @@ Against it, in the same process and at the same thread count:
 - the student engine (``export``'s default target) at its own (half) steps: what pqcad-deploy delivers.
 
 Each row samples the same ``--n`` images (class i % 10) in batches of ``--batch``, guided at ``--scale``,
-decode included; one warm-up run, then ``--reps`` timed runs, median / min / max.
+decode included; one warm-up run of each row, then ``--reps`` rounds in which every row runs once in turn, so a
+drift of the machine's speed (a shared 2-core VM's is several per cent within minutes) falls on every row alike:
+per row the median / min / max, and per round the speedups, whose median and spread are reported.
 
     python -m benchmarks.latent_speed --pipeline PIPE --fp-engine FP_ENGINE --engine ENGINE --steps 20 \\
         --scale 2 --n 32 --batch 16 --threads 2 --out latent_speed.json
@@ -20,6 +22,7 @@ decode included; one warm-up run, then ``--reps`` timed runs, median / min / max
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -28,18 +31,22 @@ import time
 from pathlib import Path
 
 
-def _time(run, reps: int) -> dict:
-    run()  # warm-up: allocations, ONNX Runtime's first-call work
-    seconds = []
-    for _ in range(reps):
-        started = time.perf_counter()
+def _interleaved(runs: list, reps: int) -> list[list[float]]:
+    """Seconds of each run in each of `reps` rounds (round-robin), after one warm-up of each (allocations, ONNX
+    Runtime's first-call work)."""
+    for run in runs:
         run()
-        seconds.append(time.perf_counter() - started)
-    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds), "reps": reps}
+    seconds: list[list[float]] = [[] for _ in runs]
+    for _ in range(reps):
+        for k, run in enumerate(runs):
+            started = time.perf_counter()
+            run()
+            seconds[k].append(time.perf_counter() - started)
+    return seconds
 
 
-def diffusers_row(pipeline: Path, n: int, batch: int, steps: int, scale: float, threads: int) -> dict:
-    """StableDiffusionPipeline in FP32 on the CPU with the class table as its prompt embeddings."""
+def diffusers_row(pipeline: Path, n: int, batch: int, steps: int, scale: float, threads: int) -> tuple[dict, object]:
+    """(row, run): StableDiffusionPipeline in FP32 on the CPU with the class table as its prompt embeddings."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -65,30 +72,29 @@ def diffusers_row(pipeline: Path, n: int, batch: int, steps: int, scale: float, 
                      num_inference_steps=steps, guidance_scale=scale, eta=0.0, output_type="np",
                      generator=torch.Generator().manual_seed(start))
 
-    return {"row": f"diffusers StableDiffusionPipeline FP32, {steps} steps", "steps": steps, **_time(run, REPS)}
+    return {"row": f"diffusers StableDiffusionPipeline FP32, {steps} steps", "steps": steps}, run
 
 
-def engine_row(engine: Path, n: int, batch: int, steps: int | None, scale: float, threads: int, label: str) -> dict:
-    """An engine through the runtime's own sampler (engines.sampler.sample_images), decode included."""
+def engine_row(engine: Path, n: int, batch: int, steps: int | None, scale: float, threads: int, label: str,
+               stack: contextlib.ExitStack) -> tuple[dict, object]:
+    """(row, run): an engine through the runtime's own sampler (engines.sampler.sample_images), decode included;
+    its runner stays open in `stack`."""
     from pqcad_deploy.engines.conditioning import sample_conditions
     from pqcad_deploy.engines.generate import open_runner
     from pqcad_deploy.engines.latent_parts import EngineParts
     from pqcad_deploy.engines.sampler import sample_images, sampling_timesteps
 
     runner, manifest = open_runner(engine, threads=threads)
+    stack.enter_context(runner)
     parts = EngineParts(engine, manifest, threads)
     conditions = sample_conditions(manifest.onnx.conditioning, parts=parts, guidance_scale=scale)
     used = len(sampling_timesteps(manifest.onnx, steps))
-    with runner:
-        def run() -> None:
-            sample_images(runner, manifest, n, 0, steps=steps, batch_size=batch, progress=False,
-                          conditions=conditions, decode=parts.decoder())
 
-        timing = _time(run, REPS)
-    return {"row": f"{label}, {used} steps", "steps": used, "precision": manifest.onnx.precision, **timing}
+    def run() -> None:
+        sample_images(runner, manifest, n, 0, steps=steps, batch_size=batch, progress=False,
+                      conditions=conditions, decode=parts.decoder())
 
-
-REPS = 3
+    return {"row": f"{label}, {used} steps", "steps": used, "precision": manifest.onnx.precision}, run
 
 
 def main() -> int:
@@ -105,16 +111,22 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    REPS = args.reps
-    rows = [diffusers_row(args.pipeline, args.n, args.batch, args.steps, args.scale, args.threads),
-            engine_row(args.fp_engine, args.n, args.batch, args.steps, args.scale, args.threads, "FP32 engine"),
-            engine_row(args.engine, args.n, args.batch, None, args.scale, args.threads, "student engine")]
-    base = rows[0]["median_s"]
-    for row in rows:
-        row["images_per_s"] = args.n / row["median_s"]
-        row["speedup_vs_diffusers"] = base / row["median_s"]
-        print(f"{row['row']:55s} {row['images_per_s']:8.2f} images/s  x{row['speedup_vs_diffusers']:.2f}  "
-              f"(median {row['median_s']:.2f} s, min {row['min_s']:.2f}, max {row['max_s']:.2f})", flush=True)
+    with contextlib.ExitStack() as stack:
+        made = [diffusers_row(args.pipeline, args.n, args.batch, args.steps, args.scale, args.threads),
+                engine_row(args.fp_engine, args.n, args.batch, args.steps, args.scale, args.threads, "FP32 engine",
+                           stack),
+                engine_row(args.engine, args.n, args.batch, None, args.scale, args.threads, "student engine", stack)]
+        seconds = _interleaved([run for _, run in made], args.reps)
+    rows = [row for row, _ in made]
+    for row, times in zip(rows, seconds):
+        speedups = [base / mine for base, mine in zip(seconds[0], times)]  # per round: the same moment's machine
+        row.update(seconds=times, median_s=statistics.median(times), min_s=min(times), max_s=max(times),
+                   reps=args.reps, images_per_s=args.n / statistics.median(times),
+                   speedup_vs_diffusers=statistics.median(speedups), speedup_min=min(speedups),
+                   speedup_max=max(speedups))
+        print(f"{row['row']:55s} {row['images_per_s']:8.2f} images/s  x{row['speedup_vs_diffusers']:.2f} "
+              f"(rounds x{row['speedup_min']:.2f}-{row['speedup_max']:.2f}; median {row['median_s']:.2f} s, "
+              f"min {row['min_s']:.2f}, max {row['max_s']:.2f})", flush=True)
     result = {"rows": rows, "n": args.n, "batch": args.batch, "guidance_scale": args.scale, "threads": args.threads,
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "python": platform.python_version(), "load_average": os.getloadavg()},

@@ -32,6 +32,8 @@ BUILTIN_MODELS: dict[str, Path] = {
     "builtin": _BUILTIN_ROOT / "fashion_mnist_ddpm",  # the default: 1 channel, 32 px (padded Fashion-MNIST)
     "builtin:fashion-mnist": _BUILTIN_ROOT / "fashion_mnist_ddpm",
     "builtin:cifar10": _BUILTIN_ROOT / "cifar10_ddpm",  # 3 channels, 32 px (MODEL_CARD.md beside it)
+    # class-conditional latent pipeline (AutoencoderKL + cross-attention UNet2DConditionModel on a class table)
+    "builtin:cifar10-latent": _BUILTIN_ROOT / "cifar10_latent",
 }
 """The models that ship with the package, by the name --model takes."""
 BUILTIN_MODEL_DIR = BUILTIN_MODELS["builtin"]

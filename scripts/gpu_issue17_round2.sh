@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 17's second GPU round (RESULTS section 25 says why): retrain the class-conditional latent model with the
-# per-channel latent normalisation folded into its VAE (--normalize-latents, the default now) and a longer UNet
-# phase, then its FID table at 10,000 samples (1,000 per class):
+# per-channel latent normalisation folded into its VAE (--normalize-latents, the default now) and trailing DDIM
+# timesteps (the script's SCHEDULER_CONFIG), round 1's phase lengths, then its FID table at 10,000 samples (1,000 per
+# class; RESULTS section 26 has the outcome, 1,763 s of device time):
 # - FP at 20 and 10 DDIM steps for guidance scales 1, 2, 3, 4 and 5 (round 1's FID still fell at 3);
 # - PQCAD students calibrated and distilled 20 -> 10 with guided trajectories: W8A8 and W4A8 at scales 1 and 3,
 #   under the FID guard (the target: W8A8 at 10 steps within 5 % of FP at 20 with guidance); and W8A8 at 3 with the
@@ -12,7 +13,7 @@
 #   PQCAD_FID_WEIGHTS=/tmp/default_1.pt setsid nohup bash scripts/gpu_issue17_round2.sh /tmp/q17b > /tmp/q17b.log 2>&1 &
 #
 # then score: python3 -m scripts.gpu_quant_table score --weights /tmp/default_1.pt \
-#   --cache /tmp/q17b --out /tmp/q17b/out --expect 15 --follow-s 1500
+#   --cache /tmp/q17b --out /tmp/q17b/out --expect 15 --follow-s 1700
 set -u
 CACHE=${1:-/tmp/q17b}
 mkdir -p "$CACHE"

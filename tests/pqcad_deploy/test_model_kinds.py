@@ -101,6 +101,8 @@ def _config_only(dst: Path, class_name: str) -> Path:
 CASES: dict[str, tuple[Callable[..., Path], str]] = {
     "builtin": (lambda sd, cc, small, tmp: BUILTIN_MODELS["builtin"], "unconditional-pixel"),
     "builtin-cifar10": (lambda sd, cc, small, tmp: BUILTIN_MODELS["builtin:cifar10"], "unconditional-pixel"),
+    "builtin-cifar10-latent": (lambda sd, cc, small, tmp: BUILTIN_MODELS["builtin:cifar10-latent"],
+                               "class-embedding-latent"),
     "unet2d-fixture": (lambda sd, cc, small, tmp: small, "unconditional-pixel"),
     "class-conditional": (lambda sd, cc, small, tmp: cc, "class-conditional-pixel"),
     "class-embed-type-identity": (

@@ -272,10 +272,32 @@ def test_the_builtin_colour_model_loads_by_name() -> None:
     assert BUILTIN_MODELS["builtin"] == BUILTIN_MODELS["builtin:fashion-mnist"]
 
 
+def test_the_builtin_latent_model_loads_by_name_with_its_parts() -> None:
+    """builtin:cifar10-latent: the third reference model (issue 17), a class-embedding latent pipeline whose
+    sampler uses trailing timesteps and whose VAE carries the per-channel latent normalisation (MODEL_CARD.md)."""
+    from pqcad_deploy.models import BUILTIN_MODELS, load_model
+
+    loaded = load_model("builtin:cifar10-latent")
+    assert loaded.kind == "class-embedding-latent" and loaded.source == "builtin:cifar10-latent"
+    assert type(loaded.unet).__name__ == "UNet2DConditionModel"
+    assert (loaded.unet.config.in_channels, loaded.unet.config.sample_size, loaded.unet.config.cross_attention_dim) == (
+        4, 16, 128)
+    assert sum(p.numel() for p in loaded.unet.parameters()) == 2_941_508
+    assert (loaded.class_table.num_classes, loaded.class_table.null_class) == (10, 10)
+    assert loaded.class_table.class_names[3] == "cat"
+    config = loaded.scheduler_config
+    assert (config["timestep_spacing"], config["steps_offset"], config["beta_schedule"]) == ("trailing", 0,
+                                                                                              "scaled_linear")
+    assert loaded.vae.config.scaling_factor == pytest.approx(1.0, abs=1e-3)  # normalised latents: std 1 per channel
+    folder = BUILTIN_MODELS["builtin:cifar10-latent"]
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 8.5e6  # fits the wheel and a GPU carry
+
+
 def test_an_unknown_builtin_name_lists_the_builtin_models() -> None:
     from pqcad_deploy.errors import ModelLoadError
     from pqcad_deploy.models import load_model
 
     with pytest.raises(ModelLoadError, match=r"unknown builtin model 'builtin:imagenet'; the builtin models are "
-                                             r"builtin, builtin:cifar10, builtin:fashion-mnist\."):
+                                             r"builtin, builtin:cifar10, builtin:cifar10-latent, "
+                                             r"builtin:fashion-mnist\."):
         load_model("builtin:imagenet")
