@@ -565,7 +565,9 @@ def eval_fid(source, reference, num_images, steps, seed, device, batch_size, fp,
       an engine directory (engine.json): sampled on its runtime (numpy DDIM, CPU);
       an artifact directory (artifact.json): its fake-quant student (--fp: its teacher);
       'builtin' or a diffusers model directory: the FP model.
-    Artifacts and models are sampled with diffusers' DDIMPipeline, image i seeded with seed + i.
+    Artifacts and models are sampled with diffusers' DDIMPipeline, image i seeded with seed + i;
+    a conditional artifact as it was calibrated (class or prompt i mod count, its guidance scale), a
+    latent one decoded by the VAE of the pipeline folder it records (checked against its hashes).
     """
     if num_images is not None and num_images < 2:
         raise click.BadParameter(f"must be an integer >= 2 (FID needs a covariance); got {num_images}.",
@@ -598,9 +600,14 @@ def eval_fid(source, reference, num_images, steps, seed, device, batch_size, fp,
 @click.option("--sensitivity-steps", default=10, show_default=True, type=POSITIVE,
               help="Measure per-layer sensitivity (two passes over the points per layer) on this many of the "
                    "student's timesteps, evenly spaced (the error by timestep and the drift use all of them).")
+@click.option("--pipeline", default=None, type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="Latent artifacts: the diffusers pipeline folder the artifact was compressed from (default: the "
+                   "folder it records); its VAE decodes the images the drift is measured on, and its text encoder "
+                   "or class table gives the conditioning.")
 @_overwrite_option
 @_quiet_option
-def analyze(artifact, out, num_images, seed, batch_size, device, sensitivity_steps, overwrite, quiet) -> None:
+def analyze(artifact, out, num_images, seed, batch_size, device, sensitivity_steps, pipeline, overwrite,
+            quiet) -> None:
     """Where an artifact's quantization error comes from, on the student's own DDIM trajectories.
 
     \b
@@ -608,12 +615,14 @@ def analyze(artifact, out, num_images, seed, batch_size, device, sensitivity_ste
       the noise-prediction error at each student timestep (relative MSE, SQNR dB);
       each quantized layer's sensitivity: the teacher with only its weight, or only its input,
         quantized (and all weights / all activations at once);
-      the per-channel mean drift of the predicted x0 and of the final images (0-255).
+      the per-channel mean drift of the predicted x0 and of the final images (0-255; a latent
+        artifact's decoded by its pipeline's VAE).
     """
     from pqcad_deploy.analyze import analyze_artifact, summary_lines
 
     result = analyze_artifact(artifact, out, n=num_images, seed=seed, batch_size=batch_size, device=device,
-                              overwrite=overwrite, progress=not quiet, sensitivity_steps=sensitivity_steps)
+                              overwrite=overwrite, progress=not quiet, sensitivity_steps=sensitivity_steps,
+                              pipeline=pipeline)
     for line in summary_lines(result.data):
         click.echo(line)
     click.echo(f"wrote {result.out_dir} (analysis.json, analysis.png; {result.seconds:.1f} s)")

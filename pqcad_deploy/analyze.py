@@ -17,6 +17,12 @@ seeded with `seed`; every (x_t, t) it visits is kept. On that set:
 The stepping is the project's torch DDIM (:mod:`pqcad_deploy.distill.target`, float64, clipping as
 the scheduler config says), with the next timestep taken from the list like the engines do, so any
 student grid (distilled ones too) is stepped exactly. Only epsilon-prediction models are supported.
+
+A latent artifact (a pipeline's cross-attention UNet) is measured the same way on its latents; its image
+measures (the x0 drift and the final images' channel means) are taken on the images its pipeline's VAE decodes
+them to, so they are in RGB like a pixel model's. The VAE and the embeddings its conditioning reads come from
+the pipeline folder it was compressed from, checked against the artifact's record
+(:mod:`pqcad_deploy.artifact_pipeline`).
 The result is a directory with ``analysis.json`` and ``analysis.png``, published atomically.
 """
 
@@ -27,6 +33,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -104,6 +111,11 @@ def _eps_all(unet, xs, ts, batch_size, device, cond, conditioning) -> torch.Tens
     return torch.cat(out)
 
 
+def _decoded(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, device: str) -> torch.Tensor:
+    """Images in [-1, 1] (float64, CPU) of latents, through the VAE on `device`."""
+    return decode(latents.float().to(device)).double().cpu()
+
+
 def _sq(d: torch.Tensor) -> float:
     return float(d.pow(2).sum())
 
@@ -116,7 +128,8 @@ def _channel_means_255(x: torch.Tensor) -> list[float]:
 @torch.no_grad()
 def measure(teacher: torch.nn.Module, student: torch.nn.Module, manifest, n: int = 16, seed: int = 0,
             batch_size: int = 16, device: str = "cpu", progress: bool = False,
-            sensitivity_steps: int | None = None, conditioning: Conditioning = UNCONDITIONAL) -> dict:
+            sensitivity_steps: int | None = None, conditioning: Conditioning = UNCONDITIONAL,
+            decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Every measurement of the module docstring for `student` against `teacher` (see analysis.json).
 
     Per-layer sensitivity costs two passes over all points per layer; `sensitivity_steps` limits it
@@ -125,7 +138,8 @@ def measure(teacher: torch.nn.Module, student: torch.nn.Module, manifest, n: int
 
     `teacher` is modified during the run (one layer at a time) and restored before returning. A conditional
     artifact is measured as it samples: image i with its condition (class i % classes), guided at the
-    artifact's scale.
+    artifact's scale. `decode` (a latent model's VAE: latents -> images in [-1, 1]) puts the image measures on
+    the decoded images.
 
     Raises:
         ConfigError: a prediction type other than epsilon.
@@ -151,6 +165,8 @@ def measure(teacher: torch.nn.Module, student: torch.nn.Module, manifest, n: int
                                      cond, conditioning)
     final_fp, _ = _sample(teacher, noise, teacher_timesteps, coeffs, batch_size, device, "teacher DDIM", progress,
                           cond, conditioning)
+    if decode is not None:
+        final_student, final_fp = (_decoded(decode, v, device) for v in (final_student, final_fp))
     T = len(timesteps)
     xs = visited.reshape(T * n, *visited.shape[2:])
     ts = torch.tensor(timesteps, dtype=torch.int64).repeat_interleave(n)
@@ -168,8 +184,11 @@ def measure(teacher: torch.nn.Module, student: torch.nn.Module, manifest, n: int
     # 3. x0 drift per timestep and channel (same x_t for both models)
     a, s = (v.reshape(-1, 1, 1, 1) for v in coeffs.alpha_sigma(ts))
     x64 = xs.double()
-    x0_st = ((x64 - s * eps_st) / a).clamp(-1, 1)
-    x0_fp = ((x64 - s * eps_fp) / a).clamp(-1, 1)
+    x0_st = (x64 - s * eps_st) / a
+    x0_fp = (x64 - s * eps_fp) / a
+    if decode is not None:  # the images the predicted latents decode to (in [-1, 1])
+        x0_st, x0_fp = (_decoded(decode, v, device) for v in (x0_st, x0_fp))
+    x0_st, x0_fp = x0_st.clamp(-1, 1), x0_fp.clamp(-1, 1)
     drift = ((x0_st - x0_fp) * _TO_255).reshape(T, n, *x0_st.shape[1:]).mean(dim=(1, 3, 4))
     del x0_st, x0_fp, x64
 
@@ -252,23 +271,32 @@ def measure(teacher: torch.nn.Module, student: torch.nn.Module, manifest, n: int
                                "fp_255": _channel_means_255(final_fp),
                                "drift_255": [a_ - b_ for a_, b_ in zip(_channel_means_255(final_student),
                                                                        _channel_means_255(final_fp))]},
+        "image_measures_on": "pixels" if decode is None else "VAE-decoded images",
     }
+
+
+_READS = "analyze decodes its samples through its VAE and reads the embeddings its conditioning uses"
+"""What analyze reads from a latent artifact's pipeline folder (the message when there is none)."""
 
 
 def analyze_artifact(artifact: str | Path, out: str | Path, *, n: int = 8, seed: int = 0, batch_size: int = 16,
                      device: str = "cpu", overwrite: bool = False, progress: bool = True,
-                     sensitivity_steps: int | None = 10) -> AnalysisResult:
+                     sensitivity_steps: int | None = 10, pipeline: str | Path | None = None) -> AnalysisResult:
     """Analyse `artifact` and publish `out` (analysis.json, analysis.png) atomically.
 
+    `pipeline`: a latent artifact's pipeline folder (default: the one it records).
+
     Raises:
-        ArtifactError: the artifact is missing or unreadable.
-        ConfigError: a bad count, batch size or device.
+        ArtifactError: the artifact is missing or unreadable; a latent artifact whose pipeline folder is
+            missing or is not the one it was compressed from.
+        ConfigError: a bad count, batch size or device; `pipeline` for a pixel-space artifact.
         OutputPathError: `out` may not be written (see :func:`engines._atomic.check_output_dir`).
     """
     from pqcad_deploy.engines._atomic import staged_directory
     from pqcad_deploy.artifact import artifact_digest, load_artifact
     from pqcad_deploy.choices import DEVICES, check_choice
-    from pqcad_deploy.conditioning import conditioning_of
+    from pqcad_deploy.artifact_pipeline import artifact_conditioning, is_cross_attention, source_pipeline
+    from pqcad_deploy.latent_parts import vae_decoder
 
     for name, value in (("n", n), ("batch_size", batch_size), ("sensitivity_steps", sensitivity_steps)):
         if (value is not None or name != "sensitivity_steps") and (not isinstance(value, int) or value < 1):
@@ -278,17 +306,20 @@ def analyze_artifact(artifact: str | Path, out: str | Path, *, n: int = 8, seed:
         raise ConfigError("--device cuda was given but no CUDA GPU is visible to PyTorch; use --device cpu.")
     started = time.perf_counter()
     art = load_artifact(artifact)
-    if art.manifest.unet_class != "UNet2DModel":
-        raise ConfigError(f"{artifact} holds a latent {art.manifest.unet_class}; analyze measures pixel-space artifacts "
-                          "only so far (issue 17: its image measures would be latent channels): compress, export, "
-                          "build-engine and sample take it.")
-    options = art.manifest.options
-    conditioning = conditioning_of(art.manifest.unet_config, options.get("guidance_scale", 1.0),
-                                   options.get("null_class"))
+    decode = None
+    if is_cross_attention(art.manifest):
+        root = source_pipeline(art.manifest, artifact, pipeline, reads=_READS)
+        conditioning = artifact_conditioning(art.manifest, artifact, report=art.report, pipeline=root, reads=_READS)
+        decode = vae_decoder(root, device)
+    elif pipeline is not None:
+        raise ConfigError(f"--pipeline applies to latent artifacts only; {artifact} holds a pixel-space "
+                          f"{art.manifest.unet_class}: drop it.")
+    else:
+        conditioning = artifact_conditioning(art.manifest, artifact)
     with staged_directory(out, overwrite=overwrite, error=OutputPathError, kind=ANALYSIS_KIND) as tmp:
         data = measure(art.build_teacher(like_student=True), art.build_student(), art.manifest, n=n, seed=seed,
                        batch_size=batch_size, device=device, progress=progress, sensitivity_steps=sensitivity_steps,
-                       conditioning=conditioning)
+                       conditioning=conditioning, decode=decode)
         data.update(artifact=str(Path(artifact)), artifact_digest=artifact_digest(Path(artifact)),
                     method=art.manifest.method, device=device, batch_size=batch_size,
                     seconds=round(time.perf_counter() - started, 3))

@@ -111,6 +111,17 @@ def vae_decode(vae: torch.nn.Module, latents: torch.Tensor, batch_size: int = 25
     return torch.cat(parts).float()
 
 
+def vae_decoder(pipeline_dir: Path | str, device: str = "cpu"):
+    """latents -> images in [-1, 1] through the pipeline's VAE on `device` (:func:`vae_decode` with it bound).
+
+    Raises:
+        ModelLoadError: as :func:`load_vae`.
+    """
+    from functools import partial
+
+    return partial(vae_decode, load_vae(pipeline_dir)[0].to(device))
+
+
 def load_text_encoder_model(pipeline_dir: Path | str):
     """The pipeline's CLIPTextModel (float32, eval mode).
 

@@ -62,6 +62,7 @@ RESULT_VERSION = 1
 _ENGINE_FILE = "engine.json"  # engines.manifest.ENGINE_MANIFEST_FILE (not imported: keep this light)
 _ARTIFACT_FILE = "artifact.json"  # pqcad_deploy.artifact.MANIFEST_FILE (imports torch)
 _MODEL_MARKERS = ("config.json", "model_index.json", "unet/config.json")
+_LATENT_READS = "eval fid decodes its samples through its VAE and reads the embeddings its conditioning uses"
 _EXPECTED = ("a folder of .png files, an .npz with key 'images', an engine directory (engine.json), "
              "an artifact directory (artifact.json), a diffusers model directory (config.json) or 'builtin'")
 
@@ -267,22 +268,26 @@ def images_from_source(source: str | os.PathLike[str], n: int | None = None, ste
     else:
         from pqcad_deploy.eval.pipeline_sampling import generate_images
 
-        from pqcad_deploy.conditioning import conditioning_for, conditioning_of
+        from pqcad_deploy.conditioning import conditioning_for
 
         if kind == "artifact":
             from pqcad_deploy.artifact import load_artifact
+            from pqcad_deploy.artifact_pipeline import artifact_conditioning, is_cross_attention, source_pipeline
+            from pqcad_deploy.latent_parts import vae_decoder
 
             artifact = load_artifact(source)
             unet = artifact.build_teacher() if fp else artifact.build_student()
             scheduler_config = artifact.manifest.scheduler_config
             used_steps = artifact.manifest.student_steps if steps is None else int(steps)
-            if artifact.manifest.unet_class != "UNet2DModel":
-                raise FidSourceError(f"{source} is a latent artifact; score it through its engine (export, "
-                                     "build-engine, then eval fid ENGINE), which carries its VAE decoder.")
-            options = artifact.manifest.options  # sampled as it was calibrated: class i % classes, its guidance
-            conditioning = conditioning_of(artifact.manifest.unet_config, options.get("guidance_scale", 1.0),
-                                           options.get("null_class"))
             decode = None
+            # sampled as it was calibrated: class i % classes (or prompt i % prompts), its guidance scale
+            if is_cross_attention(artifact.manifest):  # a latent artifact: its pipeline's VAE and embeddings
+                root = source_pipeline(artifact.manifest, source, reads=_LATENT_READS, error=FidSourceError)
+                decode = vae_decoder(root, device)
+                conditioning = artifact_conditioning(artifact.manifest, source, report=artifact.report, pipeline=root,
+                                                     reads=_LATENT_READS, error=FidSourceError)
+            else:
+                conditioning = artifact_conditioning(artifact.manifest, source, error=FidSourceError)
         else:
             from pqcad_deploy.models import load_model
 

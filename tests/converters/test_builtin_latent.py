@@ -25,6 +25,10 @@ scale 3."""
 IMAGE_DIFFERING_TOL = 0.001
 DATA_CHANNEL_MEANS = (124.0, 122.0, 113.0)
 """Channel means of the 50,000 CIFAR-10 training images (RESULTS section 25)."""
+MIN_SQNR_DB = 20.0
+"""analyze's overall noise-prediction SQNR of the min-max W8A8 student (2 images, 20 steps). Measured: 25.59 dB."""
+MAX_FINAL_DRIFT_255 = 5.0
+"""... and the largest channel-mean drift of its decoded final images against FP's. Measured: 1.41 levels (green)."""
 CHANNEL_MEAN_TOL = 12.0
 """Ten guided images' channel means against the data's. Measured: 119.7 / 121.2 / 110.9, within 4.3 levels (the test
 prints them); round 1's cast (88 / 134 / 129 over 10,000 images: red 36 below) fails it."""
@@ -89,3 +93,17 @@ def test_the_engine_samples_pytorchs_images_of_the_trained_model(teacher_export,
     assert np.abs(images[SCALE].reshape(-1, 3).mean(0) - DATA_CHANNEL_MEANS).max() <= CHANNEL_MEAN_TOL
     assert np.abs(images[1.0].astype(int) - images[SCALE].astype(int)).max() > 50  # guidance changed the images
 
+
+def test_analyze_measures_the_trained_model_on_decoded_images(teacher_export, tmp_path) -> None:
+    """analyze on the builtin's W8A8 min-max student: the drift is measured on the VAE's RGB images."""
+    from pqcad_deploy.analyze import analyze_artifact
+
+    art_dir, _ = teacher_export
+    data = analyze_artifact(art_dir, tmp_path / "an", n=2, progress=False, sensitivity_steps=1).data
+    final = data["final_channel_mean"]
+    print(f"overall SQNR {data['overall']['sqnr_db']:.2f} dB; final images FP {final['fp_255']}, "
+          f"drift {final['drift_255']}")
+    assert data["image_measures_on"] == "VAE-decoded images" and len(final["fp_255"]) == 3
+    assert all(0.0 < v < 255.0 for v in final["fp_255"] + final["student_255"])
+    assert data["overall"]["sqnr_db"] > MIN_SQNR_DB
+    assert max(abs(d) for d in final["drift_255"]) < MAX_FINAL_DRIFT_255
