@@ -185,3 +185,13 @@ def make_class_latent_pipeline_dir(path: Path, seed: int = 0) -> Path:
         "scheduler": ["diffusers", "DDIMScheduler"], "class_embeddings": ["pqcad_deploy", "ClassEmbeddingTable"]},
         indent=2) + "\n")
     return path
+
+
+if __name__ == "__main__":  # README's text-conditional example, runnable without downloading weights
+    import sys
+
+    if len(sys.argv) != 2 or Path(sys.argv[1]).exists():
+        sys.exit("usage: python tests/_pipelines.py NEW_FOLDER  (writes the SD-1.5-shaped test pipeline, random "
+                 "weights, into a folder that does not exist yet)")
+    print(f"wrote {make_sd_pipeline_dir(Path(sys.argv[1]))} (Stable Diffusion 1.5's architecture and tokenizer at "
+          "reduced width, random weights)")
