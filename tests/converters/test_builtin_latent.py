@@ -94,6 +94,7 @@ def test_the_engine_samples_pytorchs_images_of_the_trained_model(teacher_export,
     assert np.abs(images[1.0].astype(int) - images[SCALE].astype(int)).max() > 50  # guidance changed the images
 
 
+@pytest.mark.slow  # 18 s; tests/pqcad_deploy/test_latent_artifact_verbs.py runs analyze's latent path by default
 def test_analyze_measures_the_trained_model_on_decoded_images(teacher_export, tmp_path) -> None:
     """analyze on the builtin's W8A8 min-max student: the drift is measured on the VAE's RGB images."""
     from pqcad_deploy.analyze import analyze_artifact
