@@ -231,11 +231,8 @@ def staged_parts(onnx_path: Path | str, plan: PartsPlan | None, *, overwrite: bo
     if plan is None:
         yield None
         return
-    from diffusers.utils import logging as diffusers_logging
-
     from pqcad_deploy.engines._atomic import staged_directory
 
-    diffusers_logging.set_verbosity_error()  # its accelerate notice on every VAE load: users cannot act on it
     folder = parts_folder(onnx_path)
     with staged_directory(folder, overwrite=overwrite, error=OutputPathError, kind="parts") as tmp:
         names = [name for role in plan.roles for name in PART_WRITERS[role](plan, tmp)]

@@ -295,8 +295,7 @@ def analyze_artifact(artifact: str | Path, out: str | Path, *, n: int = 8, seed:
     from pqcad_deploy.engines._atomic import staged_directory
     from pqcad_deploy.artifact import artifact_digest, load_artifact
     from pqcad_deploy.choices import DEVICES, check_choice
-    from pqcad_deploy.artifact_pipeline import artifact_conditioning, is_cross_attention, source_pipeline
-    from pqcad_deploy.latent_parts import vae_decoder
+    from pqcad_deploy.artifact_pipeline import artifact_sampling, is_cross_attention
 
     for name, value in (("n", n), ("batch_size", batch_size), ("sensitivity_steps", sensitivity_steps)):
         if (value is not None or name != "sensitivity_steps") and (not isinstance(value, int) or value < 1):
@@ -306,16 +305,10 @@ def analyze_artifact(artifact: str | Path, out: str | Path, *, n: int = 8, seed:
         raise ConfigError("--device cuda was given but no CUDA GPU is visible to PyTorch; use --device cpu.")
     started = time.perf_counter()
     art = load_artifact(artifact)
-    decode = None
-    if is_cross_attention(art.manifest):
-        root = source_pipeline(art.manifest, artifact, pipeline, reads=_READS)
-        conditioning = artifact_conditioning(art.manifest, artifact, report=art.report, pipeline=root, reads=_READS)
-        decode = vae_decoder(root, device)
-    elif pipeline is not None:
+    if pipeline is not None and not is_cross_attention(art.manifest):
         raise ConfigError(f"--pipeline applies to latent artifacts only; {artifact} holds a pixel-space "
                           f"{art.manifest.unet_class}: drop it.")
-    else:
-        conditioning = artifact_conditioning(art.manifest, artifact)
+    conditioning, decode = artifact_sampling(art, artifact, pipeline=pipeline, device=device, reads=_READS)
     with staged_directory(out, overwrite=overwrite, error=OutputPathError, kind=ANALYSIS_KIND) as tmp:
         data = measure(art.build_teacher(like_student=True), art.build_student(), art.manifest, n=n, seed=seed,
                        batch_size=batch_size, device=device, progress=progress, sensitivity_steps=sensitivity_steps,

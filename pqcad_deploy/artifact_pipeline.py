@@ -14,11 +14,12 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 from pqcad_deploy.conditioning import Conditioning, conditioning_for, conditioning_of, read_prompt_file
 from pqcad_deploy.errors import ArtifactError, ConfigError
 
-__all__ = ["artifact_conditioning", "is_cross_attention", "source_pipeline"]
+__all__ = ["artifact_conditioning", "artifact_sampling", "is_cross_attention", "source_pipeline"]
 
 
 def is_cross_attention(manifest) -> bool:
@@ -89,15 +90,47 @@ def artifact_conditioning(manifest, artifact: object = "the artifact", *, report
         error: a cross-attention artifact whose pipeline folder is missing, another one, or of a kind that has
             no cross-attention conditioning; or whose prompts cannot be found.
     """
-    options = manifest.options
-    scale, null_class = float(options.get("guidance_scale", 1.0)), options.get("null_class")
     if not is_cross_attention(manifest):
-        return conditioning_of(dict(manifest.unet_config), scale, null_class)
+        return _pixel_conditioning(manifest)
     checked = {} if reads is None else {"reads": reads}
     root = source_pipeline(manifest, artifact, pipeline, error=error, **checked)
+    return _embedding_conditioning(manifest, artifact, root, report, error)
+
+
+def artifact_sampling(art, artifact: object = "the artifact", *, pipeline: Path | str | None = None,
+                      device: str = "cpu", error: type[Exception] = ArtifactError,
+                      reads: str | None = None) -> tuple[Conditioning, Callable | None]:
+    """How the PyTorch stage samples a loaded artifact (pqcad_deploy.artifact.Artifact) as it was calibrated:
+    its conditioning and, for a latent one, the VAE decoder (latents -> images in [-1, 1] on `device`) of the
+    pipeline folder it was compressed from, that folder checked once; None for a pixel-space one.
+
+    Raises:
+        error: as :func:`artifact_conditioning`. ModelLoadError: a VAE that does not load.
+    """
+    from pqcad_deploy.latent_parts import vae_decoder
+
+    manifest = art.manifest
+    if not is_cross_attention(manifest):
+        return _pixel_conditioning(manifest), None
+    checked = {} if reads is None else {"reads": reads}
+    root = source_pipeline(manifest, artifact, pipeline, error=error, **checked)
+    return _embedding_conditioning(manifest, artifact, root, art.report, error), vae_decoder(root, device)
+
+
+def _pixel_conditioning(manifest) -> Conditioning:
+    options = manifest.options
+    return conditioning_of(dict(manifest.unet_config), float(options.get("guidance_scale", 1.0)),
+                           options.get("null_class"))
+
+
+def _embedding_conditioning(manifest, artifact: object, root: Path, report: dict | None,
+                            error: type[Exception]) -> Conditioning:
+    """The cross-attention conditioning of an artifact from its checked pipeline folder `root`."""
+    options = manifest.options
     prompts = _calibration_prompts(manifest, report, artifact, error)
     try:
-        return _pipeline_conditioning(str(root), scale, null_class, prompts)
+        return _pipeline_conditioning(str(root), float(options.get("guidance_scale", 1.0)),
+                                      options.get("null_class"), prompts)
     except ConfigError as exc:
         raise error(str(exc)) from None
 

@@ -95,9 +95,9 @@ def load_vae(pipeline_dir: Path | str):
     if not isinstance(config.get("scaling_factor"), (int, float)) or config["scaling_factor"] <= 0:
         raise ModelLoadError(f"{folder / 'config.json'} has scaling_factor {config.get('scaling_factor')!r}; "
                              "it must be a positive number (0.18215 in Stable Diffusion 1.x / 2.x).")
-    from diffusers.utils import logging as diffusers_logging
+    from pqcad_deploy.models import quiet_diffusers
 
-    diffusers_logging.set_verbosity_error()  # its accelerate notice on every load: users cannot act on it
+    quiet_diffusers()
     try:  # float32 whatever the file holds: the builtin latent model ships float16 weights
         vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - diffusers raises many types for a broken folder

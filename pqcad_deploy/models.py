@@ -25,7 +25,7 @@ from pqcad_deploy.errors import ModelLoadError
 from pqcad_deploy.model_kinds import detect_model_kind, read_json_config as _read_json, require_supported_kind
 
 __all__ = ["BUILTIN_MODEL_DIR", "BUILTIN_MODELS", "LoadedModel", "is_builtin", "resolve_model_dir", "load_model", "ddim_config", "check_model",
-           "size_multiple"]
+           "quiet_diffusers", "size_multiple"]
 
 _BUILTIN_ROOT = Path(__file__).resolve().parent / "builtin"
 BUILTIN_MODELS: dict[str, Path] = {
@@ -144,7 +144,7 @@ def resolve_model_dir(model: str) -> tuple[Path, Path]:
     return unet_dir, scheduler_dir
 
 
-def _quiet_diffusers() -> None:
+def quiet_diffusers() -> None:
     """diffusers warns about optional accelerate on every load; our users cannot act on it."""
     from diffusers.utils import logging as diffusers_logging
 
@@ -251,7 +251,7 @@ def _load_local(model: str) -> LoadedModel:
     import diffusers
     import torch
 
-    _quiet_diffusers()
+    quiet_diffusers()
 
     unet_dir, scheduler_dir = resolve_model_dir(model)
     root = BUILTIN_MODELS[model] if is_builtin(model) else Path(model).expanduser()

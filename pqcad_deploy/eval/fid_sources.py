@@ -272,22 +272,16 @@ def images_from_source(source: str | os.PathLike[str], n: int | None = None, ste
 
         if kind == "artifact":
             from pqcad_deploy.artifact import load_artifact
-            from pqcad_deploy.artifact_pipeline import artifact_conditioning, is_cross_attention, source_pipeline
-            from pqcad_deploy.latent_parts import vae_decoder
+            from pqcad_deploy.artifact_pipeline import artifact_sampling
 
             artifact = load_artifact(source)
             unet = artifact.build_teacher() if fp else artifact.build_student()
             scheduler_config = artifact.manifest.scheduler_config
             used_steps = artifact.manifest.student_steps if steps is None else int(steps)
-            decode = None
-            # sampled as it was calibrated: class i % classes (or prompt i % prompts), its guidance scale
-            if is_cross_attention(artifact.manifest):  # a latent artifact: its pipeline's VAE and embeddings
-                root = source_pipeline(artifact.manifest, source, reads=_LATENT_READS, error=FidSourceError)
-                decode = vae_decoder(root, device)
-                conditioning = artifact_conditioning(artifact.manifest, source, report=artifact.report, pipeline=root,
-                                                     reads=_LATENT_READS, error=FidSourceError)
-            else:
-                conditioning = artifact_conditioning(artifact.manifest, source, error=FidSourceError)
+            # sampled as it was calibrated: class i % classes (or prompt i % prompts), its guidance scale; a latent
+            # artifact decoded by its pipeline's VAE
+            conditioning, decode = artifact_sampling(artifact, source, device=device, reads=_LATENT_READS,
+                                                     error=FidSourceError)
         else:
             from pqcad_deploy.models import load_model
 

@@ -12,7 +12,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
 from pqcad_deploy.converters.export_onnx import export_onnx
 
@@ -51,37 +50,25 @@ def teacher_export(tmp_path_factory):
 
 
 def test_the_engine_samples_pytorchs_images_of_the_trained_model(teacher_export, tmp_path) -> None:
+    from _engine_vs_torch import EngineAgainstTorch
+
     from pqcad_deploy.artifact import load_artifact
     from pqcad_deploy.converters.conditions import artifact_conditioning
     from pqcad_deploy.engines.build import build_onnxruntime_engine
-    from pqcad_deploy.engines.conditioning import sample_conditions
-    from pqcad_deploy.engines.generate import open_runner
-    from pqcad_deploy.engines.images import nchw_to_nhwc, to_uint8
-    from pqcad_deploy.engines.latent_parts import EngineParts
-    from pqcad_deploy.engines.sampler import decode_latents, denoise, sampling_timesteps
-    from pqcad_deploy.eval.pipeline_sampling import generate_images
+    from pqcad_deploy.engines.sampler import sampling_timesteps
     from pqcad_deploy.models import load_model
 
     art_dir, exported = teacher_export
     art = load_artifact(art_dir)
     loaded = load_model("builtin:cifar10-latent")
-    base = artifact_conditioning(art.manifest, art.path, report=art.report)
     build_onnxruntime_engine(exported.path, tmp_path / "engine")
-    runner, engine = open_runner(tmp_path / "engine", threads=1)
-    parts = EngineParts(tmp_path / "engine", engine, threads=1)
-    assert len(sampling_timesteps(engine.onnx)) == STEPS and sampling_timesteps(engine.onnx)[0] == 999  # trailing
-    seed = 0
-    noise = torch.cat([torch.randn((1, 4, 16, 16), generator=torch.Generator("cpu").manual_seed(seed + i))
-                       for i in range(N)]).numpy()
+    check = EngineAgainstTorch(tmp_path / "engine", loaded.unet, loaded.scheduler_config, STEPS,
+                               artifact_conditioning(art.manifest, art.path, report=art.report), loaded.decode)
+    timesteps = sampling_timesteps(check.engine.onnx)
+    assert len(timesteps) == STEPS and timesteps[0] == 999  # trailing
     images = {}
     for scale in (1.0, SCALE):
-        guided = dataclasses.replace(base, guidance_scale=scale)
-        theirs = generate_images(loaded.unet, loaded.scheduler_config, N, STEPS, seed=seed, batch_size=N,
-                                 progress=False, conditioning=guided, decode=loaded.decode).images
-        conditions = sample_conditions(engine.onnx.conditioning, parts=parts, guidance_scale=scale)
-        x, _ = denoise(runner, engine.onnx, noise.copy(), sampling_timesteps(engine.onnx), batch_size=N,
-                       progress=False, conditions=conditions)
-        ours = nchw_to_nhwc(to_uint8(decode_latents(parts.decoder(), x)))
+        ours, theirs = check.images(N, 0, (4, 16, 16), scale, batch_size=N)
         assert ours.shape == theirs.shape == (N, 32, 32, 3)
         difference = np.abs(ours.astype(int) - theirs.astype(int))
         means = ours.reshape(-1, 3).mean(0)

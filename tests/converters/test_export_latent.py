@@ -163,38 +163,24 @@ def test_the_tensorrt_form_passes_the_checker_and_its_fp16_teacher_keeps_the_emb
 @pytest.mark.parametrize("kind", ["class", "sd"])
 def test_the_engine_samples_pytorchs_images_with_and_without_guidance(artifacts, exports, kind: str,
                                                                        tmp_path) -> None:
+    from _engine_vs_torch import EngineAgainstTorch
+
     from pqcad_deploy.artifact import load_artifact
     from pqcad_deploy.converters.conditions import artifact_conditioning
     from pqcad_deploy.engines.build import build_onnxruntime_engine
-    from pqcad_deploy.engines.conditioning import sample_conditions
-    from pqcad_deploy.engines.generate import open_runner
-    from pqcad_deploy.engines.images import nchw_to_nhwc, to_uint8
-    from pqcad_deploy.engines.latent_parts import EngineParts
-    from pqcad_deploy.engines.sampler import decode_latents, denoise, sampling_timesteps
-    from pqcad_deploy.eval.pipeline_sampling import generate_images
     from pqcad_deploy.models import load_model
 
     art = load_artifact(artifacts[kind])
-    teacher = art.build_teacher()
     loaded = load_model(art.manifest.provenance["source_model"])  # the pipeline: its VAE decodes PyTorch's latents
-    base = artifact_conditioning(art.manifest, art.path, report=art.report)
     build_onnxruntime_engine(exports[kind, "fp"].path, tmp_path / "engine")
-    runner, engine = open_runner(tmp_path / "engine", threads=1)
-    parts = EngineParts(tmp_path / "engine", engine, threads=1)  # the engine's own text encoder / class table
+    check = EngineAgainstTorch(tmp_path / "engine", art.build_teacher(), art.manifest.scheduler_config,
+                               art.manifest.teacher_steps,
+                               artifact_conditioning(art.manifest, art.path, report=art.report), loaded.decode)
     prompts = {"prompts": PROMPTS} if kind == "sd" else {}
     n, seed = 6, 3
-    # generate_images' noise: image i from torch.Generator().manual_seed(seed + i)
-    noise = torch.cat([torch.randn((1, *LATENT[kind]), generator=torch.Generator("cpu").manual_seed(seed + i))
-                       for i in range(n)]).numpy()
     images = {}
     for scale in (1.0, ENTRIES[kind]["guidance_scale"]):
-        guided = dataclasses.replace(base, guidance_scale=scale)
-        theirs = generate_images(teacher, art.manifest.scheduler_config, n, art.manifest.teacher_steps, seed=seed,
-                                 batch_size=n, progress=False, conditioning=guided, decode=loaded.decode).images
-        conditions = sample_conditions(engine.onnx.conditioning, parts=parts, guidance_scale=scale, **prompts)
-        x, _ = denoise(runner, engine.onnx, noise.copy(), sampling_timesteps(engine.onnx), batch_size=4,
-                       progress=False, conditions=conditions)
-        ours = nchw_to_nhwc(to_uint8(decode_latents(parts.decoder(), x)))
+        ours, theirs = check.images(n, seed, tuple(LATENT[kind]), scale, batch_size=4, **prompts)
         assert ours.shape == theirs.shape == (n, *DECODED[kind][1:], 3)
         difference = np.abs(ours.astype(int) - theirs.astype(int))
         print(f"{kind} scale {scale}: max {difference.max()} levels, {(difference > 0).sum()} of {difference.size}")
